@@ -1,0 +1,235 @@
+//! The rules a table must meet before autoembed touches it, written once and
+//! used twice: `verify` prints them as checks, and every other subcommand
+//! stops at the first one that fails (exit 2, before any API call).
+
+use crate::config::{Config, Mode};
+use crate::db::{quote_ident, Db, Facts, TableLookup, Target};
+use crate::provider::{self, ProviderKind};
+
+/// One named check and what it found; `detail` of a failed check is the
+/// one-line error that says what to fix.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    pub fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            ok: true,
+            detail: detail.into(),
+        }
+    }
+    pub fn fail(name: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            ok: false,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Check pgvector, the table and its columns, the model's dimensions (when
+/// known offline) and the key; return the checks and, when the table passed,
+/// the [`Target`] to work on.
+pub fn evaluate(cfg: &Config, db: &Db, facts: &Facts) -> (Vec<Check>, Option<Target>) {
+    let mut checks = Vec::new();
+    let vector = match &db.vector {
+        Some(v) => {
+            checks.push(Check::pass("pgvector", format!("version {}", v.version)));
+            Some(v.clone())
+        }
+        None => {
+            checks.push(Check::fail(
+                "pgvector",
+                "pgvector is not installed in this database: run `create extension vector` (locally, scripts/dev-db.sh does it)",
+            ));
+            None
+        }
+    };
+    let target = table_checks(cfg, facts, vector, &mut checks);
+    if cfg.mode != Mode::DryRun {
+        checks.push(key_check(cfg));
+    }
+    (checks, target)
+}
+
+fn table_checks(
+    cfg: &Config,
+    facts: &Facts,
+    vector: Option<crate::db::VectorTypes>,
+    checks: &mut Vec<Check>,
+) -> Option<Target> {
+    let table = match &facts.table {
+        TableLookup::Found(t) if matches!(t.kind.as_str(), "r" | "p") => {
+            checks.push(Check::pass("table", t.qualified()));
+            t
+        }
+        TableLookup::Found(t) => {
+            checks.push(Check::fail(
+                "table",
+                format!(
+                    "{} is not a table (--table, AUTOEMBED_TABLE)",
+                    t.qualified()
+                ),
+            ));
+            return None;
+        }
+        TableLookup::NotFound => {
+            checks.push(Check::fail(
+                "table",
+                format!(
+                    "table {:?} not found (--table, AUTOEMBED_TABLE; write it as SQL does: schema.table, quoted where needed)",
+                    cfg.table
+                ),
+            ));
+            return None;
+        }
+        TableLookup::Invalid(msg) => {
+            checks.push(Check::fail(
+                "table",
+                format!(
+                    "--table (AUTOEMBED_TABLE) {:?} is not a valid table name: {msg}",
+                    cfg.table
+                ),
+            ));
+            return None;
+        }
+    };
+    let qualified = table.qualified();
+    let missing = |col: &str, flag: &str, var: &str| {
+        format!(
+            "column {} not found in {qualified} ({flag}, {var}; the name is matched exactly, as the catalog stores it)",
+            quote_ident(col)
+        )
+    };
+
+    // The id column: named, or the single-column primary key.
+    let id = match &cfg.id_column {
+        Some(name) => match table.column(name) {
+            None => Err(missing(name, "--id-column", "AUTOEMBED_ID_COLUMN")),
+            Some(c) if !table.unique_columns.contains(&c.name) => Err(format!(
+                "id column {} is not unique (no unique index on it alone): name another with --id-column (AUTOEMBED_ID_COLUMN)",
+                quote_ident(&c.name)
+            )),
+            Some(c) => Ok(c),
+        },
+        None => match table.primary_key.as_slice() {
+            [one] => table
+                .column(one)
+                .ok_or_else(|| missing(one, "--id-column", "AUTOEMBED_ID_COLUMN")),
+            [] => Err(format!(
+                "{qualified} has no primary key: name a unique column with --id-column (AUTOEMBED_ID_COLUMN)"
+            )),
+            many => Err(format!(
+                "the primary key of {qualified} has {} columns: name one unique column with --id-column (AUTOEMBED_ID_COLUMN)",
+                many.len()
+            )),
+        },
+    };
+    let id = push(
+        checks,
+        "id_column",
+        id.map(|c| (c, format!("{} ({}, unique)", c.name, c.type_sql))),
+    );
+
+    let text = match table.column(&cfg.text_column) {
+        None => Err(missing(
+            &cfg.text_column,
+            "--text-column",
+            "AUTOEMBED_TEXT_COLUMN",
+        )),
+        Some(c) if c.category != "S" => Err(format!(
+            "text column {} is {}, not a text type (--text-column, AUTOEMBED_TEXT_COLUMN)",
+            quote_ident(&c.name),
+            c.type_sql
+        )),
+        Some(c) => Ok((c, format!("{} ({})", c.name, c.type_sql))),
+    };
+    let text = push(checks, "text_column", text);
+
+    let embedding = match (table.column(&cfg.embedding_column), &vector) {
+        (None, _) => Err(missing(&cfg.embedding_column, "--embedding-column", "AUTOEMBED_EMBEDDING_COLUMN")),
+        (Some(c), Some(v)) if c.type_oid == v.scalar.oid() => Ok((c, format!("{} ({})", c.name, c.type_sql))),
+        (Some(c), _) => Err(format!(
+            "embedding column {} is {}, not a pgvector vector (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
+            quote_ident(&c.name),
+            c.type_sql
+        )),
+    };
+    let embedding = push(checks, "embedding_column", embedding);
+
+    let (Some(id), Some(text), Some(embedding), Some(vector)) = (id, text, embedding, vector)
+    else {
+        return None;
+    };
+    let target = Target::new(table, id, &text.name, embedding, vector, &cfg.state_schema);
+    if let Some(check) = dimension_check(cfg, &target) {
+        checks.push(check);
+    }
+    Some(target)
+}
+
+fn push<'a, T>(
+    checks: &mut Vec<Check>,
+    name: &'static str,
+    r: Result<(&'a T, String), String>,
+) -> Option<&'a T> {
+    match r {
+        Ok((value, detail)) => {
+            checks.push(Check::pass(name, detail));
+            Some(value)
+        }
+        Err(detail) => {
+            checks.push(Check::fail(name, detail));
+            None
+        }
+    }
+}
+
+/// The model's output size against the column, when both are known offline.
+fn dimension_check(cfg: &Config, target: &Target) -> Option<Check> {
+    let expected = provider::expected_dimensions(&cfg.provider)?;
+    let column = target.dimensions?;
+    let col = quote_ident(&target.embedding_column);
+    Some(if expected == column {
+        Check::pass(
+            "dimensions",
+            format!(
+                "{} gives {expected}, {col} is vector({column})",
+                cfg.provider.model
+            ),
+        )
+    } else {
+        Check::fail(
+            "dimensions",
+            dimension_mismatch(&cfg.provider.model, expected, &col, column),
+        )
+    })
+}
+
+pub fn dimension_mismatch(model: &str, got: u32, col: &str, column: u32) -> String {
+    format!(
+        "{model} returns {got} dimensions but {col} is vector({column}): set --dimensions {column} \
+         (AUTOEMBED_DIMENSIONS) if the model accepts it, or use a matching model or column"
+    )
+}
+
+fn key_check(cfg: &Config) -> Check {
+    let p = &cfg.provider;
+    match (&p.api_key, p.kind) {
+        (Some(_), _) => Check::pass("api_key", format!("set in {}", p.key_var)),
+        (None, ProviderKind::Compatible) => Check::pass("api_key", "none (the server needs none)"),
+        (None, _) => Check::fail(
+            "api_key",
+            format!(
+                "no API key for {}: set {} (or AUTOEMBED_API_KEY) in the environment or .env",
+                p.kind.name(),
+                p.key_var
+            ),
+        ),
+    }
+}

@@ -1,0 +1,123 @@
+//! The command line as clap sees it: plain strings and switches, no I/O and
+//! no defaults that depend on the environment. `config` turns this into a
+//! validated [`crate::config::Config`], which is where the environment, `.env`
+//! and the defaults come in, so every value is resolved in one place.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "autoembed",
+    version,
+    about = "Keep a PostgreSQL pgvector column filled with embeddings",
+    long_about = "Keep a PostgreSQL pgvector column filled with embeddings.\n\n\
+        Every option can also be set in the environment (the variable is named in each \
+        option's help) or in a .env file in the working directory. Flags beat the \
+        environment, which beats .env, which beats the defaults.\n\n\
+        Exit codes: 0 done (also when nothing was pending), 1 some rows failed or a \
+        check failed, 2 usage or configuration error (nothing written), 3 the database \
+        or the provider is unreachable or refused the credentials, 130/143 stopped by \
+        SIGINT/SIGTERM."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Embed pending rows within a small budget, then exit (for cron).
+    RunOnce(Budget),
+    /// Embed every pending row, with a progress bar (after a migration or import).
+    Backfill(BackfillArgs),
+    /// Say what run-once would do and what it would cost; calls no API, writes nothing.
+    DryRun(Budget),
+    /// Check the database, table, columns and key; print the counts (for CI).
+    Verify(VerifyArgs),
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Read settings from this file instead of ./.env
+    #[arg(long, global = true, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+    /// PostgreSQL URL [env: DATABASE_URL; else SUPABASE_HOST, SUPABASE_PORT, SUPABASE_DATABASE, SUPABASE_USER, SUPABASE_PASSWORD]
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Table, as SQL writes it: products, public.products, "My Shop"."Items" [env: AUTOEMBED_TABLE] [default: products]
+    #[arg(long, global = true)]
+    pub table: Option<String>,
+    /// Id column, exact catalog name [env: AUTOEMBED_ID_COLUMN] [default: the single-column primary key]
+    #[arg(long, global = true, value_name = "COLUMN")]
+    pub id_column: Option<String>,
+    /// Text column, exact catalog name [env: AUTOEMBED_TEXT_COLUMN] [default: embedding_text]
+    #[arg(long, global = true, value_name = "COLUMN")]
+    pub text_column: Option<String>,
+    /// vector(N) column, exact catalog name [env: AUTOEMBED_EMBEDDING_COLUMN] [default: embedding]
+    #[arg(long, global = true, value_name = "COLUMN")]
+    pub embedding_column: Option<String>,
+    /// Schema for autoembed's own bookkeeping tables [env: AUTOEMBED_STATE_SCHEMA] [default: autoembed]
+    #[arg(long, global = true, value_name = "SCHEMA")]
+    pub state_schema: Option<String>,
+    /// openai, openrouter or openai-compatible [env: AUTOEMBED_PROVIDER] [default: openrouter if OPENROUTER_API_KEY is set, else openai]
+    #[arg(long, global = true)]
+    pub provider: Option<String>,
+    /// Base URL; requests go to <URL>/embeddings [env: AUTOEMBED_API_BASE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub api_base: Option<String>,
+    /// Embedding model [env: AUTOEMBED_MODEL] [default: text-embedding-3-small]
+    #[arg(long, global = true)]
+    pub model: Option<String>,
+    /// Ask the model for vectors of this size [env: AUTOEMBED_DIMENSIONS]
+    #[arg(long, global = true, value_name = "N")]
+    pub dimensions: Option<String>,
+    /// Seconds one API request may take [env: AUTOEMBED_REQUEST_TIMEOUT] [default: 60]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub request_timeout: Option<String>,
+    /// Print the result as one JSON object on stdout
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging on stderr (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors and warnings on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+/// How much one run may do.
+#[derive(Debug, Args, Default)]
+pub struct Budget {
+    /// Inputs per API request, 1 to 2048 [env: AUTOEMBED_BATCH_SIZE] [default: 100]
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<String>,
+    /// Stop after this many rows, or "unlimited" [env: AUTOEMBED_MAX_ROWS] [default: 1000; backfill: unlimited]
+    #[arg(long, value_name = "N")]
+    pub max_rows: Option<String>,
+    /// Take no new batch after this many seconds, or "unlimited" [env: AUTOEMBED_MAX_SECONDS] [default: 480; backfill: unlimited]
+    #[arg(long, value_name = "SECONDS")]
+    pub max_seconds: Option<String>,
+    /// Give up on a row after this many rejected tries, until its text changes [env: AUTOEMBED_MAX_ATTEMPTS] [default: 5]
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    pub budget: Budget,
+    /// Retry failed rows now, ignoring their next-try time and attempt limit
+    #[arg(long)]
+    pub retry_failed: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Make no API call (skip the dimension probe for unknown models)
+    #[arg(long)]
+    pub offline: bool,
+}

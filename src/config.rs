@@ -1,0 +1,517 @@
+//! Turns the parsed command line, the environment, a `.env` file and the
+//! defaults into one validated [`Config`], without touching the network.
+//!
+//! Precedence is flag, then process environment, then `.env`, then default.
+//! Every error names the flag and the variable to fix, and never echoes a
+//! secret (the database URL and the API key are not quoted back).
+
+use crate::cli::{self, Cli};
+use crate::error::{Error, Result};
+use crate::provider::{self, ProviderKind};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Which subcommand runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    RunOnce,
+    Backfill,
+    DryRun,
+    Verify,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::RunOnce => "run-once",
+            Mode::Backfill => "backfill",
+            Mode::DryRun => "dry-run",
+            Mode::Verify => "verify",
+        }
+    }
+}
+
+/// Everything a run needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    pub database: postgres::Config,
+    pub table: String,
+    pub id_column: Option<String>,
+    pub text_column: String,
+    pub embedding_column: String,
+    pub state_schema: String,
+    pub provider: ProviderConfig,
+    pub budget: Budget,
+    pub retry_failed: bool,
+    pub offline: bool,
+    pub json: bool,
+    pub verbosity: i8,
+}
+
+/// How to reach the embeddings API.
+#[derive(Clone)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub api_base: String,
+    pub api_key: Option<String>,
+    /// The variable the key came from (or would come from), for messages.
+    pub key_var: &'static str,
+    /// The model as the user named it.
+    pub model: String,
+    pub dimensions: Option<u32>,
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("kind", &self.kind)
+            .field("api_base", &self.api_base)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("key_var", &self.key_var)
+            .field("model", &self.model)
+            .field("dimensions", &self.dimensions)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+/// How much one run may do.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub batch_size: usize,
+    pub max_rows: Option<u64>,
+    pub max_seconds: Option<Duration>,
+    pub max_attempts: u32,
+}
+
+/// Upper bound on inputs in one embeddings request (OpenAI's limit).
+pub const MAX_BATCH: usize = 2048;
+
+impl Config {
+    /// Resolve `cli` against the process environment and the `.env` file.
+    pub fn resolve(cli: Cli) -> Result<Config> {
+        let env = Env::load(cli.common.env_file.as_deref())?;
+        Self::resolve_with(cli, &env)
+    }
+
+    fn resolve_with(cli: Cli, env: &Env) -> Result<Config> {
+        let c = cli.common;
+        let (mode, budget_args, retry_failed, offline) = match cli.command {
+            cli::Command::RunOnce(b) => (Mode::RunOnce, b, false, false),
+            cli::Command::Backfill(a) => (Mode::Backfill, a.budget, a.retry_failed, false),
+            cli::Command::DryRun(b) => (Mode::DryRun, b, false, false),
+            cli::Command::Verify(v) => (Mode::Verify, cli::Budget::default(), false, v.offline),
+        };
+
+        let provider = provider_config(env, &c)?;
+        let database = database(env, c.database_url)?;
+        let table = env
+            .pick(c.table, "AUTOEMBED_TABLE")
+            .unwrap_or_else(|| "products".into());
+        let id_column = env.pick(c.id_column, "AUTOEMBED_ID_COLUMN");
+        let text_column = env
+            .pick(c.text_column, "AUTOEMBED_TEXT_COLUMN")
+            .unwrap_or_else(|| "embedding_text".into());
+        let embedding_column = env
+            .pick(c.embedding_column, "AUTOEMBED_EMBEDDING_COLUMN")
+            .unwrap_or_else(|| "embedding".into());
+        let state_schema = env
+            .pick(c.state_schema, "AUTOEMBED_STATE_SCHEMA")
+            .unwrap_or_else(|| "autoembed".into());
+
+        let backfill = mode == Mode::Backfill;
+        let batch_size = parse_num(
+            env.pick(budget_args.batch_size, "AUTOEMBED_BATCH_SIZE"),
+            "--batch-size",
+            "AUTOEMBED_BATCH_SIZE",
+            1,
+            MAX_BATCH as u64,
+        )?
+        .unwrap_or(100) as usize;
+        let max_rows = parse_limit(
+            env.pick(budget_args.max_rows, "AUTOEMBED_MAX_ROWS"),
+            "--max-rows",
+            "AUTOEMBED_MAX_ROWS",
+            if backfill { None } else { Some(1000) },
+        )?;
+        let max_seconds = parse_limit(
+            env.pick(budget_args.max_seconds, "AUTOEMBED_MAX_SECONDS"),
+            "--max-seconds",
+            "AUTOEMBED_MAX_SECONDS",
+            if backfill { None } else { Some(480) },
+        )?
+        .map(Duration::from_secs);
+        let max_attempts = parse_num(
+            env.pick(budget_args.max_attempts, "AUTOEMBED_MAX_ATTEMPTS"),
+            "--max-attempts",
+            "AUTOEMBED_MAX_ATTEMPTS",
+            1,
+            1000,
+        )?
+        .unwrap_or(5) as u32;
+
+        let verbosity = if c.quiet { -1 } else { c.verbose.min(3) as i8 };
+        Ok(Config {
+            mode,
+            database,
+            table,
+            id_column,
+            text_column,
+            embedding_column,
+            state_schema,
+            provider,
+            budget: Budget {
+                batch_size,
+                max_rows,
+                max_seconds,
+                max_attempts,
+            },
+            retry_failed,
+            offline,
+            json: c.json,
+            verbosity,
+        })
+    }
+
+    /// Strings that must never be printed: the API key and the database password.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(k) = &self.provider.api_key {
+            out.push(k.clone());
+        }
+        if let Some(p) = self.database.get_password() {
+            out.push(String::from_utf8_lossy(p).into_owned());
+        }
+        out
+    }
+
+    /// Host, port, database and user, for messages (never the password).
+    pub fn database_label(&self) -> String {
+        describe_database(&self.database)
+    }
+}
+
+pub fn describe_database(cfg: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let host = match cfg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{}:{}/{}",
+        cfg.get_user().unwrap_or("?"),
+        host,
+        port,
+        cfg.get_dbname().unwrap_or("?")
+    )
+}
+
+fn database(env: &Env, flag: Option<String>) -> Result<postgres::Config> {
+    if let Some(url) = env.pick(flag, "DATABASE_URL") {
+        // Mask the password before anything can quote it, even if parsing fails.
+        crate::output::set_secrets(passwords_in_url(&url));
+        let cfg = postgres::Config::from_str(&url).map_err(|e| {
+            Error::config(format!(
+                "invalid --database-url (DATABASE_URL): {}",
+                crate::error::describe_pg(&e)
+            ))
+        })?;
+        if cfg.get_hosts().is_empty() {
+            return Err(Error::config(
+                "invalid --database-url (DATABASE_URL): it names no host",
+            ));
+        }
+        return Ok(cfg);
+    }
+    let Some(host) = env.get("SUPABASE_HOST") else {
+        return Err(Error::config(
+            "no database given: set --database-url or DATABASE_URL \
+             (or SUPABASE_HOST, SUPABASE_USER, SUPABASE_PASSWORD, SUPABASE_DATABASE)",
+        ));
+    };
+    let mut cfg = postgres::Config::new();
+    cfg.host(&host);
+    let port = parse_num(
+        env.get("SUPABASE_PORT"),
+        "SUPABASE_PORT",
+        "SUPABASE_PORT",
+        1,
+        65535,
+    )?;
+    cfg.port(port.unwrap_or(5432) as u16);
+    cfg.dbname(
+        env.get("SUPABASE_DATABASE")
+            .as_deref()
+            .unwrap_or("postgres"),
+    );
+    cfg.user(env.get("SUPABASE_USER").as_deref().unwrap_or("postgres"));
+    if let Some(pw) = env.get("SUPABASE_PASSWORD") {
+        crate::output::set_secrets([pw.clone()]);
+        cfg.password(pw);
+    }
+    Ok(cfg)
+}
+
+/// Every candidate password in a connection string (URL userinfo, raw and
+/// percent-decoded, or a `password=` key), so they can be masked early.
+fn passwords_in_url(url: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(rest) = url.split_once("://").map(|(_, r)| r) {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@') {
+            if let Some((_, pw)) = userinfo.split_once(':') {
+                out.push(pw.to_string());
+                out.push(percent_decode(pw));
+            }
+        }
+    }
+    for part in url.split(['?', '&', ' ']) {
+        if let Some(pw) = part.strip_prefix("password=") {
+            out.push(pw.trim_matches('\'').to_string());
+            out.push(percent_decode(pw));
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
+    let kind = match env.pick(c.provider.clone(), "AUTOEMBED_PROVIDER") {
+        Some(name) => ProviderKind::parse(&name).ok_or_else(|| {
+            Error::config(format!(
+                "invalid --provider (AUTOEMBED_PROVIDER) {name:?}: expected openai, openrouter or openai-compatible"
+            ))
+        })?,
+        None if env.get("OPENROUTER_API_KEY").is_some() => ProviderKind::OpenRouter,
+        None => ProviderKind::OpenAi,
+    };
+    let api_base = match env.pick(c.api_base.clone(), "AUTOEMBED_API_BASE") {
+        Some(base) => base,
+        None => kind.default_base().map(str::to_string).ok_or_else(|| {
+            Error::config(
+                "--provider openai-compatible needs --api-base (AUTOEMBED_API_BASE), e.g. http://localhost:11434/v1",
+            )
+        })?,
+    };
+    if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
+        return Err(Error::config(
+            "invalid --api-base (AUTOEMBED_API_BASE): expected an http:// or https:// URL",
+        ));
+    }
+    let api_base = api_base.trim_end_matches('/').to_string();
+
+    let (api_key, key_var) = match env.get("AUTOEMBED_API_KEY") {
+        Some(k) => (Some(k), "AUTOEMBED_API_KEY"),
+        None => match kind.key_var() {
+            Some(var) => (env.get(var), var),
+            None => (None, "AUTOEMBED_API_KEY"),
+        },
+    };
+    if let Some(k) = &api_key {
+        crate::output::set_secrets([k.clone()]);
+    }
+
+    let model = env
+        .pick(c.model.clone(), "AUTOEMBED_MODEL")
+        .unwrap_or_else(|| provider::DEFAULT_MODEL.into());
+    let dimensions = parse_num(
+        env.pick(c.dimensions.clone(), "AUTOEMBED_DIMENSIONS"),
+        "--dimensions",
+        "AUTOEMBED_DIMENSIONS",
+        1,
+        16000,
+    )?
+    .map(|d| d as u32);
+    if let (Some(_), Some(info)) = (dimensions, provider::known_model(&model)) {
+        if !info.accepts_dimensions {
+            return Err(Error::config(format!(
+                "--dimensions (AUTOEMBED_DIMENSIONS) is not accepted by {}; unset it",
+                info.name
+            )));
+        }
+    }
+    let request_timeout = parse_num(
+        env.pick(c.request_timeout.clone(), "AUTOEMBED_REQUEST_TIMEOUT"),
+        "--request-timeout",
+        "AUTOEMBED_REQUEST_TIMEOUT",
+        1,
+        3600,
+    )?
+    .unwrap_or(60);
+    Ok(ProviderConfig {
+        kind,
+        api_base,
+        api_key,
+        key_var,
+        model,
+        dimensions,
+        request_timeout: Duration::from_secs(request_timeout),
+    })
+}
+
+/// A whole number in `min..=max`, or `None` when unset.
+fn parse_num(
+    value: Option<String>,
+    flag: &str,
+    var: &str,
+    min: u64,
+    max: u64,
+) -> Result<Option<u64>> {
+    let Some(v) = value else { return Ok(None) };
+    match v.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+        _ => Err(Error::config(format!(
+            "invalid {flag} ({var}) {v:?}: expected a whole number from {min} to {max}"
+        ))),
+    }
+}
+
+/// A positive whole number or `unlimited`; `default` when unset.
+fn parse_limit(
+    value: Option<String>,
+    flag: &str,
+    var: &str,
+    default: Option<u64>,
+) -> Result<Option<u64>> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.trim().eq_ignore_ascii_case("unlimited") => Ok(None),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(Error::config(format!(
+                "invalid {flag} ({var}) {v:?}: expected a whole number of at least 1, or unlimited"
+            ))),
+        },
+    }
+}
+
+/// The process environment with a `.env` file behind it.
+#[derive(Debug, Default)]
+pub struct Env {
+    dotenv: HashMap<String, String>,
+}
+
+impl Env {
+    /// Load `path`, or `./.env` when it exists. A named file must exist.
+    pub fn load(path: Option<&Path>) -> Result<Env> {
+        let (path, required): (PathBuf, bool) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(".env"), false),
+        };
+        if !required && !path.exists() {
+            return Ok(Env::default());
+        }
+        let content = std::fs::read_to_string(&path).map_err(|e| {
+            Error::config(format!("cannot read --env-file {}: {e}", path.display()))
+        })?;
+        let iter = dotenvy::from_read_iter(content.as_bytes());
+        let mut dotenv = HashMap::new();
+        for item in iter {
+            match item {
+                Ok((k, v)) => {
+                    dotenv.insert(k, v);
+                }
+                Err(dotenvy::Error::LineParse(line, _)) => {
+                    // Name the line by number; its text may hold a secret.
+                    let number = content
+                        .lines()
+                        .position(|l| l.trim_end() == line.trim_end() || l.contains(line.trim()))
+                        .map(|i| format!(" line {}", i + 1))
+                        .unwrap_or_default();
+                    return Err(Error::config(format!(
+                        "{}:{number} is not KEY=VALUE (fix it or name another file with --env-file)",
+                        path.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(Error::config(format!(
+                        "cannot read {}: {}",
+                        path.display(),
+                        match e {
+                            dotenvy::Error::Io(io) => io.to_string(),
+                            _ => "invalid content".into(),
+                        }
+                    )))
+                }
+            }
+        }
+        let values: Vec<String> = [
+            "SUPABASE_PASSWORD",
+            "AUTOEMBED_API_KEY",
+            "OPENAI_API_KEY",
+            "OPENROUTER_API_KEY",
+        ]
+        .iter()
+        .filter_map(|k| dotenv.get(*k).cloned())
+        .collect();
+        crate::output::set_secrets(values);
+        Ok(Env { dotenv })
+    }
+
+    /// The variable's value from the process environment, else from `.env`;
+    /// an empty value counts as unset.
+    pub fn get(&self, var: &str) -> Option<String> {
+        std::env::var(var)
+            .ok()
+            .or_else(|| self.dotenv.get(var).cloned())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The flag's value if given, else the variable's.
+    fn pick(&self, flag: Option<String>, var: &str) -> Option<String> {
+        flag.filter(|v| !v.is_empty()).or_else(|| self.get(var))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_passwords_in_urls_and_keyword_strings() {
+        let found = passwords_in_url("postgres://u:p%40ss@h:5432/db?sslmode=disable");
+        assert!(found.contains(&"p%40ss".to_string()));
+        assert!(found.contains(&"p@ss".to_string()));
+        let found = passwords_in_url("host=h user=u password=hunter2");
+        assert!(found.contains(&"hunter2".to_string()));
+    }
+
+    #[test]
+    fn limits_accept_unlimited_and_reject_zero() {
+        assert_eq!(
+            parse_limit(Some("unlimited".into()), "--max-rows", "V", Some(5)).ok(),
+            Some(None)
+        );
+        assert_eq!(
+            parse_limit(None, "--max-rows", "V", Some(5)).ok(),
+            Some(Some(5))
+        );
+        let err =
+            parse_limit(Some("0".into()), "--max-rows", "AUTOEMBED_MAX_ROWS", None).unwrap_err();
+        assert!(err.to_string().contains("--max-rows (AUTOEMBED_MAX_ROWS)"));
+    }
+}

@@ -1,0 +1,606 @@
+//! All of autoembed's SQL, behind a blocking repository.
+//!
+//! Two rules shape every statement here:
+//! - identifiers from configuration are resolved by the database
+//!   (`to_regclass`, `pg_attribute`) and then quoted by [`quote_ident`],
+//!   never pasted; values always travel as parameters;
+//! - it must work through a transaction-mode pooler (Supabase 6543,
+//!   pgbouncer `pool_mode = transaction`), so there are no named prepared
+//!   statements (`query_typed` sends unnamed ones), no session state, and the
+//!   `vector` type's OID is looked up rather than assumed.
+//!
+//! Claiming rows: a batch runs in one transaction that holds
+//! `pg_try_advisory_xact_lock(table, hash(id))` for each claimed row across
+//! the HTTP call. Advisory locks don't block the application's UPDATEs, vanish
+//! when the connection dies (SIGKILL frees the rows at once), and stop two
+//! workers from paying for the same row. The write is a compare-and-set on
+//! `md5(text)`, so a text edited during the request keeps its row pending.
+
+use crate::config::Config;
+use crate::error::{describe_pg, Error, Result};
+use pgvector::Vector;
+use postgres::types::{Kind, Type};
+use postgres::{Client, GenericClient, NoTls, Transaction};
+use std::time::Duration;
+
+/// Quote an identifier the way `quote_ident` does, always.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A connection, with the `vector` type of this database when pgvector is installed.
+pub struct Db {
+    client: Client,
+    pub vector: Option<VectorTypes>,
+}
+
+/// The `vector` and `vector[]` types, whose OIDs differ between databases.
+#[derive(Clone, Debug)]
+pub struct VectorTypes {
+    pub scalar: Type,
+    pub array: Type,
+    pub version: String,
+}
+
+impl Db {
+    /// Connect and look up pgvector. Connection failures are exit-3 errors.
+    pub fn connect(cfg: &Config) -> Result<Db> {
+        let mut pg = cfg.database.clone();
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(10));
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("autoembed");
+        }
+        let mut client = pg.connect(NoTls).map_err(|e| {
+            Error::Database(format!(
+                "cannot connect to {}: {}",
+                cfg.database_label(),
+                describe_pg(&e)
+            ))
+        })?;
+        let vector = vector_types(&mut client)?;
+        Ok(Db { client, vector })
+    }
+
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Look up the table and its columns, without judging them.
+    pub fn inspect(&mut self, cfg: &Config) -> Result<Facts> {
+        inspect(&mut self.client, cfg)
+    }
+
+    /// Begin the transaction that one batch lives in.
+    pub fn begin(&mut self, idle_limit: Duration) -> Result<Transaction<'_>> {
+        let mut tx = self.client.transaction()?;
+        // The transaction idles while the provider answers; keep a server-side
+        // idle_in_transaction_session_timeout shorter than that from ending it.
+        tx.batch_execute(&format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            idle_limit.as_millis()
+        ))?;
+        Ok(tx)
+    }
+}
+
+fn vector_types(client: &mut Client) -> Result<Option<VectorTypes>> {
+    let row = client.query_typed_opt(
+        "SELECT t.oid, t.typarray, n.nspname::text, e.extversion \
+         FROM pg_extension e JOIN pg_type t ON t.typnamespace = e.extnamespace AND t.typname = 'vector' \
+         JOIN pg_namespace n ON n.oid = t.typnamespace WHERE e.extname = 'vector'",
+        &[],
+    )?;
+    Ok(row.map(|r| {
+        let schema: String = r.get(2);
+        let scalar = Type::new("vector".into(), r.get(0), Kind::Simple, schema.clone());
+        let array = Type::new(
+            "_vector".into(),
+            r.get(1),
+            Kind::Array(scalar.clone()),
+            schema,
+        );
+        VectorTypes {
+            scalar,
+            array,
+            version: r.get(3),
+        }
+    }))
+}
+
+/// What the catalog says about the configured table.
+#[derive(Debug, Clone)]
+pub enum TableLookup {
+    Found(TableFacts),
+    NotFound,
+    /// The name is not valid SQL (the database's message).
+    Invalid(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub table: TableLookup,
+    pub state_exists: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TableFacts {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// `r` table, `p` partitioned table, `v` view, ...
+    pub kind: String,
+    pub columns: Vec<ColumnFacts>,
+    pub primary_key: Vec<String>,
+    /// Columns that alone carry a unique index without a predicate.
+    pub unique_columns: Vec<String>,
+    /// Whether a partial index `WHERE <embedding> IS NULL` exists.
+    pub has_pending_index: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColumnFacts {
+    pub name: String,
+    /// As `format_type` writes it: usable in a cast.
+    pub type_sql: String,
+    pub type_oid: u32,
+    /// pg_type.typcategory: `S` for string types.
+    pub category: String,
+    /// For `vector(N)`, N; -1 when unconstrained.
+    pub typmod: i32,
+}
+
+impl TableFacts {
+    pub fn column(&self, name: &str) -> Option<&ColumnFacts> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
+    let state_exists = client
+        .query_typed_one(
+            "SELECT to_regclass(format('%I.failures', $1::text)) IS NOT NULL",
+            &[(&cfg.state_schema, Type::TEXT)],
+        )?
+        .get(0);
+    let oid: Option<u32> = match client.query_typed_one(
+        "SELECT to_regclass($1::text)::oid",
+        &[(&cfg.table, Type::TEXT)],
+    ) {
+        Ok(row) => row.get(0),
+        Err(e) if e.as_db_error().is_some() => {
+            return Ok(Facts {
+                table: TableLookup::Invalid(describe_pg(&e)),
+                state_exists,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(oid) = oid else {
+        return Ok(Facts {
+            table: TableLookup::NotFound,
+            state_exists,
+        });
+    };
+    let row = client.query_typed_one(
+        "SELECT n.nspname::text, c.relname::text, c.relkind::text \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[(&oid, Type::OID)],
+    )?;
+    let columns = client
+        .query_typed(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, \
+                    t.typcategory::text, a.atttypmod \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[(&oid, Type::OID)],
+        )?
+        .into_iter()
+        .map(|r| ColumnFacts {
+            name: r.get(0),
+            type_sql: r.get(1),
+            type_oid: r.get(2),
+            category: r.get(3),
+            typmod: r.get(4),
+        })
+        .collect();
+    let indexes = client.query_typed(
+        "SELECT i.indisprimary, i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL, \
+                i.indpred IS NOT NULL, pg_get_expr(i.indpred, i.indrelid), \
+                array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
+                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord) \
+         FROM pg_index i WHERE i.indrelid = $1",
+        &[(&oid, Type::OID)],
+    )?;
+    let mut primary_key = Vec::new();
+    let mut unique_columns = Vec::new();
+    let mut has_pending_index = false;
+    let emb_null = format!("({} IS NULL)", quote_ident(&cfg.embedding_column));
+    let emb_null_bare = format!("({} IS NULL)", cfg.embedding_column);
+    for r in indexes {
+        let (primary, unique, partial): (bool, bool, bool) = (r.get(0), r.get(1), r.get(2));
+        let predicate: Option<String> = r.get(3);
+        let cols: Vec<String> = r.get(4);
+        if primary {
+            primary_key = cols.clone();
+        }
+        if unique && cols.len() == 1 {
+            unique_columns.push(cols[0].clone());
+        }
+        if partial {
+            let p = predicate.unwrap_or_default();
+            if p.contains(&emb_null) || p.contains(&emb_null_bare) {
+                has_pending_index = true;
+            }
+        }
+    }
+    Ok(Facts {
+        table: TableLookup::Found(TableFacts {
+            oid,
+            schema: row.get(0),
+            name: row.get(1),
+            kind: row.get(2),
+            columns,
+            primary_key,
+            unique_columns,
+            has_pending_index,
+        }),
+        state_exists,
+    })
+}
+
+/// A table autoembed has checked and can work on: every identifier quoted,
+/// every statement built once.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `"schema"."table"`, also the key of this table's rows in the state tables.
+    pub table: String,
+    pub id_column: String,
+    pub text_column: String,
+    pub embedding_column: String,
+    /// N of `vector(N)`, when the column fixes it.
+    pub dimensions: Option<u32>,
+    /// First key of the advisory locks: the table's OID.
+    lock_class: i32,
+    vector: VectorTypes,
+    names: Names,
+}
+
+/// The quoted pieces every statement is built from.
+#[derive(Debug, Clone)]
+struct Names {
+    t: String,
+    i: String,
+    x: String,
+    e: String,
+    /// The id column's type, as `format_type` writes it, for casts from text.
+    idt: String,
+    state: String,
+}
+
+/// One row taken for embedding.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: String,
+    pub text: String,
+    pub hash: String,
+}
+
+/// The counts `verify` prints.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Counts {
+    pub rows: i64,
+    pub embedded: i64,
+    pub pending: i64,
+    pub blank: i64,
+    pub failed: i64,
+}
+
+/// Which pending rows a claim may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Eligibility {
+    /// Skip rows that failed and are not due, or gave up (`--max-attempts`).
+    pub skip_failed: bool,
+    pub max_attempts: u32,
+}
+
+impl Target {
+    /// Build the statements for `table`. The caller has checked the columns.
+    pub fn new(
+        table: &TableFacts,
+        id: &ColumnFacts,
+        text: &str,
+        embedding: &ColumnFacts,
+        vector: VectorTypes,
+        state_schema: &str,
+    ) -> Target {
+        let names = Names {
+            t: table.qualified(),
+            i: quote_ident(&id.name),
+            x: quote_ident(text),
+            e: quote_ident(&embedding.name),
+            idt: id.type_sql.clone(),
+            state: quote_ident(state_schema),
+        };
+        Target {
+            table: names.t.clone(),
+            id_column: id.name.clone(),
+            text_column: text.to_string(),
+            embedding_column: embedding.name.clone(),
+            dimensions: u32::try_from(embedding.typmod).ok().filter(|d| *d > 0),
+            lock_class: table.oid as i32,
+            vector,
+            names,
+        }
+    }
+
+    /// Rows that need an embedding.
+    fn pending(&self) -> String {
+        let Names { e, x, .. } = &self.names;
+        format!("t.{e} IS NULL AND t.{x} IS NOT NULL AND t.{x}::text ~ '[^[:space:]]'")
+    }
+
+    /// Rows not held back by a recorded failure ($2 table key, $3 max
+    /// attempts); `true` when failures are not consulted.
+    fn not_failed(&self, consult: bool) -> String {
+        if !consult {
+            return "true".into();
+        }
+        let Names { i, x, state, .. } = &self.names;
+        format!(
+            "NOT EXISTS (SELECT 1 FROM {state}.failures f WHERE f.table_name = $2 \
+             AND f.row_id = t.{i}::text AND f.text_hash = md5(t.{x}::text) \
+             AND (f.attempts >= $3 OR f.next_try_at > now()))"
+        )
+    }
+
+    /// Create the bookkeeping schema on first use. Concurrent first runs
+    /// serialise on an advisory lock, so `IF NOT EXISTS` cannot race.
+    pub fn ensure_state(&self, db: &mut Db, exists: bool) -> Result<()> {
+        if exists {
+            return Ok(());
+        }
+        let mut tx = db.client.transaction()?;
+        let s = &self.names.state;
+        tx.batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock(hashtext('autoembed state schema'));
+             CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.failures (
+                 table_name      text        NOT NULL,
+                 row_id          text        NOT NULL,
+                 text_hash       text        NOT NULL,
+                 attempts        integer     NOT NULL,
+                 last_error      text        NOT NULL,
+                 first_failed_at timestamptz NOT NULL,
+                 last_failed_at  timestamptz NOT NULL,
+                 next_try_at     timestamptz NOT NULL,
+                 PRIMARY KEY (table_name, row_id)
+             );
+             COMMENT ON TABLE {s}.failures IS
+                 'autoembed: rows the provider rejected, with their next try; delete a row to retry it now';"
+        ))
+        .map_err(|e| {
+            Error::Database(format!(
+                "cannot create the state schema {s} (--state-schema, AUTOEMBED_STATE_SCHEMA): {}",
+                describe_pg(&e)
+            ))
+        })?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Up to `limit` pending rows after `cursor`, in id order, locked for this
+    /// transaction (`lock = false` for dry-run: read only). Returns the rows
+    /// and the last candidate id, which is the next cursor (`None`: drained).
+    pub fn claim(
+        &self,
+        tx: &mut Transaction<'_>,
+        cursor: Option<&str>,
+        limit: usize,
+        eligibility: Eligibility,
+        state_exists: bool,
+        lock: bool,
+    ) -> Result<(Vec<Claimed>, Option<String>)> {
+        let consult = eligibility.skip_failed && state_exists;
+        let key: Option<&str> = consult.then_some(self.table.as_str());
+        let max_attempts = eligibility.max_attempts as i32;
+        let limit = limit as i64;
+        let Names { t, i, idt, .. } = &self.names;
+        let (pending, not_failed) = (self.pending(), self.not_failed(consult));
+        let after = if cursor.is_some() {
+            format!("AND t.{i} > $1::text::{idt}")
+        } else {
+            String::new()
+        };
+        // $1 cursor, $2 table key, $3 max attempts, $4 limit, $5 lock class,
+        // $6 take locks. The candidates are fixed (ordered, limited,
+        // materialised) before any lock is tried, so a worker never locks
+        // more rows than it asked for.
+        let sql = format!(
+            "WITH cand AS MATERIALIZED (\
+               SELECT t.{i} AS id FROM {t} t WHERE {pending} {after} AND {not_failed} \
+               ORDER BY t.{i} LIMIT $4) \
+             SELECT cand.id::text AS id_text, \
+                    CASE WHEN $6 THEN pg_try_advisory_xact_lock($5, hashtext(cand.id::text)) ELSE true END \
+             FROM cand ORDER BY cand.id"
+        );
+        let cand = tx.query_typed(
+            &sql,
+            &[
+                (&cursor, Type::TEXT),
+                (&key, Type::TEXT),
+                (&max_attempts, Type::INT4),
+                (&limit, Type::INT8),
+                (&self.lock_class, Type::INT4),
+                (&lock, Type::BOOL),
+            ],
+        )?;
+        let Some(last) = cand.last().map(|r| r.get::<_, String>(0)) else {
+            return Ok((Vec::new(), None));
+        };
+        let ids: Vec<String> = cand
+            .iter()
+            .filter(|r| r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
+            return Ok((Vec::new(), Some(last)));
+        }
+        // Re-read after locking, in a new statement (a new snapshot): a row
+        // another worker finished just before we locked it drops out here.
+        let Names { x, .. } = &self.names;
+        let read = format!(
+            "SELECT t.{i}::text, t.{x}::text, md5(t.{x}::text) FROM {t} t \
+             WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}"
+        );
+        let rows = tx.query_typed(
+            &read,
+            &[
+                (&ids, Type::TEXT_ARRAY),
+                (&key, Type::TEXT),
+                (&max_attempts, Type::INT4),
+            ],
+        )?;
+        let claimed = rows
+            .into_iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                text: r.get(1),
+                hash: r.get(2),
+            })
+            .collect();
+        Ok((claimed, Some(last)))
+    }
+
+    /// Write vectors whose row still holds the text that was embedded.
+    /// Returns the ids that were written; the others changed meanwhile.
+    pub fn write(
+        &self,
+        tx: &mut Transaction<'_>,
+        done: &[(&Claimed, Vec<f32>)],
+    ) -> Result<Vec<String>> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = done.iter().map(|(c, _)| c.id.as_str()).collect();
+        let hashes: Vec<&str> = done.iter().map(|(c, _)| c.hash.as_str()).collect();
+        let vectors: Vec<Vector> = done.iter().map(|(_, v)| Vector::from(v.clone())).collect();
+        let Names {
+            t,
+            i,
+            x,
+            e,
+            idt,
+            state,
+        } = &self.names;
+        let sql = format!(
+            "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3) AS v(id, h, e)), \
+             upd AS (UPDATE {t} t SET {e} = v.e FROM v \
+                     WHERE t.{i} = v.id::{idt} AND t.{e} IS NULL AND md5(t.{x}::text) = v.h \
+                     RETURNING t.{i}::text AS id), \
+             del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = $4 AND f.row_id = upd.id) \
+             SELECT id FROM upd"
+        );
+        let rows = tx.query_typed(
+            &sql,
+            &[
+                (&ids, Type::TEXT_ARRAY),
+                (&hashes, Type::TEXT_ARRAY),
+                (&vectors, self.vector.array.clone()),
+                (&self.table, Type::TEXT),
+            ],
+        )?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Record rows the provider rejected, with their next try.
+    pub fn record_failures(
+        &self,
+        tx: &mut Transaction<'_>,
+        failed: &[(&Claimed, String)],
+    ) -> Result<()> {
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = failed.iter().map(|(c, _)| c.id.as_str()).collect();
+        let hashes: Vec<&str> = failed.iter().map(|(c, _)| c.hash.as_str()).collect();
+        let errors: Vec<&str> = failed.iter().map(|(_, e)| e.as_str()).collect();
+        let state = &self.names.state;
+        let sql = format!(
+            "INSERT INTO {state}.failures AS f \
+               (table_name, row_id, text_hash, attempts, last_error, first_failed_at, last_failed_at, next_try_at) \
+             SELECT $1, r.id, r.h, 1, r.err, now(), now(), now() + interval '10 minutes' \
+             FROM unnest($2::text[], $3::text[], $4::text[]) AS r(id, h, err) \
+             ON CONFLICT (table_name, row_id) DO UPDATE SET \
+               attempts = CASE WHEN f.text_hash = excluded.text_hash THEN f.attempts + 1 ELSE 1 END, \
+               first_failed_at = CASE WHEN f.text_hash = excluded.text_hash THEN f.first_failed_at ELSE now() END, \
+               next_try_at = now() + interval '10 minutes' * power(2, least(20, \
+                   CASE WHEN f.text_hash = excluded.text_hash THEN f.attempts ELSE 0 END)), \
+               text_hash = excluded.text_hash, last_error = excluded.last_error, last_failed_at = now()"
+        );
+        tx.execute_typed(
+            &sql,
+            &[
+                (&self.table, Type::TEXT),
+                (&ids, Type::TEXT_ARRAY),
+                (&hashes, Type::TEXT_ARRAY),
+                (&errors, Type::TEXT_ARRAY),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn count_pending(&self, c: &mut impl GenericClient) -> Result<i64> {
+        let sql = format!(
+            "SELECT count(*) FROM {} t WHERE {}",
+            self.names.t,
+            self.pending()
+        );
+        Ok(c.query_typed_one(&sql, &[])?.get(0))
+    }
+
+    /// Failed rows whose text has not changed since they failed.
+    pub fn count_failed(&self, c: &mut impl GenericClient, state_exists: bool) -> Result<i64> {
+        if !state_exists {
+            return Ok(0);
+        }
+        let Names {
+            t,
+            i,
+            x,
+            e,
+            idt,
+            state,
+        } = &self.names;
+        let sql = format!(
+            "SELECT count(*) FROM {state}.failures f JOIN {t} t ON t.{i} = f.row_id::{idt} \
+             WHERE f.table_name = $1 AND t.{e} IS NULL AND md5(t.{x}::text) = f.text_hash"
+        );
+        Ok(c.query_typed_one(&sql, &[(&self.table, Type::TEXT)])?
+            .get(0))
+    }
+
+    pub fn counts(&self, c: &mut impl GenericClient, state_exists: bool) -> Result<Counts> {
+        let Names { t, x, e, .. } = &self.names;
+        let sql = format!(
+            "SELECT count(*), count(*) FILTER (WHERE t.{e} IS NOT NULL), \
+                    count(*) FILTER (WHERE {pending}), \
+                    count(*) FILTER (WHERE t.{e} IS NULL AND NOT coalesce(t.{x}::text ~ '[^[:space:]]', false)) \
+             FROM {t} t",
+            pending = self.pending()
+        );
+        let r = c.query_typed_one(&sql, &[])?;
+        Ok(Counts {
+            rows: r.get(0),
+            embedded: r.get(1),
+            pending: r.get(2),
+            blank: r.get(3),
+            failed: self.count_failed(c, state_exists)?,
+        })
+    }
+}

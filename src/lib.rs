@@ -1,0 +1,73 @@
+//! autoembed keeps a PostgreSQL pgvector column filled with embeddings.
+//!
+//! The binary is a thin shell over [`run`]: parse ([`cli`]), resolve
+//! ([`config`]), check the table ([`checks`]), then either the batch loop
+//! ([`job`]) or the checks report ([`verify`]). All SQL lives in [`db`], all
+//! HTTP in [`provider`], and everything printed passes [`output`]'s redaction.
+
+pub mod checks;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod job;
+pub mod output;
+pub mod provider;
+pub mod signals;
+pub mod verify;
+
+use config::{Config, Mode};
+use signals::Stop;
+
+/// Run the configured subcommand; print its summary or JSON; return the exit code.
+pub fn run(cfg: &Config, stop: &Stop) -> i32 {
+    output::set_secrets(cfg.secrets());
+    output::set_level(cfg.verbosity);
+    if cfg.mode == Mode::Verify {
+        let report = verify::verify(cfg, stop);
+        emit(
+            cfg,
+            || serde_json::to_string(&report).unwrap_or_default(),
+            || report.human(),
+        );
+        return report.exit_code;
+    }
+    match job::run(cfg, stop) {
+        Ok(report) => {
+            if let job::Report::Run(r) = &report {
+                if let Some(e) = &r.error {
+                    output::log(-2, &format!("error: {e}"));
+                }
+            }
+            emit(cfg, || report.json(), || report.human());
+            report.exit_code()
+        }
+        Err(e) => {
+            report_error(cfg.mode.name(), cfg.json, &e);
+            e.exit_code()
+        }
+    }
+}
+
+fn emit(cfg: &Config, json: impl FnOnce() -> String, human: impl FnOnce() -> String) {
+    if cfg.json {
+        output::print(&json());
+    } else {
+        output::print(&human());
+    }
+}
+
+/// An error that ended the run before it did anything: one line on stderr,
+/// and with `--json` one object on stdout, so scripts always get JSON.
+pub fn report_error(command: &str, json: bool, e: &error::Error) {
+    output::log(-2, &format!("error: {e}"));
+    if json {
+        let v = serde_json::json!({
+            "command": command,
+            "ok": false,
+            "error": output::redact(&e.to_string()),
+            "exit_code": e.exit_code(),
+        });
+        output::print(&v.to_string());
+    }
+}

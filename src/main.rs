@@ -1,0 +1,37 @@
+//! The `autoembed` binary: parse the command line, resolve the configuration,
+//! run, and turn the outcome into an exit code. The logic lives in the library.
+
+use autoembed::{cli::Cli, config::Config, output, signals::Stop};
+use clap::Parser;
+
+fn main() {
+    output::install_panic_hook();
+    let cli = Cli::parse();
+    let command = command_name(&cli);
+    let json = cli.common.json;
+    let cfg = match Config::resolve(cli) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            autoembed::report_error(command, json, &e);
+            std::process::exit(e.exit_code());
+        }
+    };
+    let stop = match Stop::install() {
+        Ok(stop) => stop,
+        Err(e) => {
+            output::log(-2, &format!("error: cannot install signal handlers: {e}"));
+            std::process::exit(2);
+        }
+    };
+    std::process::exit(autoembed::run(&cfg, &stop));
+}
+
+fn command_name(cli: &Cli) -> &'static str {
+    use autoembed::cli::Command;
+    match cli.command {
+        Command::RunOnce(_) => "run-once",
+        Command::Backfill(_) => "backfill",
+        Command::DryRun(_) => "dry-run",
+        Command::Verify(_) => "verify",
+    }
+}

@@ -1,0 +1,440 @@
+//! Embedding providers: the trait the batch loop calls, the models autoembed
+//! knows, how a failed request is classified, and the retry policy.
+//!
+//! A provider makes one attempt per call and says what kind of failure it
+//! saw; [`embed_with_retry`] decides whether to wait and try again, so every
+//! provider gets the same policy (429s wait as told, transient faults back
+//! off with jitter, credential and quota errors stop at once).
+
+mod openai;
+
+pub use openai::OpenAiClient;
+
+use crate::config::ProviderConfig;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_MODEL: &str = "text-embedding-3-small";
+
+/// Which API dialect and defaults to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenAi,
+    OpenRouter,
+    Compatible,
+}
+
+impl ProviderKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "openai" => Some(Self::OpenAi),
+            "openrouter" => Some(Self::OpenRouter),
+            "openai-compatible" | "compatible" => Some(Self::Compatible),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::OpenRouter => "openrouter",
+            Self::Compatible => "openai-compatible",
+        }
+    }
+
+    pub fn default_base(self) -> Option<&'static str> {
+        match self {
+            Self::OpenAi => Some("https://api.openai.com/v1"),
+            Self::OpenRouter => Some("https://openrouter.ai/api/v1"),
+            Self::Compatible => None,
+        }
+    }
+
+    /// The provider-specific variable that holds the key, after `AUTOEMBED_API_KEY`.
+    pub fn key_var(self) -> Option<&'static str> {
+        match self {
+            Self::OpenAi => Some("OPENAI_API_KEY"),
+            Self::OpenRouter => Some("OPENROUTER_API_KEY"),
+            Self::Compatible => None,
+        }
+    }
+
+    /// The model name as this provider expects it on the wire.
+    pub fn wire_model(self, model: &str) -> String {
+        match self {
+            Self::OpenRouter if !model.contains('/') => format!("openai/{model}"),
+            Self::OpenAi => model.strip_prefix("openai/").unwrap_or(model).to_string(),
+            _ => model.to_string(),
+        }
+    }
+}
+
+/// What autoembed knows about a model without asking the API.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelInfo {
+    pub name: &'static str,
+    pub dimensions: u32,
+    pub accepts_dimensions: bool,
+    pub usd_per_million_tokens: f64,
+}
+
+const MODELS: &[ModelInfo] = &[
+    ModelInfo {
+        name: "text-embedding-3-small",
+        dimensions: 1536,
+        accepts_dimensions: true,
+        usd_per_million_tokens: 0.02,
+    },
+    ModelInfo {
+        name: "text-embedding-3-large",
+        dimensions: 3072,
+        accepts_dimensions: true,
+        usd_per_million_tokens: 0.13,
+    },
+    ModelInfo {
+        name: "text-embedding-ada-002",
+        dimensions: 1536,
+        accepts_dimensions: false,
+        usd_per_million_tokens: 0.10,
+    },
+];
+
+/// The known model `name` refers to, with or without the `openai/` prefix.
+pub fn known_model(name: &str) -> Option<&'static ModelInfo> {
+    let bare = name.strip_prefix("openai/").unwrap_or(name);
+    MODELS.iter().find(|m| m.name == bare)
+}
+
+/// The dimensions the configured model will return, when known without a call.
+pub fn expected_dimensions(cfg: &ProviderConfig) -> Option<u32> {
+    cfg.dimensions
+        .or_else(|| known_model(&cfg.model).map(|m| m.dimensions))
+}
+
+/// A conservative token count for a text when the model's tokenizer is not
+/// at hand: one token per four bytes of UTF-8, rounded up (English averages
+/// about four characters a token; other scripts use more bytes per character).
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4).max(1)
+}
+
+/// A successful reply: one vector per input, in input order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the provider reports; `None` when it sent no usage.
+    pub tokens: Option<u64>,
+}
+
+/// Why one request failed, by what the caller should do about it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// The inputs were refused (400, 413, 422): split the batch to find the
+    /// offending rows; a single rejected input is the row's failure.
+    #[error("rejected ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    /// Slow down and retry; not the rows' fault.
+    #[error("rate limited: {message}")]
+    RateLimited {
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// Server error, timeout, dropped connection or unusable reply: retry.
+    #[error("{message}")]
+    Transient {
+        retry_after: Option<Duration>,
+        message: String,
+    },
+    /// Bad key, no credit, unknown model or endpoint: stop the run.
+    #[error("{message}")]
+    Fatal { message: String },
+    /// The vectors don't fit the column: a configuration error (exit 2).
+    #[error("{message}")]
+    Mismatch { message: String },
+}
+
+/// Something that turns texts into vectors, one attempt per call.
+pub trait Embedder: Send + Sync {
+    fn embed(&self, inputs: &[&str]) -> Result<Embeddings, ProviderError>;
+}
+
+/// Build the configured provider.
+pub fn build(cfg: &ProviderConfig) -> Box<dyn Embedder> {
+    Box::new(OpenAiClient::new(cfg))
+}
+
+/// How the retry loop behaves; the defaults are what runs in production.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after a transient fault before the run gives up (exit 3).
+    pub transient_retries: u32,
+    /// Retries after 429 before the run gives up.
+    pub rate_limit_retries: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            transient_retries: 4,
+            rate_limit_retries: 30,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why the retry loop returned without vectors.
+#[derive(Debug)]
+pub enum RetryOutcome {
+    /// A final answer for these inputs (rejected or fatal), or retries spent.
+    Failed(ProviderError),
+    /// The next wait would pass the run's deadline.
+    OutOfTime(ProviderError),
+    /// A stop signal arrived while waiting.
+    Stopped,
+}
+
+/// Counters the retry loop adds to.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RequestStats {
+    pub requests: u64,
+    pub retries: u64,
+    pub rate_limited: u64,
+}
+
+/// Call `embedder` until it answers, retrying as `policy` says, never
+/// sleeping past `deadline` and returning early when `stop` is set.
+pub fn embed_with_retry(
+    embedder: &dyn Embedder,
+    inputs: &[&str],
+    policy: &RetryPolicy,
+    deadline: Option<Instant>,
+    stop: &AtomicBool,
+    stats: &mut RequestStats,
+) -> Result<Embeddings, RetryOutcome> {
+    let mut transient = 0u32;
+    let mut limited = 0u32;
+    loop {
+        stats.requests += 1;
+        let err = match embedder.embed(inputs) {
+            Ok(e) => return Ok(e),
+            Err(e) => e,
+        };
+        let wait = match &err {
+            ProviderError::Rejected { .. }
+            | ProviderError::Fatal { .. }
+            | ProviderError::Mismatch { .. } => return Err(RetryOutcome::Failed(err)),
+            ProviderError::RateLimited { retry_after, .. } => {
+                stats.rate_limited += 1;
+                limited += 1;
+                if limited > policy.rate_limit_retries {
+                    return Err(RetryOutcome::Failed(err));
+                }
+                retry_after.unwrap_or_else(|| backoff(policy, limited))
+            }
+            ProviderError::Transient { retry_after, .. } => {
+                transient += 1;
+                if transient > policy.transient_retries {
+                    return Err(RetryOutcome::Failed(err));
+                }
+                retry_after
+                    .map(|d| d.min(policy.max_delay))
+                    .unwrap_or_else(|| backoff(policy, transient))
+            }
+        };
+        let wait = wait.min(policy.max_delay);
+        if let Some(deadline) = deadline {
+            if Instant::now() + wait >= deadline {
+                return Err(RetryOutcome::OutOfTime(err));
+            }
+        }
+        crate::debug!("{err}; retrying in {} ms", wait.as_millis());
+        stats.retries += 1;
+        if !sleep_unless_stopped(wait, stop) {
+            return Err(RetryOutcome::Stopped);
+        }
+    }
+}
+
+/// Exponential backoff with up to 50% jitter: base, 2*base, 4*base, ...
+fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let exp = policy
+        .base_delay
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let exp = exp.min(policy.max_delay);
+    let jitter = exp.mul_f64(jitter_fraction() * 0.5);
+    exp + jitter
+}
+
+/// A number in [0, 1) that differs between calls and processes; good enough
+/// to keep several workers from retrying in lockstep.
+fn jitter_fraction() -> f64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::BuildHasher;
+    let n = RandomState::new().hash_one(Instant::now());
+    (n % 10_000) as f64 / 10_000.0
+}
+
+/// Sleep `total` in short steps; false if `stop` was set meanwhile.
+pub fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + total;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= end {
+            return true;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Scripted(Mutex<Vec<Result<Embeddings, ProviderError>>>);
+
+    impl Embedder for Scripted {
+        fn embed(&self, _inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+            self.0.lock().unwrap().remove(0)
+        }
+    }
+
+    fn fast() -> RetryPolicy {
+        RetryPolicy {
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        }
+    }
+
+    fn ok() -> Result<Embeddings, ProviderError> {
+        Ok(Embeddings {
+            vectors: vec![vec![1.0]],
+            tokens: Some(1),
+        })
+    }
+
+    #[test]
+    fn retries_rate_limits_and_transient_faults_then_succeeds() {
+        let p = Scripted(Mutex::new(vec![
+            Err(ProviderError::RateLimited {
+                retry_after: Some(Duration::from_millis(1)),
+                message: "429".into(),
+            }),
+            Err(ProviderError::Transient {
+                retry_after: None,
+                message: "503".into(),
+            }),
+            ok(),
+        ]));
+        let mut stats = RequestStats::default();
+        let r = embed_with_retry(
+            &p,
+            &["a"],
+            &fast(),
+            None,
+            &AtomicBool::new(false),
+            &mut stats,
+        );
+        assert!(r.is_ok());
+        assert_eq!(
+            (stats.requests, stats.retries, stats.rate_limited),
+            (3, 2, 1)
+        );
+    }
+
+    #[test]
+    fn fatal_and_rejected_are_not_retried() {
+        for e in [
+            ProviderError::Fatal {
+                message: "401".into(),
+            },
+            ProviderError::Rejected {
+                status: 400,
+                message: "bad".into(),
+            },
+        ] {
+            let p = Scripted(Mutex::new(vec![Err(e.clone()), ok()]));
+            let mut stats = RequestStats::default();
+            let r = embed_with_retry(
+                &p,
+                &["a"],
+                &fast(),
+                None,
+                &AtomicBool::new(false),
+                &mut stats,
+            );
+            assert!(matches!(r, Err(RetryOutcome::Failed(got)) if got == e));
+            assert_eq!(stats.requests, 1);
+        }
+    }
+
+    #[test]
+    fn transient_faults_give_up_after_the_retry_limit() {
+        let errs = (0..10)
+            .map(|_| {
+                Err(ProviderError::Transient {
+                    retry_after: None,
+                    message: "502".into(),
+                })
+            })
+            .collect();
+        let p = Scripted(Mutex::new(errs));
+        let mut stats = RequestStats::default();
+        let r = embed_with_retry(
+            &p,
+            &["a"],
+            &fast(),
+            None,
+            &AtomicBool::new(false),
+            &mut stats,
+        );
+        assert!(matches!(
+            r,
+            Err(RetryOutcome::Failed(ProviderError::Transient { .. }))
+        ));
+        assert_eq!(stats.requests, 5);
+    }
+
+    #[test]
+    fn a_wait_past_the_deadline_returns_out_of_time() {
+        let p = Scripted(Mutex::new(vec![Err(ProviderError::RateLimited {
+            retry_after: Some(Duration::from_secs(30)),
+            message: "429".into(),
+        })]));
+        let policy = RetryPolicy::default();
+        let deadline = Some(Instant::now() + Duration::from_secs(1));
+        let mut stats = RequestStats::default();
+        let r = embed_with_retry(
+            &p,
+            &["a"],
+            &policy,
+            deadline,
+            &AtomicBool::new(false),
+            &mut stats,
+        );
+        assert!(matches!(r, Err(RetryOutcome::OutOfTime(_))));
+    }
+
+    #[test]
+    fn wire_model_names_follow_the_provider() {
+        assert_eq!(
+            ProviderKind::OpenRouter.wire_model("text-embedding-3-small"),
+            "openai/text-embedding-3-small"
+        );
+        assert_eq!(
+            ProviderKind::OpenAi.wire_model("openai/text-embedding-3-small"),
+            "text-embedding-3-small"
+        );
+        assert_eq!(
+            ProviderKind::Compatible.wire_model("nomic-embed-text"),
+            "nomic-embed-text"
+        );
+    }
+}

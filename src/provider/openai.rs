@@ -1,0 +1,484 @@
+//! The OpenAI wire format, as spoken by OpenAI, OpenRouter and the
+//! OpenAI-compatible servers (Ollama, text-embeddings-inference, vLLM, LM
+//! Studio). One blocking request per call, mapped to [`ProviderError`] kinds.
+//!
+//! Robust to the dialects' differences: `encoding_format` is always sent, an
+//! item may be a float array or a base64 string, `index` and `usage` may be
+//! missing, errors may be nested (`{"error":{...}}`) or flat, and an HTTP 200
+//! may carry an error body (OpenRouter).
+
+use super::{Embedder, Embeddings, ProviderError, ProviderKind};
+use crate::config::ProviderConfig;
+use base64::Engine;
+use serde_json::Value;
+use std::io::Read;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Replies larger than this are refused (2048 inputs of 3072 floats as JSON
+/// text stay well below it).
+const MAX_REPLY_BYTES: u64 = 512 * 1024 * 1024;
+
+pub struct OpenAiClient {
+    agent: ureq::Agent,
+    url: String,
+    kind: ProviderKind,
+    api_key: Option<String>,
+    key_var: &'static str,
+    model: String,
+    dimensions: Option<u32>,
+}
+
+impl OpenAiClient {
+    pub fn new(cfg: &ProviderConfig) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(cfg.request_timeout)
+            .user_agent(concat!("autoembed/", env!("CARGO_PKG_VERSION")))
+            .build();
+        OpenAiClient {
+            agent,
+            url: format!("{}/embeddings", cfg.api_base),
+            kind: cfg.kind,
+            api_key: cfg.api_key.clone(),
+            key_var: cfg.key_var,
+            model: cfg.kind.wire_model(&cfg.model),
+            dimensions: cfg.dimensions,
+        }
+    }
+
+    /// base64 halves the reply size; compatible servers are sent `float`,
+    /// since some older ones answer 400 to `base64`.
+    fn encoding(&self) -> &'static str {
+        match self.kind {
+            ProviderKind::Compatible => "float",
+            _ => "base64",
+        }
+    }
+
+    fn request_body(&self, inputs: &[&str]) -> String {
+        let mut body = serde_json::json!({
+            "model": self.model,
+            "input": inputs,
+            "encoding_format": self.encoding(),
+        });
+        if let Some(d) = self.dimensions {
+            body["dimensions"] = d.into();
+        }
+        body.to_string()
+    }
+
+    fn classify(&self, status: u16, body: &[u8], retry_after: Option<Duration>) -> ProviderError {
+        let parsed: Option<Value> = serde_json::from_slice(body).ok();
+        let err = parsed
+            .as_ref()
+            .map(ErrorBody::from_json)
+            .unwrap_or_default();
+        let message = if err.message.is_empty() {
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+                .trim()
+                .to_string()
+        } else {
+            err.message.clone()
+        };
+        let message = one_line(&message);
+        let key_hint = match &self.api_key {
+            Some(_) => format!("check the key in {}", self.key_var),
+            None => format!("no key was sent; set {}", self.key_var),
+        };
+        if err.code == "insufficient_quota" || err.kind == "insufficient_quota" {
+            return ProviderError::Fatal {
+                message: format!(
+                    "quota exhausted (insufficient_quota): {message}; add credit for the key in {}",
+                    self.key_var
+                ),
+            };
+        }
+        match status {
+            401 => ProviderError::Fatal {
+                message: format!("the API key was refused (401): {message}; {key_hint}"),
+            },
+            403 => ProviderError::Fatal {
+                message: format!("access denied (403): {message}; {key_hint}"),
+            },
+            402 => ProviderError::Fatal {
+                message: format!("out of credits (402): {message}; add credit for the key in {}", self.key_var),
+            },
+            404 => ProviderError::Fatal {
+                message: format!(
+                    "not found (404) at {}: {message}; check --api-base (AUTOEMBED_API_BASE) and --model (AUTOEMBED_MODEL)",
+                    self.url
+                ),
+            },
+            400 | 413 | 422 => ProviderError::Rejected { status, message },
+            429 => ProviderError::RateLimited {
+                retry_after: retry_after.or_else(|| retry_hint_in_message(&message)),
+                message: format!("429: {message}"),
+            },
+            _ => ProviderError::Transient {
+                retry_after,
+                message: format!("HTTP {status}: {message}"),
+            },
+        }
+    }
+
+    fn parse_reply(&self, body: &[u8], n_inputs: usize) -> Result<Embeddings, ProviderError> {
+        let garbage = |why: &str| ProviderError::Transient {
+            retry_after: None,
+            message: format!("unusable reply: {why}"),
+        };
+        let json: Value = serde_json::from_slice(body).map_err(|_| garbage("not JSON"))?;
+        if json.get("error").is_some_and(|e| !e.is_null()) {
+            // OpenRouter can answer HTTP 200 with an error body.
+            let err = ErrorBody::from_json(&json);
+            let status = err.status.unwrap_or(500);
+            return Err(self.classify(if status == 200 { 500 } else { status }, body, None));
+        }
+        let data = json
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| garbage("no data array"))?;
+        if data.len() != n_inputs {
+            return Err(garbage(&format!(
+                "{} vectors for {} inputs",
+                data.len(),
+                n_inputs
+            )));
+        }
+        let mut slots: Vec<Option<Vec<f32>>> = vec![None; n_inputs];
+        for (pos, item) in data.iter().enumerate() {
+            let index = match item.get("index") {
+                None | Some(Value::Null) => pos,
+                Some(v) => v
+                    .as_u64()
+                    .map(|i| i as usize)
+                    .ok_or_else(|| garbage("index is not a number"))?,
+            };
+            let slot = slots
+                .get_mut(index)
+                .ok_or_else(|| garbage(&format!("index {index} out of range")))?;
+            if slot.is_some() {
+                return Err(garbage(&format!("index {index} repeated")));
+            }
+            let vector = match item.get("embedding") {
+                Some(Value::Array(xs)) => xs
+                    .iter()
+                    .map(|x| x.as_f64().map(|f| f as f32))
+                    .collect::<Option<Vec<f32>>>()
+                    .ok_or_else(|| garbage("embedding holds a non-number"))?,
+                Some(Value::String(b64)) => {
+                    decode_base64(b64).ok_or_else(|| garbage("bad base64 embedding"))?
+                }
+                _ => return Err(garbage("item without embedding")),
+            };
+            if vector.is_empty() || vector.iter().any(|x| !x.is_finite()) {
+                return Err(garbage("empty or non-finite vector"));
+            }
+            *slot = Some(vector);
+        }
+        let vectors: Vec<Vec<f32>> = slots.into_iter().map(|v| v.unwrap_or_default()).collect();
+        let dim = vectors[0].len();
+        if vectors.iter().any(|v| v.len() != dim) {
+            return Err(garbage("vectors of different lengths"));
+        }
+        let tokens = json.get("usage").and_then(|u| {
+            u.get("prompt_tokens")
+                .or_else(|| u.get("total_tokens"))
+                .and_then(Value::as_u64)
+        });
+        Ok(Embeddings { vectors, tokens })
+    }
+}
+
+impl Embedder for OpenAiClient {
+    fn embed(&self, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+        if inputs.is_empty() {
+            return Ok(Embeddings {
+                vectors: Vec::new(),
+                tokens: Some(0),
+            });
+        }
+        let mut req = self
+            .agent
+            .post(&self.url)
+            .set("content-type", "application/json");
+        if let Some(key) = &self.api_key {
+            req = req.set("authorization", &format!("Bearer {key}"));
+        }
+        if self.kind == ProviderKind::OpenRouter {
+            req = req.set("x-title", "autoembed");
+        }
+        match req.send_string(&self.request_body(inputs)) {
+            Ok(resp) => {
+                let body = read_body(resp)?;
+                self.parse_reply(&body, inputs.len())
+            }
+            Err(ureq::Error::Status(status, resp)) => {
+                let retry_after = retry_after(&resp);
+                let body = read_body(resp).unwrap_or_default();
+                Err(self.classify(status, &body, retry_after))
+            }
+            Err(ureq::Error::Transport(t)) => Err(ProviderError::Transient {
+                retry_after: None,
+                message: format!(
+                    "cannot reach {}: {}",
+                    self.url,
+                    one_line(&transport_message(&t))
+                ),
+            }),
+        }
+    }
+}
+
+fn transport_message(t: &ureq::Transport) -> String {
+    let mut s = t.kind().to_string();
+    if let Some(m) = t.message() {
+        s.push_str(": ");
+        s.push_str(m);
+    }
+    if let Some(src) = std::error::Error::source(t) {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+    }
+    s
+}
+
+fn read_body(resp: ureq::Response) -> Result<Vec<u8>, ProviderError> {
+    let mut buf = Vec::new();
+    resp.into_reader()
+        .take(MAX_REPLY_BYTES)
+        .read_to_end(&mut buf)
+        .map_err(|e| ProviderError::Transient {
+            retry_after: None,
+            message: format!("reply cut short: {e}"),
+        })?;
+    Ok(buf)
+}
+
+/// Little-endian IEEE-754 float32s, standard alphabet with padding.
+fn decode_base64(s: &str) -> Option<Vec<f32>> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+/// The error fields of a nested (`{"error":{...}}`) or flat body.
+#[derive(Debug, Default)]
+struct ErrorBody {
+    message: String,
+    code: String,
+    kind: String,
+    /// OpenRouter's numeric `code`, which stands for an HTTP status.
+    status: Option<u16>,
+}
+
+impl ErrorBody {
+    fn from_json(v: &Value) -> ErrorBody {
+        let inner = match v.get("error") {
+            Some(Value::String(s)) => {
+                return ErrorBody {
+                    message: s.clone(),
+                    ..ErrorBody::default()
+                };
+            }
+            Some(e @ Value::Object(_)) => e,
+            _ => v,
+        };
+        let text = |k: &str| match inner.get(k) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        ErrorBody {
+            message: text("message"),
+            code: text("code"),
+            kind: text("type"),
+            status: inner
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok()),
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > 300 {
+        flat.chars().take(300).collect::<String>() + "..."
+    } else {
+        flat
+    }
+}
+
+/// `retry-after-ms`, then `retry-after` (seconds or an HTTP date).
+fn retry_after(resp: &ureq::Response) -> Option<Duration> {
+    if let Some(ms) = resp
+        .header("retry-after-ms")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let v = resp.header("retry-after")?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when = parse_http_date(v)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    Some(Duration::from_secs(when.saturating_sub(now)))
+}
+
+/// `Please try again in 2.812s` / `in 120ms` in an OpenAI 429 message.
+fn retry_hint_in_message(msg: &str) -> Option<Duration> {
+    let rest = &msg[msg.find("try again in ")? + "try again in ".len()..];
+    let num: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let value: f64 = num.parse().ok()?;
+    let unit = &rest[num.len()..];
+    if unit.starts_with("ms") {
+        Some(Duration::from_secs_f64(value / 1000.0))
+    } else if unit.starts_with('s') {
+        Some(Duration::from_secs_f64(value))
+    } else {
+        None
+    }
+}
+
+/// Seconds since the epoch of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn parse_http_date(s: &str) -> Option<u64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let day: i64 = parts[1].parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as i64
+        + 1;
+    let year: i64 = parts[3].parse().ok()?;
+    let hms: Vec<i64> = parts[4]
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if hms.len() != 3 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(kind: ProviderKind) -> OpenAiClient {
+        OpenAiClient::new(&ProviderConfig {
+            kind,
+            api_base: "http://127.0.0.1:9".into(),
+            api_key: Some("k".into()),
+            key_var: "OPENAI_API_KEY",
+            model: "text-embedding-3-small".into(),
+            dimensions: None,
+            request_timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn maps_results_by_index_and_accepts_base64_and_floats() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(
+            [1.5f32, -2.0]
+                .iter()
+                .flat_map(|f| f.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        let body = format!(
+            r#"{{"data":[{{"index":1,"embedding":"{b64}"}},{{"index":0,"embedding":[0.25,0.5]}}],"usage":{{"prompt_tokens":7}}}}"#
+        );
+        let e = client(ProviderKind::OpenAi)
+            .parse_reply(body.as_bytes(), 2)
+            .unwrap();
+        assert_eq!(e.vectors, vec![vec![0.25, 0.5], vec![1.5, -2.0]]);
+        assert_eq!(e.tokens, Some(7));
+    }
+
+    #[test]
+    fn rejects_wrong_count_repeated_index_and_mixed_lengths() {
+        let c = client(ProviderKind::OpenAi);
+        for body in [
+            r#"{"data":[{"index":0,"embedding":[1.0]}]}"#,
+            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":0,"embedding":[2.0]}]}"#,
+            r#"{"data":[{"index":0,"embedding":[1.0]},{"index":1,"embedding":[2.0,3.0]}]}"#,
+            r#"{"data":[]}"#,
+            "not json",
+        ] {
+            let err = c.parse_reply(body.as_bytes(), 2).unwrap_err();
+            assert!(
+                matches!(err, ProviderError::Transient { .. }),
+                "{body}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_body_with_http_200_is_an_error() {
+        let c = client(ProviderKind::OpenRouter);
+        let body = br#"{"error":{"code":402,"message":"Insufficient credits"}}"#;
+        assert!(matches!(
+            c.parse_reply(body, 1),
+            Err(ProviderError::Fatal { .. })
+        ));
+        let body = br#"{"error":{"code":503,"message":"No provider available"}}"#;
+        assert!(matches!(
+            c.parse_reply(body, 1),
+            Err(ProviderError::Transient { .. })
+        ));
+    }
+
+    #[test]
+    fn classifies_flat_and_nested_errors() {
+        let c = client(ProviderKind::OpenAi);
+        let quota = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+        assert!(matches!(
+            c.classify(429, quota, None),
+            ProviderError::Fatal { .. }
+        ));
+        let flat = br#"{"message":"batch size 64 > maximum allowed batch size 32","code":413,"type":"Validation"}"#;
+        assert_eq!(
+            c.classify(413, flat, None),
+            ProviderError::Rejected {
+                status: 413,
+                message: "batch size 64 > maximum allowed batch size 32".into()
+            }
+        );
+        let limited = br#"{"error":{"message":"Rate limit reached. Please try again in 2.5s.","code":"rate_limit_exceeded"}}"#;
+        assert!(matches!(
+            c.classify(429, limited, None),
+            ProviderError::RateLimited { retry_after: Some(d), .. } if d == Duration::from_millis(2500)
+        ));
+    }
+
+    #[test]
+    fn parses_http_dates() {
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784111777)
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! `verify`: every check a CI smoke test or an operator wants before trusting
+//! a run, each named, then the table's counts. Exits 0 only when all pass,
+//! 3 when the database can't be reached, 1 when any other check fails.
+
+use crate::checks::{self, dimension_mismatch, Check};
+use crate::config::Config;
+use crate::db::{quote_ident, Counts, Db, Target};
+use crate::provider::{self, RequestStats, RetryOutcome, RetryPolicy};
+use crate::signals::Stop;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub command: &'static str,
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    pub counts: Option<Counts>,
+    #[serde(skip)]
+    pub exit_code: i32,
+}
+
+impl VerifyReport {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "verify: {}\n",
+            if self.ok {
+                "all checks passed"
+            } else {
+                "some checks failed"
+            }
+        );
+        for c in &self.checks {
+            s += &format!(
+                "  {:<4}  {:<16}  {}\n",
+                if c.ok { "ok" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+        if let Some(c) = &self.counts {
+            s += &format!(
+                "rows {}, embedded {}, pending {}, blank {}, failed {}",
+                c.rows, c.embedded, c.pending, c.blank, c.failed
+            );
+        }
+        s.trim_end().to_string()
+    }
+}
+
+pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
+    let mut report = VerifyReport {
+        command: "verify",
+        ok: false,
+        checks: Vec::new(),
+        counts: None,
+        exit_code: 1,
+    };
+    let mut db = match Db::connect(cfg) {
+        Ok(db) => db,
+        Err(e) => {
+            report.checks.push(Check::fail("database", e.to_string()));
+            report.exit_code = 3;
+            return report;
+        }
+    };
+    report
+        .checks
+        .push(Check::pass("database", cfg.database_label()));
+    let facts = match db.inspect(cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            report.checks.push(Check::fail("table", e.to_string()));
+            report.exit_code = 3;
+            return report;
+        }
+    };
+    let (checks, target) = checks::evaluate(cfg, &db, &facts);
+    report.checks.extend(checks);
+    if let Some(target) = &target {
+        if !report.checks.iter().any(|c| c.name == "dimensions") {
+            report.checks.push(probe_dimensions(cfg, target, stop));
+        }
+        match target.counts(db.client(), facts.state_exists) {
+            Ok(c) => report.counts = Some(c),
+            Err(e) => report.checks.push(Check::fail("counts", e.to_string())),
+        }
+    }
+    report.ok = report.checks.iter().all(|c| c.ok);
+    report.exit_code = if report.ok { 0 } else { 1 };
+    report
+}
+
+/// For a model autoembed doesn't know: one tiny request, unless --offline.
+fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
+    if cfg.offline {
+        return Check::pass(
+            "dimensions",
+            format!(
+                "not checked (--offline; {} is not a known model)",
+                cfg.provider.model
+            ),
+        );
+    }
+    let embedder = provider::build(&cfg.provider);
+    let policy = RetryPolicy {
+        transient_retries: 1,
+        rate_limit_retries: 1,
+        ..RetryPolicy::default()
+    };
+    let mut stats = RequestStats::default();
+    let reply = provider::embed_with_retry(
+        embedder.as_ref(),
+        &["autoembed verify"],
+        &policy,
+        None,
+        stop.flag(),
+        &mut stats,
+    );
+    let col = quote_ident(&target.embedding_column);
+    match reply {
+        Ok(e) => {
+            let got = e.vectors.first().map_or(0, Vec::len) as u32;
+            match target.dimensions {
+                Some(want) if want != got => Check::fail(
+                    "dimensions",
+                    dimension_mismatch(&cfg.provider.model, got, &col, want),
+                ),
+                Some(want) => Check::pass(
+                    "dimensions",
+                    format!(
+                        "{} gives {got}, {col} is vector({want})",
+                        cfg.provider.model
+                    ),
+                ),
+                None => Check::pass(
+                    "dimensions",
+                    format!(
+                        "{} gives {got}, {col} has no fixed size",
+                        cfg.provider.model
+                    ),
+                ),
+            }
+        }
+        Err(RetryOutcome::Failed(e) | RetryOutcome::OutOfTime(e)) => {
+            Check::fail("dimensions", format!("could not ask the provider: {e}"))
+        }
+        Err(RetryOutcome::Stopped) => Check::fail("dimensions", "interrupted"),
+    }
+}

@@ -1,0 +1,460 @@
+//! A mock OpenAI-compatible embeddings server on a loopback port.
+//!
+//! It speaks the real wire format (`../shared/docs/provider-api.md`): float or
+//! base64 replies by `encoding_format`, `index` and `usage` in every reply,
+//! nested error bodies, rate-limit headers. Its vectors are a deterministic
+//! function of the text ([`vector_for`]), so a test can check the exact
+//! vector stored in the exact row. Faults are scripted per request, or
+//! injected at a rate, or triggered by a marker in an input.
+//!
+//! Shared by the integration tests, `examples/mock_server.rs` (the demo's
+//! stand-in for a real provider) and the benchmark.
+#![allow(dead_code)]
+
+use base64::Engine;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The vector the mock returns for `text`: 24-bit values in [-1, 1), exactly
+/// representable as f32, so they survive JSON, base64 and pgvector unchanged.
+pub fn vector_for(text: &str, dims: usize) -> Vec<f32> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..dims as u64)
+        .map(|k| {
+            let mut z = h.wrapping_add(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            ((z >> 40) as i32 - (1 << 23)) as f32 / (1u32 << 23) as f32
+        })
+        .collect()
+}
+
+/// Tokens the mock reports for a text (the same estimate autoembed uses).
+pub fn tokens_for(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4).max(1)
+}
+
+/// What to do with one request instead of answering it normally.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer with this status, body and extra headers.
+    Status {
+        status: u16,
+        body: String,
+        headers: Vec<(String, String)>,
+    },
+    /// Wait this long, then answer normally (longer than the client's timeout: a timeout).
+    Delay(Duration),
+    /// Send half a reply, then close the connection.
+    Reset,
+    /// HTTP 200 with this body.
+    Body(String),
+    /// A valid reply with one vector too few.
+    WrongCount,
+    /// A valid reply whose vectors have one dimension too many.
+    WrongDims,
+    /// A valid reply with index 0 twice.
+    RepeatedIndex,
+}
+
+impl Fault {
+    /// An OpenAI-style error: `{"error":{"message","type","param","code"}}`.
+    pub fn openai(status: u16, code: &str, message: &str) -> Fault {
+        Fault::Status {
+            status,
+            body: json!({"error": {"message": message, "type": code, "param": null, "code": code}})
+                .to_string(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Fault {
+        if let Fault::Status { headers, .. } = &mut self {
+            headers.push((name.to_string(), value.to_string()));
+        }
+        self
+    }
+}
+
+/// One request as the mock saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    pub inputs: Vec<String>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Where a held request says it arrived, and waits to be released.
+type Gate = (Sender<()>, Arc<Mutex<Receiver<()>>>);
+
+#[derive(Default)]
+struct State {
+    dims: usize,
+    script: VecDeque<Fault>,
+    /// Inputs containing this marker make the request fail with 400.
+    reject_marker: Option<String>,
+    /// More inputs than this in one request: 413, as text-embeddings-inference says it.
+    max_inputs: Option<usize>,
+    /// Every request fails with one of these faults at this rate (0..1), chosen by a seeded generator.
+    fault_rate: f64,
+    rate_faults: Vec<Fault>,
+    rng: u64,
+    /// Always answer with this fault (provider down, bad key).
+    always: Option<Fault>,
+    /// Answer floats even when base64 is asked for (LM Studio).
+    ignore_base64: bool,
+    latency: Duration,
+    seen: Vec<Seen>,
+    hold: Option<Gate>,
+}
+
+/// A running mock server; it stops when the process ends.
+#[derive(Clone)]
+pub struct Mock {
+    pub base: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl Mock {
+    /// Start on an ephemeral loopback port with `dims`-dimension vectors.
+    pub fn start(dims: usize) -> Mock {
+        Mock::start_on("127.0.0.1:0", dims)
+    }
+
+    pub fn start_on(addr: &str, dims: usize) -> Mock {
+        let listener = TcpListener::bind(addr).expect("bind mock server");
+        let port = listener.local_addr().expect("mock address").port();
+        let state = Arc::new(Mutex::new(State {
+            dims,
+            rng: 0x2545_f491_4f6c_dd1d,
+            ..State::default()
+        }));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = shared.clone();
+                std::thread::spawn(move || serve(stream, state));
+            }
+        });
+        Mock {
+            base: format!("http://127.0.0.1:{port}/v1"),
+            state,
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Answer the next requests with these faults, in order.
+    pub fn script(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.with(|s| s.script.extend(faults));
+    }
+    pub fn reject_inputs_containing(&self, marker: &str) {
+        self.with(|s| s.reject_marker = Some(marker.to_string()));
+    }
+    pub fn max_inputs(&self, n: usize) {
+        self.with(|s| s.max_inputs = Some(n));
+    }
+    pub fn fault_rate(&self, rate: f64, faults: Vec<Fault>) {
+        self.with(|s| {
+            s.fault_rate = rate;
+            s.rate_faults = faults;
+        });
+    }
+    pub fn always(&self, fault: Option<Fault>) {
+        self.with(|s| s.always = fault);
+    }
+    pub fn ignore_base64(&self) {
+        self.with(|s| s.ignore_base64 = true);
+    }
+    pub fn latency(&self, d: Duration) {
+        self.with(|s| s.latency = d);
+    }
+    /// Stop holding requests (see [`Mock::hold`]).
+    pub fn unhold(&self) {
+        self.with(|s| s.hold = None);
+    }
+
+    /// Hold every request until [`Held::release`]; returns the receiving end
+    /// that says when a request has arrived.
+    pub fn hold(&self) -> Held {
+        let (arrived_tx, arrived_rx) = channel();
+        let (release_tx, release_rx) = channel();
+        self.with(|s| s.hold = Some((arrived_tx, Arc::new(Mutex::new(release_rx)))));
+        Held {
+            arrived: arrived_rx,
+            release: release_tx,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.with(|s| s.seen.clone())
+    }
+
+    /// Every input the mock was sent, in order, over all requests that it answered with vectors.
+    pub fn embedded_inputs(&self) -> Vec<String> {
+        self.requests().into_iter().flat_map(|r| r.inputs).collect()
+    }
+}
+
+/// The test's handle on held requests.
+pub struct Held {
+    pub arrived: Receiver<()>,
+    release: Sender<()>,
+}
+
+impl Held {
+    pub fn release(&self) {
+        let _ = self.release.send(());
+    }
+}
+
+fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let _ = stream.set_nodelay(true);
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let mut headers = Vec::new();
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if !respond(&mut out, &state, path, headers, &body) {
+            return;
+        }
+    }
+}
+
+/// Answer one request; false when the connection must close.
+fn respond(
+    out: &mut TcpStream,
+    state: &Arc<Mutex<State>>,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: &[u8],
+) -> bool {
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(xs) => xs
+            .iter()
+            .map(|x| x.as_str().unwrap_or_default().to_string())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (fault, dims, ignore_base64, latency, hold, reject, too_many) = {
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let fault = s
+            .always
+            .clone()
+            .or_else(|| s.script.pop_front())
+            .or_else(|| {
+                if s.fault_rate > 0.0 && !s.rate_faults.is_empty() {
+                    s.rng ^= s.rng << 13;
+                    s.rng ^= s.rng >> 7;
+                    s.rng ^= s.rng << 17;
+                    let roll = (s.rng % 1_000_000) as f64 / 1_000_000.0;
+                    if roll < s.fault_rate {
+                        let pick = (s.rng >> 20) as usize % s.rate_faults.len();
+                        return Some(s.rate_faults[pick].clone());
+                    }
+                }
+                None
+            });
+        let reject = s
+            .reject_marker
+            .as_ref()
+            .and_then(|m| inputs.iter().position(|i| i.contains(m.as_str())));
+        let too_many = s.max_inputs.filter(|m| inputs.len() > *m);
+        (
+            fault,
+            s.dims,
+            s.ignore_base64,
+            s.latency,
+            s.hold.clone(),
+            reject,
+            too_many,
+        )
+    };
+    if let Some((arrived, release)) = hold {
+        let _ = arrived.send(());
+        let _ = release.lock().map(|r| r.recv());
+    }
+    if !latency.is_zero() {
+        std::thread::sleep(latency);
+    }
+    let record = |s: &Arc<Mutex<State>>| {
+        s.lock().unwrap_or_else(|e| e.into_inner()).seen.push(Seen {
+            path: path.clone(),
+            headers: headers.clone(),
+            body: body.clone(),
+            inputs: inputs.clone(),
+        })
+    };
+    if !path.ends_with("/embeddings") {
+        return send(out, 404, &json!({"error": {"message": "not found", "type": "invalid_request_error", "code": "not_found"}}).to_string(), &[]);
+    }
+    if inputs.is_empty() || inputs.iter().any(String::is_empty) {
+        return send(out, 400, &json!({"error": {"message": "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.", "type": "invalid_request_error", "param": null, "code": null}}).to_string(), &[]);
+    }
+    // Like text-embedding-3-*, honour `dimensions` when it is sent.
+    let dims = body["dimensions"].as_u64().map_or(dims, |d| d as usize);
+    let mut vectors: Vec<Vec<f32>> = inputs.iter().map(|t| vector_for(t, dims)).collect();
+    let mut indices: Vec<usize> = (0..vectors.len()).collect();
+    match fault {
+        Some(Fault::Status {
+            status,
+            body,
+            headers,
+        }) => {
+            let hs: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            return send(out, status, &body, &hs);
+        }
+        Some(Fault::Delay(d)) => std::thread::sleep(d),
+        Some(Fault::Reset) => {
+            let _ = out.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"object\":\"list\",\"data\":[");
+            let _ = out.flush();
+            let _ = out.shutdown(Shutdown::Both);
+            return false;
+        }
+        Some(Fault::Body(b)) => return send(out, 200, &b, &[]),
+        Some(Fault::WrongCount) => {
+            vectors.pop();
+            indices.pop();
+        }
+        Some(Fault::WrongDims) => vectors.iter_mut().for_each(|v| v.push(0.5)),
+        Some(Fault::RepeatedIndex) => {
+            if indices.len() > 1 {
+                indices[1] = 0;
+            } else {
+                indices[0] = 1;
+            }
+        }
+        None => {}
+    }
+    if let Some(n) = too_many {
+        let msg = format!(
+            "batch size {} > maximum allowed batch size {n}",
+            inputs.len()
+        );
+        return send(
+            out,
+            413,
+            &json!({"message": msg, "code": 413, "type": "Validation"}).to_string(),
+            &[],
+        );
+    }
+    if let Some(i) = reject {
+        let msg = format!("This model's maximum context length is 8192 tokens, however you requested 9000 tokens (input {i}).");
+        return send(out, 400, &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}}).to_string(), &[]);
+    }
+    record(state);
+    let base64 = body["encoding_format"] == "base64" && !ignore_base64;
+    let data: Vec<Value> = vectors
+        .iter()
+        .zip(&indices)
+        .map(|(v, i)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens: u64 = inputs.iter().map(|t| tokens_for(t)).sum();
+    let reply = json!({
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    send(
+        out,
+        200,
+        &reply.to_string(),
+        &[("x-ratelimit-remaining-requests", "4999")],
+    )
+}
+
+fn send(out: &mut TcpStream, status: u16, body: &str, headers: &[(&str, &str)]) -> bool {
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        reason(status),
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    out.write_all(head.as_bytes()).is_ok()
+        && out.write_all(body.as_bytes()).is_ok()
+        && out.flush().is_ok()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}

@@ -1,0 +1,197 @@
+//! What every integration test needs: a schema of its own in the local
+//! PostgreSQL (with pgvector), a mock embeddings server, and a way to run the
+//! real `autoembed` binary against both with a clean environment.
+#![allow(dead_code)]
+
+pub mod mock;
+
+use mock::Mock;
+use postgres::{Client, NoTls};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The recognisable secrets every test passes, and checks never leak.
+pub const API_KEY: &str = "sk-test-SECRETKEY-4f9a1c";
+pub const DB_PASSWORD: &str = "pw-SECRET-77d1e";
+
+/// The database the tests use: `AUTOEMBED_TEST_DATABASE_URL`, else the
+/// local server with trust auth (`scripts/dev-db.sh` prepares it).
+pub fn admin_url() -> String {
+    std::env::var("AUTOEMBED_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The same database with a password in the URL: trust auth ignores it,
+/// and every test can then check that it never appears in any output.
+pub fn url_with_password() -> String {
+    admin_url().replacen("postgres@", &format!("postgres:{DB_PASSWORD}@"), 1)
+}
+
+pub fn connect() -> Client {
+    Client::connect(&admin_url(), NoTls)
+        .expect("connect to the test database (run scripts/dev-db.sh)")
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A schema of the test's own, dropped at the end.
+pub struct TestDb {
+    pub schema: String,
+    pub client: Client,
+    pub dir: PathBuf,
+}
+
+impl TestDb {
+    pub fn new(name: &str) -> TestDb {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let schema = format!("t_{}_{}_{}", name, std::process::id(), n);
+        let mut client = connect();
+        client
+            .batch_execute(&format!(
+                "SELECT pg_advisory_lock(4242); CREATE EXTENSION IF NOT EXISTS vector; SELECT pg_advisory_unlock(4242);
+                 DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_state CASCADE;
+                 CREATE SCHEMA {schema};"
+            ))
+            .expect("create test schema");
+        let dir = std::env::temp_dir().join(&schema);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        TestDb {
+            schema,
+            client,
+            dir,
+        }
+    }
+
+    /// `products` as users have it, with `n` rows whose text is `product <id>`.
+    pub fn products(&mut self, n: i64, dims: usize) -> &mut Self {
+        self.exec(&format!(
+            "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector({dims}));
+             INSERT INTO {s}.products SELECT g, 'product ' || g FROM generate_series(1, {n}) g;",
+            s = self.schema
+        ));
+        self
+    }
+
+    pub fn exec(&mut self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub fn table(&self) -> String {
+        format!("{}.products", self.schema)
+    }
+
+    pub fn state_schema(&self) -> String {
+        format!("{}_state", self.schema)
+    }
+
+    /// The stored vector of one row, exactly (`None` when NULL).
+    pub fn vector(&mut self, table: &str, id_col: &str, id: &str) -> Option<Vec<f32>> {
+        let sql = format!("SELECT embedding::real[] FROM {table} WHERE {id_col}::text = $1");
+        self.client
+            .query_one(&sql, &[&id])
+            .expect("read vector")
+            .get(0)
+    }
+
+    pub fn count(&mut self, sql: &str) -> i64 {
+        self.client
+            .query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// Rows of `products` whose vector is exactly the mock's vector of their current text.
+    pub fn correct_rows(&mut self, dims: usize) -> (i64, i64) {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT embedding_text, embedding::real[] FROM {}.products",
+                    self.schema
+                ),
+                &[],
+            )
+            .expect("read products");
+        let mut correct = 0;
+        let mut wrong = 0;
+        for r in rows {
+            let text: Option<String> = r.get(0);
+            let v: Option<Vec<f32>> = r.get(1);
+            match (text, v) {
+                (Some(t), Some(v)) if v == mock::vector_for(&t, dims) => correct += 1,
+                (_, Some(_)) => wrong += 1,
+                _ => {}
+            }
+        }
+        (correct, wrong)
+    }
+
+    /// The binary with a clean environment pointed at this schema and `mock`.
+    pub fn cmd(&self, mock: &Mock) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_autoembed"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", url_with_password())
+            .env("AUTOEMBED_TABLE", self.table())
+            .env("AUTOEMBED_STATE_SCHEMA", self.state_schema())
+            .env("AUTOEMBED_PROVIDER", "openai")
+            .env("AUTOEMBED_API_BASE", &mock.base)
+            .env("OPENAI_API_KEY", API_KEY)
+            .current_dir(&self.dir);
+        c
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = self.client.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {s} CASCADE; DROP SCHEMA IF EXISTS {s}_state CASCADE;",
+            s = self.schema
+        ));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a run printed and how it ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {self:?}"))
+    }
+
+    /// Neither secret appears anywhere in the output.
+    pub fn assert_no_secrets(&self) {
+        for s in [API_KEY, DB_PASSWORD] {
+            assert!(
+                !self.stdout.contains(s) && !self.stderr.contains(s),
+                "secret leaked: {self:?}"
+            );
+        }
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Run {
+    let out: Output = cmd.output().expect("run autoembed");
+    let r = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    r.assert_no_secrets();
+    r
+}
+
+/// Run with these arguments.
+pub fn autoembed(db: &TestDb, mock: &Mock, args: &[&str]) -> Run {
+    run(db.cmd(mock).args(args))
+}
