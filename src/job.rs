@@ -277,9 +277,19 @@ fn embed_loop(
         );
         if let Some(halt) = batch.halt {
             match halt {
-                Halt::OutOfTime(why) => {
-                    crate::info!("stopping: the next retry would pass --max-seconds ({why})");
+                // Rate limits are the provider pacing us: the budget ran out,
+                // which is a normal stop. Anything else is an outage.
+                Halt::OutOfTime(why @ ProviderError::RateLimited { .. }) => {
+                    crate::info!(
+                        "stopping: waiting out the rate limit would pass --max-seconds ({why})"
+                    );
                     report.stop_reason = StopReason::MaxSeconds;
+                }
+                Halt::OutOfTime(why) => {
+                    error = Some(Error::Provider(format!(
+                        "still failing when --max-seconds ran out, rows stay pending: {why}"
+                    )));
+                    report.stop_reason = StopReason::Error;
                 }
                 Halt::Stopped => report.stop_reason = StopReason::Signal,
                 Halt::Error(e) => {
@@ -334,7 +344,7 @@ struct BatchOutcome {
 #[derive(Debug)]
 enum Halt {
     Error(Error),
-    OutOfTime(String),
+    OutOfTime(ProviderError),
     Stopped,
 }
 
@@ -450,7 +460,7 @@ impl Batcher<'_> {
                 "gave up after {} retries, rows stay pending: {e}",
                 self.policy.transient_retries
             )))),
-            Err(RetryOutcome::OutOfTime(e)) => Err(Halt::OutOfTime(e.to_string())),
+            Err(RetryOutcome::OutOfTime(e)) => Err(Halt::OutOfTime(e)),
             Err(RetryOutcome::Stopped) => Err(Halt::Stopped),
         }
     }

@@ -47,6 +47,8 @@ pub fn tokens_for(text: &str) -> u64 {
 /// What to do with one request instead of answering it normally.
 #[derive(Debug, Clone)]
 pub enum Fault {
+    /// No fault: answer normally (to interleave faults in a script).
+    Pass,
     /// Answer with this status, body and extra headers.
     Status {
         status: u16,
@@ -379,7 +381,7 @@ fn respond(
                 indices[0] = 1;
             }
         }
-        None => {}
+        Some(Fault::Pass) | None => {}
     }
     if let Some(n) = too_many {
         let msg = format!(

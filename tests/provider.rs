@@ -1,0 +1,215 @@
+//! How each kind of provider failure ends a run: credentials and quota stop
+//! it at once (exit 3, rows still pending), rate limits and transient faults
+//! are waited out and retried, unusable replies are never written.
+
+mod support;
+
+use std::time::Duration;
+use support::mock::{Fault, Mock};
+use support::{autoembed, TestDb};
+
+fn pending_and_unfailed(db: &mut TestDb, n: i64) {
+    let s = db.schema.clone();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {s}.products WHERE embedding IS NULL"
+        )),
+        n
+    );
+    let st = db.state_schema();
+    let failures = db.count(&format!(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = '{st}' AND tablename = 'failures'"
+    ));
+    if failures == 1 {
+        assert_eq!(
+            db.count(&format!("SELECT count(*) FROM {st}.failures")),
+            0,
+            "rows were marked failed"
+        );
+    }
+}
+
+#[test]
+fn credential_and_quota_errors_stop_after_one_request_and_name_the_key_variable() {
+    let cases = [
+        (
+            Fault::openai(
+                401,
+                "invalid_api_key",
+                "Incorrect API key provided: sk-test-***",
+            ),
+            "the API key was refused (401)",
+        ),
+        (
+            Fault::openai(403, "forbidden", "Your organisation has no access"),
+            "access denied (403)",
+        ),
+        (
+            Fault::Status {
+                status: 402,
+                body: r#"{"error":{"code":402,"message":"Insufficient credits"}}"#.into(),
+                headers: vec![],
+            },
+            "out of credits (402)",
+        ),
+        (
+            Fault::openai(429, "insufficient_quota", "You exceeded your current quota"),
+            "quota exhausted (insufficient_quota)",
+        ),
+        (
+            Fault::Body(r#"{"error":{"code":401,"message":"No auth credentials found"}}"#.into()),
+            "the API key was refused (401)",
+        ),
+    ];
+    for (fault, want) in cases {
+        let mut db = TestDb::new("fatal");
+        db.products(50, 1536);
+        let mock = Mock::start(1536);
+        mock.always(Some(fault.clone()));
+        let r = autoembed(&db, &mock, &["run-once", "--json"]);
+        assert_eq!(r.code, 3, "{fault:?}: {r:?}");
+        assert!(
+            r.stderr.contains(want) && r.stderr.contains("OPENAI_API_KEY"),
+            "{fault:?}: {r:?}"
+        );
+        let j = r.json();
+        assert_eq!(
+            (j["stop_reason"].as_str(), j["requests"].as_u64()),
+            (Some("error"), Some(1))
+        );
+        assert!(j["error"].as_str().unwrap_or("").contains(want));
+        pending_and_unfailed(&mut db, 50);
+    }
+}
+
+#[test]
+fn rate_limits_are_waited_out_and_do_not_count_against_the_rows() {
+    let mut db = TestDb::new("ratelimit");
+    db.products(120, 1536);
+    let mock = Mock::start(1536);
+    let limited = |h: &str, v: &str| {
+        Fault::openai(
+            429,
+            "rate_limit_exceeded",
+            "Rate limit reached for requests",
+        )
+        .with_header(h, v)
+    };
+    mock.script([
+        limited("retry-after-ms", "20"),
+        limited("retry-after", "0"),
+        Fault::openai(
+            429,
+            "rate_limit_exceeded",
+            "Rate limit reached. Please try again in 30ms.",
+        ),
+        Fault::openai(429, "rate_limit_exceeded", "Rate limit reached"),
+    ]);
+    let r = autoembed(&db, &mock, &["run-once", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(
+        (
+            j["embedded"].as_u64(),
+            j["failed"].as_u64(),
+            j["rate_limited"].as_u64()
+        ),
+        (Some(120), Some(0), Some(4))
+    );
+    assert_eq!(j["requests"], 6);
+    assert_eq!(db.correct_rows(1536), (120, 0));
+}
+
+#[test]
+fn a_rate_limit_longer_than_the_time_budget_ends_the_run_cleanly() {
+    let mut db = TestDb::new("ratelimit_budget");
+    db.products(20, 1536);
+    let mock = Mock::start(1536);
+    mock.always(Some(
+        Fault::openai(429, "rate_limit_exceeded", "Rate limit reached")
+            .with_header("retry-after", "30"),
+    ));
+    let r = autoembed(&db, &mock, &["run-once", "--json", "--max-seconds", "2"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["stop_reason"], "max_seconds");
+    pending_and_unfailed(&mut db, 20);
+}
+
+#[test]
+fn transient_faults_and_unusable_replies_are_retried_and_never_written() {
+    let mut db = TestDb::new("transient");
+    db.products(100, 1536);
+    let mock = Mock::start(1536);
+    let faults = [
+        Fault::openai(500, "server_error", "The server had an error")
+            .with_header("retry-after-ms", "5"),
+        Fault::openai(502, "bad_gateway", "Bad gateway"),
+        Fault::openai(503, "server_is_overloaded", "Overloaded").with_header("retry-after", "0"),
+        Fault::Reset,
+        Fault::Body("this is not json".into()),
+        Fault::WrongCount,
+        Fault::WrongDims,
+        Fault::RepeatedIndex,
+        Fault::Body(r#"{"object":"list","data":[],"model":"x"}"#.into()),
+        Fault::Body(r#"{"error":{"code":503,"message":"No provider available"}}"#.into()),
+        Fault::Delay(Duration::from_millis(2500)),
+    ];
+    // Each batch meets one fault, then a good reply.
+    mock.script(faults.into_iter().flat_map(|f| [f, Fault::Pass]));
+    let r = autoembed(
+        &db,
+        &mock,
+        &[
+            "backfill",
+            "--json",
+            "--batch-size",
+            "9",
+            "--request-timeout",
+            "1",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(
+        (j["embedded"].as_u64(), j["failed"].as_u64()),
+        (Some(100), Some(0))
+    );
+    assert_eq!(j["retries"], 11);
+    assert_eq!(db.correct_rows(1536), (100, 0));
+}
+
+#[test]
+fn a_provider_that_stays_down_ends_the_run_with_exit_3_and_rows_pending() {
+    let mut db = TestDb::new("down");
+    db.products(40, 1536);
+    // Nothing listens on the mock's port once it is taken and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let mock = Mock::start(1536);
+    let r = support::run(
+        db.cmd(&mock)
+            .env("AUTOEMBED_API_BASE", format!("http://127.0.0.1:{port}/v1"))
+            .args(["run-once", "--json", "--max-seconds", "3"]),
+    );
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("cannot reach http://127.0.0.1:"), "{r:?}");
+    assert_eq!(r.json()["stop_reason"], "error");
+    pending_and_unfailed(&mut db, 40);
+
+    // Always 503: retried a few times, then exit 3, nothing marked failed.
+    mock.always(Some(
+        Fault::openai(503, "server_is_overloaded", "Overloaded")
+            .with_header("retry-after-ms", "10"),
+    ));
+    let r = autoembed(&db, &mock, &["run-once", "--json"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("gave up after 4 retries, rows stay pending: HTTP 503"),
+        "{r:?}"
+    );
+    assert_eq!(r.json()["requests"], 5);
+    pending_and_unfailed(&mut db, 40);
+}
