@@ -11,6 +11,7 @@ set -euo pipefail
 
 export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
 export PGDATABASE="${PGDATABASE:-test}"
+export PGOPTIONS="${PGOPTIONS:--c client_min_messages=warning}"
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf 'dev-db: %s\n' "$*" >&2; }

@@ -713,3 +713,42 @@ fn a_database_without_pgvector_is_a_clear_error() {
         "{v:?}"
     );
 }
+
+#[test]
+fn sigterm_and_sigint_commit_the_batch_in_flight_and_exit_143_or_130() {
+    for (signal, code) in [("-TERM", 143), ("-INT", 130)] {
+        let mut db = TestDb::new("signal");
+        db.products(50, 1536);
+        let mock = Mock::start(1536);
+        let held = mock.hold();
+        let child = db
+            .cmd(&mock)
+            .args(["backfill", "--json", "--batch-size", "10"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        held.arrived
+            .recv_timeout(Duration::from_secs(30))
+            .expect("request arrived");
+        let sent = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        held.release();
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary printed");
+        assert_eq!(
+            (j["embedded"].as_u64(), j["stop_reason"].as_str()),
+            (Some(10), Some("signal"))
+        );
+        assert_eq!(db.correct_rows(1536), (10, 0));
+    }
+}
