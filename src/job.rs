@@ -18,7 +18,7 @@ use crate::provider::{
 use crate::signals::Stop;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why the loop ended.
@@ -177,16 +177,21 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
         return dry_run(cfg, &mut db, &target, facts.state_exists).map(Report::DryRun);
     }
     target.ensure_state(&mut db, facts.state_exists)?;
-    let embedder = provider::build(&cfg.provider);
-    let guard = DimensionGuard::new(cfg, &target, embedder.as_ref());
-    Ok(Report::Run(embed_loop(cfg, &mut db, &target, &guard, stop)))
+    let guarded: Arc<dyn Embedder> = Arc::new(DimensionGuard::new(
+        cfg,
+        &target,
+        provider::build(&cfg.provider),
+    ));
+    Ok(Report::Run(embed_loop(
+        cfg, &mut db, &target, guarded, stop,
+    )))
 }
 
 fn embed_loop(
     cfg: &Config,
     db: &mut Db,
     target: &Target,
-    embedder: &dyn Embedder,
+    embedder: Arc<dyn Embedder>,
     stop: &Stop,
 ) -> RunReport {
     let started = Instant::now();
@@ -398,7 +403,7 @@ fn one_batch(
 
 /// Sends rows to the provider, splitting rejected requests.
 struct Batcher<'a> {
-    embedder: &'a dyn Embedder,
+    embedder: Arc<dyn Embedder>,
     policy: RetryPolicy,
     deadline: Option<Instant>,
     stop: &'a AtomicBool,
@@ -417,9 +422,9 @@ impl Batcher<'_> {
         vectors: &mut Vec<(usize, Vec<f32>)>,
         rejected: &mut Vec<(usize, String)>,
     ) -> std::result::Result<(), Halt> {
-        let inputs: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+        let inputs = Arc::new(rows.iter().map(|r| r.text.clone()).collect::<Vec<_>>());
         let reply = provider::embed_with_retry(
-            self.embedder,
+            &self.embedder,
             &inputs,
             &self.policy,
             self.deadline,
@@ -470,8 +475,8 @@ impl Batcher<'_> {
 /// A wrong size is a bad reply, retried like any other; but when the model
 /// is unknown and its very first reply doesn't fit the column, it is a
 /// configuration error (exit 2), and nothing has been written yet.
-struct DimensionGuard<'a> {
-    inner: &'a dyn Embedder,
+struct DimensionGuard {
+    inner: Arc<dyn Embedder>,
     model: String,
     column_label: String,
     column: Option<u32>,
@@ -480,8 +485,8 @@ struct DimensionGuard<'a> {
     any_good: AtomicBool,
 }
 
-impl<'a> DimensionGuard<'a> {
-    fn new(cfg: &Config, target: &Target, inner: &'a dyn Embedder) -> Self {
+impl DimensionGuard {
+    fn new(cfg: &Config, target: &Target, inner: Arc<dyn Embedder>) -> Self {
         DimensionGuard {
             inner,
             model: cfg.provider.model.clone(),
@@ -494,7 +499,7 @@ impl<'a> DimensionGuard<'a> {
     }
 }
 
-impl Embedder for DimensionGuard<'_> {
+impl Embedder for DimensionGuard {
     fn embed(&self, inputs: &[&str]) -> std::result::Result<Embeddings, ProviderError> {
         let reply = self.inner.embed(inputs)?;
         let Some(got) = reply.vectors.first().map(Vec::len) else {

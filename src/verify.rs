@@ -109,8 +109,8 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
     };
     let mut stats = RequestStats::default();
     let reply = provider::embed_with_retry(
-        embedder.as_ref(),
-        &["autoembed verify"],
+        &embedder,
+        &std::sync::Arc::new(vec!["autoembed verify".to_string()]),
         &policy,
         None,
         stop.flag(),

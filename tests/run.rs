@@ -205,13 +205,13 @@ fn text_edited_while_its_request_is_in_flight_is_not_overwritten_and_the_app_is_
 #[test]
 fn concurrent_workers_embed_every_row_once_and_never_pay_twice() {
     let mut db = TestDb::new("workers");
-    db.products(3000, 1536);
+    db.products(10_000, 1536);
     let mock = Mock::start(1536);
     mock.latency(Duration::from_millis(15));
     let children: Vec<_> = (0..4)
         .map(|_| {
             db.cmd(&mock)
-                .args(["backfill", "--json", "--batch-size", "50"])
+                .args(["backfill", "--json", "--batch-size", "100"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -239,8 +239,8 @@ fn concurrent_workers_embed_every_row_once_and_never_pay_twice() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(inputs.len(), distinct.len(), "some text was sent twice");
-    assert_eq!((inputs.len(), total), (3000, 3000));
-    assert_eq!(db.correct_rows(1536), (3000, 0));
+    assert_eq!((inputs.len(), total), (10_000, 10_000));
+    assert_eq!(db.correct_rows(1536), (10_000, 0));
 }
 
 #[test]
@@ -715,7 +715,7 @@ fn a_database_without_pgvector_is_a_clear_error() {
 }
 
 #[test]
-fn sigterm_and_sigint_commit_the_batch_in_flight_and_exit_143_or_130() {
+fn sigterm_and_sigint_commit_what_is_done_abandon_the_request_in_flight_and_exit_143_or_130() {
     for (signal, code) in [("-TERM", 143), ("-INT", 130)] {
         let mut db = TestDb::new("signal");
         db.products(50, 1536);
@@ -728,27 +728,37 @@ fn sigterm_and_sigint_commit_the_batch_in_flight_and_exit_143_or_130() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn");
+        // The first batch goes through; the second request hangs at the
+        // provider (for a minute, the default request timeout) when the signal comes.
         held.arrived
             .recv_timeout(Duration::from_secs(30))
-            .expect("request arrived");
+            .expect("first request");
+        held.release();
+        held.arrived
+            .recv_timeout(Duration::from_secs(30))
+            .expect("second request");
+        let started = std::time::Instant::now();
         let sent = std::process::Command::new("kill")
             .args([signal, &child.id().to_string()])
             .status()
             .expect("kill");
         assert!(sent.success());
-        held.release();
         let out = child.wait_with_output().expect("wait");
+        let took = started.elapsed();
+        held.release();
         assert_eq!(
             out.status.code(),
             Some(code),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        assert!(took < Duration::from_secs(5), "took {took:?} to stop");
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary printed");
         assert_eq!(
             (j["embedded"].as_u64(), j["stop_reason"].as_str()),
             (Some(10), Some("signal"))
         );
+        assert_eq!(j["pending_after"], 40);
         assert_eq!(db.correct_rows(1536), (10, 0));
     }
 }

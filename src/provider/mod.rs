@@ -12,6 +12,7 @@ pub use openai::OpenAiClient;
 
 use crate::config::ProviderConfig;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_MODEL: &str = "text-embedding-3-small";
@@ -159,8 +160,8 @@ pub trait Embedder: Send + Sync {
 }
 
 /// Build the configured provider.
-pub fn build(cfg: &ProviderConfig) -> Box<dyn Embedder> {
-    Box::new(OpenAiClient::new(cfg))
+pub fn build(cfg: &ProviderConfig) -> Arc<dyn Embedder> {
+    Arc::new(OpenAiClient::new(cfg))
 }
 
 /// How the retry loop behaves; the defaults are what runs in production.
@@ -207,8 +208,8 @@ pub struct RequestStats {
 /// Call `embedder` until it answers, retrying as `policy` says, never
 /// sleeping past `deadline` and returning early when `stop` is set.
 pub fn embed_with_retry(
-    embedder: &dyn Embedder,
-    inputs: &[&str],
+    embedder: &Arc<dyn Embedder>,
+    inputs: &Arc<Vec<String>>,
     policy: &RetryPolicy,
     deadline: Option<Instant>,
     stop: &AtomicBool,
@@ -218,9 +219,10 @@ pub fn embed_with_retry(
     let mut limited = 0u32;
     loop {
         stats.requests += 1;
-        let err = match embedder.embed(inputs) {
-            Ok(e) => return Ok(e),
-            Err(e) => e,
+        let err = match abandonable(embedder, inputs, stop) {
+            None => return Err(RetryOutcome::Stopped),
+            Some(Ok(e)) => return Ok(e),
+            Some(Err(e)) => e,
         };
         let wait = match &err {
             ProviderError::Rejected { .. }
@@ -254,6 +256,45 @@ pub fn embed_with_retry(
         stats.retries += 1;
         if !sleep_unless_stopped(wait, stop) {
             return Err(RetryOutcome::Stopped);
+        }
+    }
+}
+
+/// One request on a thread of its own, so that a stop signal can abandon it
+/// at once instead of waiting up to `--request-timeout` for the reply.
+/// `None` when abandoned; the thread ends with its request.
+fn abandonable(
+    embedder: &Arc<dyn Embedder>,
+    inputs: &Arc<Vec<String>>,
+    stop: &AtomicBool,
+) -> Option<Result<Embeddings, ProviderError>> {
+    let (tx, rx) = mpsc::channel();
+    let (embedder, inputs) = (embedder.clone(), inputs.clone());
+    let spawned = std::thread::Builder::new()
+        .name("autoembed-request".into())
+        .spawn(move || {
+            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            let _ = tx.send(embedder.embed(&refs));
+        });
+    if let Err(e) = spawned {
+        return Some(Err(ProviderError::Transient {
+            retry_after: None,
+            message: format!("cannot start a request thread: {e}"),
+        }));
+    }
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(reply) => return Some(reply),
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Some(Err(ProviderError::Transient {
+                    retry_after: None,
+                    message: "the request thread ended without a reply".into(),
+                }))
+            }
         }
     }
 }
@@ -299,6 +340,14 @@ mod tests {
 
     struct Scripted(Mutex<Vec<Result<Embeddings, ProviderError>>>);
 
+    fn scripted(replies: Vec<Result<Embeddings, ProviderError>>) -> Arc<dyn Embedder> {
+        Arc::new(Scripted(Mutex::new(replies)))
+    }
+
+    fn input() -> Arc<Vec<String>> {
+        Arc::new(vec!["a".to_string()])
+    }
+
     impl Embedder for Scripted {
         fn embed(&self, _inputs: &[&str]) -> Result<Embeddings, ProviderError> {
             self.0.lock().unwrap().remove(0)
@@ -322,7 +371,7 @@ mod tests {
 
     #[test]
     fn retries_rate_limits_and_transient_faults_then_succeeds() {
-        let p = Scripted(Mutex::new(vec![
+        let p = scripted(vec![
             Err(ProviderError::RateLimited {
                 retry_after: Some(Duration::from_millis(1)),
                 message: "429".into(),
@@ -332,11 +381,11 @@ mod tests {
                 message: "503".into(),
             }),
             ok(),
-        ]));
+        ]);
         let mut stats = RequestStats::default();
         let r = embed_with_retry(
             &p,
-            &["a"],
+            &input(),
             &fast(),
             None,
             &AtomicBool::new(false),
@@ -360,11 +409,11 @@ mod tests {
                 message: "bad".into(),
             },
         ] {
-            let p = Scripted(Mutex::new(vec![Err(e.clone()), ok()]));
+            let p = scripted(vec![Err(e.clone()), ok()]);
             let mut stats = RequestStats::default();
             let r = embed_with_retry(
                 &p,
-                &["a"],
+                &input(),
                 &fast(),
                 None,
                 &AtomicBool::new(false),
@@ -385,11 +434,11 @@ mod tests {
                 })
             })
             .collect();
-        let p = Scripted(Mutex::new(errs));
+        let p = scripted(errs);
         let mut stats = RequestStats::default();
         let r = embed_with_retry(
             &p,
-            &["a"],
+            &input(),
             &fast(),
             None,
             &AtomicBool::new(false),
@@ -404,16 +453,16 @@ mod tests {
 
     #[test]
     fn a_wait_past_the_deadline_returns_out_of_time() {
-        let p = Scripted(Mutex::new(vec![Err(ProviderError::RateLimited {
+        let p = scripted(vec![Err(ProviderError::RateLimited {
             retry_after: Some(Duration::from_secs(30)),
             message: "429".into(),
-        })]));
+        })]);
         let policy = RetryPolicy::default();
         let deadline = Some(Instant::now() + Duration::from_secs(1));
         let mut stats = RequestStats::default();
         let r = embed_with_retry(
             &p,
-            &["a"],
+            &input(),
             &policy,
             deadline,
             &AtomicBool::new(false),

@@ -67,6 +67,8 @@ pub enum Fault {
     WrongDims,
     /// A valid reply with index 0 twice.
     RepeatedIndex,
+    /// A valid reply whose second item has no index.
+    MissingIndex,
 }
 
 impl Fault {
@@ -127,6 +129,8 @@ struct State {
     ignore_base64: bool,
     latency: Duration,
     seen: Vec<Seen>,
+    /// How many requests got a fault instead of a normal answer.
+    faults_served: usize,
     hold: Option<Gate>,
 }
 
@@ -208,6 +212,10 @@ impl Mock {
             arrived: arrived_rx,
             release: release_tx,
         }
+    }
+
+    pub fn faults_served(&self) -> usize {
+        self.with(|s| s.faults_served)
     }
 
     pub fn requests(&self) -> Vec<Seen> {
@@ -309,6 +317,9 @@ fn respond(
                 }
                 None
             });
+        if !matches!(fault, None | Some(Fault::Pass)) {
+            s.faults_served += 1;
+        }
         let reject = s
             .reject_marker
             .as_ref()
@@ -349,6 +360,7 @@ fn respond(
     let dims = body["dimensions"].as_u64().map_or(dims, |d| d as usize);
     let mut vectors: Vec<Vec<f32>> = inputs.iter().map(|t| vector_for(t, dims)).collect();
     let mut indices: Vec<usize> = (0..vectors.len()).collect();
+    let missing_index = matches!(fault, Some(Fault::MissingIndex));
     match fault {
         Some(Fault::Status {
             status,
@@ -381,7 +393,7 @@ fn respond(
                 indices[0] = 1;
             }
         }
-        Some(Fault::Pass) | None => {}
+        Some(Fault::Pass | Fault::MissingIndex) | None => {}
     }
     if let Some(n) = too_many {
         let msg = format!(
@@ -411,7 +423,11 @@ fn respond(
             } else {
                 json!(v)
             };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
+            if missing_index && *i == 1 {
+                json!({"object": "embedding", "embedding": embedding})
+            } else {
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            }
         })
         .collect();
     let tokens: u64 = inputs.iter().map(|t| tokens_for(t)).sum();
