@@ -47,6 +47,8 @@ pub struct Config {
     pub budget: Budget,
     pub retry_failed: bool,
     pub offline: bool,
+    /// Batches in flight at once, each with its own connection.
+    pub concurrency: usize,
     pub json: bool,
     pub verbosity: i8,
 }
@@ -87,6 +89,9 @@ pub struct Budget {
     pub max_seconds: Option<Duration>,
     pub max_attempts: u32,
 }
+
+/// Batches in flight at once unless `--concurrency` says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 4;
 
 /// Upper bound on inputs in one embeddings request (OpenAI's limit).
 pub const MAX_BATCH: usize = 2048;
@@ -154,6 +159,14 @@ impl Config {
         )?
         .unwrap_or(5) as u32;
 
+        let concurrency = parse_num(
+            env.pick(budget_args.concurrency, "AUTOEMBED_CONCURRENCY"),
+            "--concurrency",
+            "AUTOEMBED_CONCURRENCY",
+            1,
+            64,
+        )?
+        .unwrap_or(DEFAULT_CONCURRENCY as u64) as usize;
         let verbosity = if c.quiet { -1 } else { c.verbose.min(3) as i8 };
         Ok(Config {
             mode,
@@ -172,6 +185,7 @@ impl Config {
             },
             retry_failed,
             offline,
+            concurrency,
             json: c.json,
             verbosity,
         })

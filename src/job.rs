@@ -16,9 +16,10 @@ use crate::provider::{
     self, Embedder, Embeddings, ProviderError, RequestStats, RetryOutcome, RetryPolicy,
 };
 use crate::signals::Stop;
+use postgres::Transaction;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why the loop ended.
@@ -195,153 +196,290 @@ fn embed_loop(
     stop: &Stop,
 ) -> RunReport {
     let started = Instant::now();
-    let deadline = cfg.budget.max_seconds.map(|d| started + d);
-    let mut report = RunReport {
-        command: cfg.mode.name(),
-        table: target.table.clone(),
-        model: cfg.provider.model.clone(),
-        embedded: 0,
-        failed: 0,
-        changed: 0,
-        pending_after: None,
-        requests: 0,
-        retries: 0,
-        rate_limited: 0,
-        tokens: 0,
-        elapsed_ms: 0,
-        stop_reason: StopReason::Drained,
-        error: None,
-        exit_code: 0,
+    let shared = Shared {
+        cfg,
+        target,
+        stop,
+        deadline: cfg.budget.max_seconds.map(|d| started + d),
+        eligibility: Eligibility {
+            skip_failed: !cfg.retry_failed,
+            max_attempts: cfg.budget.max_attempts,
+        },
+        // Keep the server from ending a transaction that waits on the provider.
+        idle_limit: cfg.provider.request_timeout * 6 + Duration::from_secs(600),
+        queue: Mutex::new(Queue::default()),
+        tally: Mutex::new(Tally::default()),
+        more_work: (Mutex::new(None), Condvar::new()),
+        progress: Progress::new(cfg, db, target),
     };
-    let progress = Progress::new(cfg, db, target);
-    let mut batcher = Batcher {
-        embedder,
-        policy: RetryPolicy::default(),
-        deadline,
-        stop: stop.flag(),
-        stats: RequestStats::default(),
-        tokens: 0,
-    };
-    let eligibility = Eligibility {
-        skip_failed: !cfg.retry_failed,
-        max_attempts: cfg.budget.max_attempts,
-    };
-    // Keep the server from ending a transaction that waits on the provider.
-    let idle_limit = cfg.provider.request_timeout * 6 + Duration::from_secs(600);
-    let mut cursor: Option<String> = None;
-    let mut taken: u64 = 0;
-    let mut error: Option<Error> = None;
+    std::thread::scope(|scope| {
+        for n in 1..cfg.concurrency {
+            let (shared, embedder) = (&shared, embedder.clone());
+            scope.spawn(move || {
+                // Extra workers start only when the first batch was full:
+                // a cron tick with little to do opens one connection.
+                if !shared.wait_for_more_work() {
+                    return;
+                }
+                match Db::connect(cfg) {
+                    Ok(mut db) => worker(shared, &mut db, embedder, false),
+                    Err(e) => crate::warn!("worker {n} cannot connect, going on without it: {e}"),
+                }
+            });
+        }
+        worker(&shared, db, embedder.clone(), true);
+    });
+    shared.progress.finish();
 
-    loop {
-        if stop.requested() {
-            report.stop_reason = StopReason::Signal;
-            break;
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            report.stop_reason = StopReason::MaxSeconds;
-            break;
-        }
-        let limit = match cfg.budget.max_rows {
-            Some(max) if taken >= max => {
-                report.stop_reason = StopReason::MaxRows;
-                break;
-            }
-            Some(max) => cfg.budget.batch_size.min((max - taken) as usize),
-            None => cfg.budget.batch_size,
-        };
-        let outcome = one_batch(
-            db,
-            target,
-            &mut batcher,
-            cursor.as_deref(),
-            limit,
-            eligibility,
-            idle_limit,
-        );
-        let batch = match outcome {
-            Ok(b) => b,
-            Err(e) => {
-                error = Some(e);
-                report.stop_reason = StopReason::Error;
-                break;
-            }
-        };
-        let Some(next) = batch.next_cursor else {
-            report.stop_reason = StopReason::Drained;
-            break;
-        };
-        cursor = Some(next);
-        taken += batch.taken;
-        report.embedded += batch.written;
-        report.changed += batch.changed;
-        report.failed += batch.failed;
-        progress.advance(
-            batch.written + batch.failed + batch.changed,
-            &report,
-            &batcher,
-        );
-        if let Some(halt) = batch.halt {
-            match halt {
-                // Rate limits are the provider pacing us: the budget ran out,
-                // which is a normal stop. Anything else is an outage.
-                Halt::OutOfTime(why @ ProviderError::RateLimited { .. }) => {
-                    crate::info!(
-                        "stopping: waiting out the rate limit would pass --max-seconds ({why})"
-                    );
-                    report.stop_reason = StopReason::MaxSeconds;
-                }
-                Halt::OutOfTime(why) => {
-                    error = Some(Error::Provider(format!(
-                        "still failing when --max-seconds ran out, rows stay pending: {why}"
-                    )));
-                    report.stop_reason = StopReason::Error;
-                }
-                Halt::Stopped => report.stop_reason = StopReason::Signal,
-                Halt::Error(e) => {
-                    error = Some(e);
-                    report.stop_reason = StopReason::Error;
-                }
-            }
-            break;
-        }
-    }
-    progress.finish();
-    if report.stop_reason == StopReason::Signal {
+    let queue = lock(&shared.queue);
+    let tally = lock(&shared.tally);
+    let error = queue.error.as_ref();
+    let stop_reason = if error.is_some() {
+        StopReason::Error
+    } else {
+        queue.stop.unwrap_or(StopReason::Drained)
+    };
+    if stop_reason == StopReason::Signal {
         crate::info!(
-            "{} received: stopped after committing the batches done",
+            "{} received: stopped after committing the work done",
             stop.name()
         );
     }
-    report.requests = batcher.stats.requests;
-    report.retries = batcher.stats.retries;
-    report.rate_limited = batcher.stats.rate_limited;
-    report.tokens = batcher.tokens;
-    if !matches!(error, Some(Error::Database(_))) {
-        match target.count_pending(db.client()) {
-            Ok(n) => report.pending_after = Some(n),
-            Err(e) => crate::warn!("cannot count pending rows: {e}"),
+    let pending_after = match error {
+        Some(Error::Database(_)) => None,
+        _ => target
+            .count_pending(db.client())
+            .map_err(|e| crate::warn!("cannot count pending rows: {e}"))
+            .ok(),
+    };
+    RunReport {
+        command: cfg.mode.name(),
+        table: target.table.clone(),
+        model: cfg.provider.model.clone(),
+        embedded: tally.embedded,
+        failed: tally.failed,
+        changed: tally.changed,
+        pending_after,
+        requests: tally.stats.requests,
+        retries: tally.stats.retries,
+        rate_limited: tally.stats.rate_limited,
+        tokens: tally.tokens,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        stop_reason,
+        error: error.map(|e| output::redact(&e.to_string())),
+        exit_code: match (error, stop.exit_code()) {
+            (Some(e), _) => e.exit_code(),
+            (None, Some(code)) => code,
+            (None, None) if tally.failed > 0 => 1,
+            _ => 0,
+        },
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the workers of one run share.
+struct Shared<'a> {
+    cfg: &'a Config,
+    target: &'a Target,
+    stop: &'a Stop,
+    deadline: Option<Instant>,
+    eligibility: Eligibility,
+    idle_limit: Duration,
+    queue: Mutex<Queue>,
+    tally: Mutex<Tally>,
+    /// Set by the first worker after its first claim: whether the others start.
+    more_work: (Mutex<Option<bool>>, Condvar),
+    progress: Progress,
+}
+
+/// Where the next claim starts and why the run stops; claims are taken one
+/// at a time under its lock, so workers never scan over each other's rows.
+#[derive(Default)]
+struct Queue {
+    cursor: Option<String>,
+    taken: u64,
+    stop: Option<StopReason>,
+    error: Option<Error>,
+}
+
+#[derive(Default)]
+struct Tally {
+    embedded: u64,
+    failed: u64,
+    changed: u64,
+    stats: RequestStats,
+    tokens: u64,
+}
+
+/// The outcome of one attempt to claim a batch.
+enum Claim<'d> {
+    Rows(Transaction<'d>, Vec<Claimed>),
+    /// Every candidate was taken by another run: try the next ones.
+    Skipped,
+    Stop,
+}
+
+impl Shared<'_> {
+    fn wait_for_more_work(&self) -> bool {
+        let (m, cv) = &self.more_work;
+        let mut decided = lock(m);
+        while decided.is_none() {
+            decided = cv.wait(decided).unwrap_or_else(|e| e.into_inner());
+        }
+        decided.unwrap_or(false)
+    }
+
+    fn decide_more_work(&self, go: bool) {
+        let (m, cv) = &self.more_work;
+        let mut decided = lock(m);
+        if decided.is_none() {
+            *decided = Some(go);
+            cv.notify_all();
         }
     }
-    report.elapsed_ms = started.elapsed().as_millis() as u64;
-    report.exit_code = match (&error, stop.exit_code()) {
-        (Some(e), _) => e.exit_code(),
-        (None, Some(code)) => code,
-        (None, None) if report.failed > 0 => 1,
-        _ => 0,
+
+    /// Record why the run stops; the first reason and the first error win.
+    fn halt(&self, reason: StopReason, error: Option<Error>) {
+        let mut q = lock(&self.queue);
+        q.stop.get_or_insert(reason);
+        if q.error.is_none() {
+            q.error = error;
+        }
+    }
+
+    fn claim<'d>(&self, db: &'d mut Db) -> Claim<'d> {
+        let mut q = lock(&self.queue);
+        if q.stop.is_some() {
+            return Claim::Stop;
+        }
+        let reason = if self.stop.requested() {
+            Some(StopReason::Signal)
+        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(StopReason::MaxSeconds)
+        } else {
+            None
+        };
+        let limit = match self.cfg.budget.max_rows {
+            Some(max) if q.taken >= max => 0,
+            Some(max) => self.cfg.budget.batch_size.min((max - q.taken) as usize),
+            None => self.cfg.budget.batch_size,
+        };
+        if let Some(reason) = reason.or((limit == 0).then_some(StopReason::MaxRows)) {
+            q.stop = Some(reason);
+            return Claim::Stop;
+        }
+        let claimed = db.begin(self.idle_limit).and_then(|mut tx| {
+            // The state schema exists: run() created it before the loop.
+            let (rows, next) = self.target.claim(
+                &mut tx,
+                q.cursor.as_deref(),
+                limit,
+                self.eligibility,
+                true,
+                true,
+            )?;
+            Ok((tx, rows, next))
+        });
+        match claimed {
+            Err(e) => {
+                q.stop.get_or_insert(StopReason::Error);
+                q.error.get_or_insert(e);
+                Claim::Stop
+            }
+            Ok((_, _, None)) => {
+                q.stop = Some(StopReason::Drained);
+                Claim::Stop
+            }
+            Ok((_, rows, Some(next))) if rows.is_empty() => {
+                q.cursor = Some(next);
+                Claim::Skipped
+            }
+            Ok((tx, rows, Some(next))) => {
+                q.cursor = Some(next);
+                q.taken += rows.len() as u64;
+                Claim::Rows(tx, rows)
+            }
+        }
+    }
+}
+
+/// Claim, embed, write, commit, until the queue says stop.
+fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: bool) {
+    let mut batcher = Batcher {
+        embedder,
+        policy: RetryPolicy::default(),
+        deadline: shared.deadline,
+        stop: shared.stop.flag(),
+        stats: RequestStats::default(),
+        tokens: 0,
     };
-    report.error = error.map(|e| output::redact(&e.to_string()));
-    report
+    // Whatever happens to the first worker, the others must not wait forever.
+    struct Decide<'s, 'a>(&'s Shared<'a>);
+    impl Drop for Decide<'_, '_> {
+        fn drop(&mut self) {
+            self.0.decide_more_work(false);
+        }
+    }
+    let _decide = first.then_some(Decide(shared));
+    let mut decided = !first;
+    loop {
+        let (tx, rows) = match shared.claim(db) {
+            Claim::Rows(tx, rows) => (tx, rows),
+            Claim::Skipped => continue,
+            Claim::Stop => break,
+        };
+        if !decided {
+            shared.decide_more_work(rows.len() >= shared.cfg.budget.batch_size);
+            decided = true;
+        }
+        match one_batch(shared.target, &mut batcher, tx, &rows) {
+            Ok(batch) => {
+                {
+                    let mut t = lock(&shared.tally);
+                    t.embedded += batch.written;
+                    t.changed += batch.changed;
+                    t.failed += batch.failed;
+                }
+                shared.progress.advance(&batch, &shared.tally, &batcher);
+                match batch.halt {
+                    None => {}
+                    // Rate limits are the provider pacing us: the budget ran
+                    // out, which is a normal stop. Anything else is an outage.
+                    Some(Halt::OutOfTime(why @ ProviderError::RateLimited { .. })) => {
+                        crate::info!(
+                            "stopping: waiting out the rate limit would pass --max-seconds ({why})"
+                        );
+                        shared.halt(StopReason::MaxSeconds, None);
+                    }
+                    Some(Halt::OutOfTime(why)) => shared.halt(
+                        StopReason::Error,
+                        Some(Error::Provider(format!(
+                            "still failing when --max-seconds ran out, rows stay pending: {why}"
+                        ))),
+                    ),
+                    Some(Halt::Stopped) => shared.halt(StopReason::Signal, None),
+                    Some(Halt::Error(e)) => shared.halt(StopReason::Error, Some(e)),
+                }
+            }
+            Err(e) => shared.halt(StopReason::Error, Some(e)),
+        }
+    }
+    let mut t = lock(&shared.tally);
+    t.stats.requests += batcher.stats.requests;
+    t.stats.retries += batcher.stats.retries;
+    t.stats.rate_limited += batcher.stats.rate_limited;
+    t.tokens += batcher.tokens;
 }
 
 /// What one batch did.
 struct BatchOutcome {
-    /// The last candidate id (the next cursor); `None` when nothing is left.
-    next_cursor: Option<String>,
-    taken: u64,
     written: u64,
     changed: u64,
     failed: u64,
-    /// Why the loop must stop after this batch, if it must.
+    /// Why the run must stop after this batch, if it must.
     halt: Option<Halt>,
 }
 
@@ -353,32 +491,16 @@ enum Halt {
     Stopped,
 }
 
+/// Embed the claimed rows, write what came back, record what was rejected, commit.
 fn one_batch(
-    db: &mut Db,
     target: &Target,
     batcher: &mut Batcher<'_>,
-    cursor: Option<&str>,
-    limit: usize,
-    eligibility: Eligibility,
-    idle_limit: Duration,
+    mut tx: Transaction<'_>,
+    rows: &[Claimed],
 ) -> Result<BatchOutcome> {
-    let mut tx = db.begin(idle_limit)?;
-    // The state schema exists: run() created it before the loop.
-    let (rows, next_cursor) = target.claim(&mut tx, cursor, limit, eligibility, true, true)?;
-    let mut outcome = BatchOutcome {
-        next_cursor,
-        taken: rows.len() as u64,
-        written: 0,
-        changed: 0,
-        failed: 0,
-        halt: None,
-    };
-    if rows.is_empty() {
-        return Ok(outcome);
-    }
     let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(rows.len());
     let mut rejected: Vec<(usize, String)> = Vec::new();
-    outcome.halt = batcher.embed(&rows, 0, &mut vectors, &mut rejected).err();
+    let halt = batcher.embed(rows, 0, &mut vectors, &mut rejected).err();
     let done: Vec<(&Claimed, Vec<f32>)> = vectors.into_iter().map(|(i, v)| (&rows[i], v)).collect();
     let failed: Vec<(&Claimed, String)> =
         rejected.into_iter().map(|(i, e)| (&rows[i], e)).collect();
@@ -388,9 +510,12 @@ fn one_batch(
     for (row, err) in &failed {
         crate::warn!("row {} failed: {err}", row.id);
     }
-    outcome.written = written.len() as u64;
-    outcome.changed = (done.len() - written.len()) as u64;
-    outcome.failed = failed.len() as u64;
+    let outcome = BatchOutcome {
+        written: written.len() as u64,
+        changed: (done.len() - written.len()) as u64,
+        failed: failed.len() as u64,
+        halt,
+    };
     crate::debug!(
         "batch of {}: {} written, {} changed meanwhile, {} failed",
         rows.len(),
@@ -575,20 +700,22 @@ impl Progress {
         p
     }
 
-    fn advance(&self, rows: u64, report: &RunReport, batcher: &Batcher<'_>) {
+    fn advance(&self, batch: &BatchOutcome, tally: &Mutex<Tally>, batcher: &Batcher<'_>) {
+        let rows = batch.written + batch.failed + batch.changed;
         if let Some(bar) = &self.bar {
             bar.inc(rows);
-            if report.failed > 0 {
-                bar.set_message(format!("{} failed", report.failed));
+            if batch.failed > 0 {
+                bar.set_message(format!("{} failed", lock(tally).failed));
             }
         } else if let Some(every) = self.log_every {
-            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = lock(&self.last);
             if last.elapsed() >= every {
                 *last = Instant::now();
+                let t = lock(tally);
                 crate::info!(
-                    "{} embedded, {} failed, {} requests, {} tokens so far",
-                    report.embedded,
-                    report.failed,
+                    "{} embedded, {} failed so far ({} requests, {} tokens in this worker)",
+                    t.embedded,
+                    t.failed,
                     batcher.stats.requests,
                     batcher.tokens
                 );

@@ -17,7 +17,7 @@ fn flags_beat_the_environment_which_beats_dotenv() {
     db.products(100, 1536);
     std::fs::write(
         db.dir.join(".env"),
-        "# settings\nAUTOEMBED_BATCH_SIZE=7\nAUTOEMBED_MAX_ROWS=7\n",
+        "# settings\nAUTOEMBED_BATCH_SIZE=7\nAUTOEMBED_MAX_ROWS=7\nAUTOEMBED_CONCURRENCY=1\n",
     )
     .expect("write .env");
     let mock = Mock::start(1536);

@@ -86,7 +86,14 @@ fn a_killed_database_connection_loses_nothing_committed_and_the_next_run_finishe
     let child = db
         .cmd(&mock)
         .env("DATABASE_URL", &url)
-        .args(["backfill", "--json", "--batch-size", "10"])
+        .args([
+            "backfill",
+            "--json",
+            "--batch-size",
+            "10",
+            "--concurrency",
+            "1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -166,6 +166,8 @@ fn transient_faults_and_unusable_replies_are_retried_and_never_written() {
             "9",
             "--request-timeout",
             "1",
+            "--concurrency",
+            "1",
         ],
     );
     assert_eq!(r.code, 0, "{r:?}");

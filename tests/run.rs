@@ -84,6 +84,8 @@ fn run_once_takes_the_oldest_ids_first_and_stops_at_max_rows() {
             "120",
             "--batch-size",
             "50",
+            "--concurrency",
+            "1",
         ],
     );
     assert_eq!(r.code, 0, "{r:?}");
@@ -723,7 +725,14 @@ fn sigterm_and_sigint_commit_what_is_done_abandon_the_request_in_flight_and_exit
         let held = mock.hold();
         let child = db
             .cmd(&mock)
-            .args(["backfill", "--json", "--batch-size", "10"])
+            .args([
+                "backfill",
+                "--json",
+                "--batch-size",
+                "10",
+                "--concurrency",
+                "1",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -761,4 +770,46 @@ fn sigterm_and_sigint_commit_what_is_done_abandon_the_request_in_flight_and_exit
         assert_eq!(j["pending_after"], 40);
         assert_eq!(db.correct_rows(1536), (10, 0));
     }
+}
+
+#[test]
+fn concurrent_batches_within_one_run_respect_the_row_budget() {
+    let mut db = TestDb::new("inrun");
+    db.products(1000, 1536);
+    let mock = Mock::start(1536);
+    mock.latency(Duration::from_millis(20));
+    let r = autoembed(
+        &db,
+        &mock,
+        &[
+            "run-once",
+            "--json",
+            "--concurrency",
+            "4",
+            "--max-rows",
+            "250",
+            "--batch-size",
+            "20",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(
+        (j["embedded"].as_u64(), j["pending_after"].as_i64()),
+        (Some(250), Some(750))
+    );
+    assert_eq!(j["stop_reason"], "max_rows");
+    assert_eq!(db.correct_rows(1536), (250, 0));
+    let s = db.schema.clone();
+    // Oldest ids first, whichever worker took them.
+    assert_eq!(
+        db.count(&format!(
+            "SELECT max(product_id_internal) FROM {s}.products WHERE embedding IS NOT NULL"
+        )),
+        250
+    );
+    let mut inputs = mock.embedded_inputs();
+    inputs.sort();
+    inputs.dedup();
+    assert_eq!(inputs.len(), 250);
 }
