@@ -5,7 +5,9 @@
 //! 127.0.0.1. `scripts/demo.sh` uses it; point autoembed at it with
 //! `--provider openai-compatible --api-base <printed URL>`.
 //!
-//!     cargo run --example mock_server -- [PORT] [DIMENSIONS]
+//! ```text
+//! cargo run --example mock_server -- [PORT] [DIMENSIONS]
+//! ```
 
 #[path = "../tests/support/mock.rs"]
 mod mock;

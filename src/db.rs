@@ -14,7 +14,8 @@
 //! the HTTP call. Advisory locks don't block the application's UPDATEs, vanish
 //! when the connection dies (SIGKILL frees the rows at once), and stop two
 //! workers from paying for the same row. The write is a compare-and-set on
-//! `md5(text)`, so a text edited during the request keeps its row pending.
+//! a 64-bit hash of the text, so a text edited during the request keeps its
+//! row pending.
 
 use crate::config::Config;
 use crate::error::{describe_pg, Error, Result};
@@ -288,7 +289,8 @@ struct Names {
 pub struct Claimed {
     pub id: String,
     pub text: String,
-    pub hash: String,
+    /// `hashtextextended(text, 0)` as read: the write lands only if it still matches.
+    pub hash: i64,
 }
 
 /// The counts `verify` prints.
@@ -354,7 +356,7 @@ impl Target {
         let Names { i, x, state, .. } = &self.names;
         format!(
             "NOT EXISTS (SELECT 1 FROM {state}.failures f WHERE f.table_name = $2 \
-             AND f.row_id = t.{i}::text AND f.text_hash = md5(t.{x}::text) \
+             AND f.row_id = t.{i}::text AND f.text_hash = hashtextextended(t.{x}::text, 0) \
              AND (f.attempts >= $3 OR f.next_try_at > now()))"
         )
     }
@@ -373,7 +375,7 @@ impl Target {
              CREATE TABLE IF NOT EXISTS {s}.failures (
                  table_name      text        NOT NULL,
                  row_id          text        NOT NULL,
-                 text_hash       text        NOT NULL,
+                 text_hash       bigint      NOT NULL,
                  attempts        integer     NOT NULL,
                  last_error      text        NOT NULL,
                  first_failed_at timestamptz NOT NULL,
@@ -455,7 +457,7 @@ impl Target {
         // another worker finished just before we locked it drops out here.
         let Names { x, .. } = &self.names;
         let read = format!(
-            "SELECT t.{i}::text, t.{x}::text, md5(t.{x}::text) FROM {t} t \
+            "SELECT t.{i}::text, t.{x}::text, hashtextextended(t.{x}::text, 0) FROM {t} t \
              WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}"
         );
         let rows = tx.query_typed(
@@ -482,14 +484,14 @@ impl Target {
     pub fn write(
         &self,
         tx: &mut Transaction<'_>,
-        done: &[(&Claimed, Vec<f32>)],
+        done: Vec<(&Claimed, Vec<f32>)>,
     ) -> Result<Vec<String>> {
         if done.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = done.iter().map(|(c, _)| c.id.as_str()).collect();
-        let hashes: Vec<&str> = done.iter().map(|(c, _)| c.hash.as_str()).collect();
-        let vectors: Vec<Vector> = done.iter().map(|(_, v)| Vector::from(v.clone())).collect();
+        let hashes: Vec<i64> = done.iter().map(|(c, _)| c.hash).collect();
+        let vectors: Vec<Vector> = done.into_iter().map(|(_, v)| Vector::from(v)).collect();
         let Names {
             t,
             i,
@@ -499,9 +501,9 @@ impl Target {
             state,
         } = &self.names;
         let sql = format!(
-            "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3) AS v(id, h, e)), \
+            "WITH v AS (SELECT * FROM unnest($1::text[], $2::int8[], $3) AS v(id, h, e)), \
              upd AS (UPDATE {t} t SET {e} = v.e FROM v \
-                     WHERE t.{i} = v.id::{idt} AND t.{e} IS NULL AND md5(t.{x}::text) = v.h \
+                     WHERE t.{i} = v.id::{idt} AND t.{e} IS NULL AND hashtextextended(t.{x}::text, 0) = v.h \
                      RETURNING t.{i}::text AS id), \
              del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = $4 AND f.row_id = upd.id) \
              SELECT id FROM upd"
@@ -510,7 +512,7 @@ impl Target {
             &sql,
             &[
                 (&ids, Type::TEXT_ARRAY),
-                (&hashes, Type::TEXT_ARRAY),
+                (&hashes, Type::INT8_ARRAY),
                 (&vectors, self.vector.array.clone()),
                 (&self.table, Type::TEXT),
             ],
@@ -528,14 +530,14 @@ impl Target {
             return Ok(());
         }
         let ids: Vec<&str> = failed.iter().map(|(c, _)| c.id.as_str()).collect();
-        let hashes: Vec<&str> = failed.iter().map(|(c, _)| c.hash.as_str()).collect();
+        let hashes: Vec<i64> = failed.iter().map(|(c, _)| c.hash).collect();
         let errors: Vec<&str> = failed.iter().map(|(_, e)| e.as_str()).collect();
         let state = &self.names.state;
         let sql = format!(
             "INSERT INTO {state}.failures AS f \
                (table_name, row_id, text_hash, attempts, last_error, first_failed_at, last_failed_at, next_try_at) \
              SELECT $1, r.id, r.h, 1, r.err, now(), now(), now() + interval '10 minutes' \
-             FROM unnest($2::text[], $3::text[], $4::text[]) AS r(id, h, err) \
+             FROM unnest($2::text[], $3::int8[], $4::text[]) AS r(id, h, err) \
              ON CONFLICT (table_name, row_id) DO UPDATE SET \
                attempts = CASE WHEN f.text_hash = excluded.text_hash THEN f.attempts + 1 ELSE 1 END, \
                first_failed_at = CASE WHEN f.text_hash = excluded.text_hash THEN f.first_failed_at ELSE now() END, \
@@ -548,7 +550,7 @@ impl Target {
             &[
                 (&self.table, Type::TEXT),
                 (&ids, Type::TEXT_ARRAY),
-                (&hashes, Type::TEXT_ARRAY),
+                (&hashes, Type::INT8_ARRAY),
                 (&errors, Type::TEXT_ARRAY),
             ],
         )?;
@@ -579,7 +581,7 @@ impl Target {
         } = &self.names;
         let sql = format!(
             "SELECT count(*) FROM {state}.failures f JOIN {t} t ON t.{i} = f.row_id::{idt} \
-             WHERE f.table_name = $1 AND t.{e} IS NULL AND md5(t.{x}::text) = f.text_hash"
+             WHERE f.table_name = $1 AND t.{e} IS NULL AND hashtextextended(t.{x}::text, 0) = f.text_hash"
         );
         Ok(c.query_typed_one(&sql, &[(&self.table, Type::TEXT)])?
             .get(0))

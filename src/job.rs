@@ -371,6 +371,7 @@ impl Shared<'_> {
             q.stop = Some(reason);
             return Claim::Stop;
         }
+        let t0 = Instant::now();
         let claimed = db.begin(self.idle_limit).and_then(|mut tx| {
             // The state schema exists: run() created it before the loop.
             let (rows, next) = self.target.claim(
@@ -383,6 +384,7 @@ impl Shared<'_> {
             )?;
             Ok((tx, rows, next))
         });
+        crate::trace!("timing: claim {:?}", t0.elapsed());
         match claimed {
             Err(e) => {
                 q.stop.get_or_insert(StopReason::Error);
@@ -500,19 +502,29 @@ fn one_batch(
 ) -> Result<BatchOutcome> {
     let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(rows.len());
     let mut rejected: Vec<(usize, String)> = Vec::new();
+    let t0 = Instant::now();
     let halt = batcher.embed(rows, 0, &mut vectors, &mut rejected).err();
+    let t1 = Instant::now();
     let done: Vec<(&Claimed, Vec<f32>)> = vectors.into_iter().map(|(i, v)| (&rows[i], v)).collect();
     let failed: Vec<(&Claimed, String)> =
         rejected.into_iter().map(|(i, e)| (&rows[i], e)).collect();
-    let written = target.write(&mut tx, &done)?;
+    let sent = done.len();
+    let written = target.write(&mut tx, done)?;
+    let t2 = Instant::now();
     target.record_failures(&mut tx, &failed)?;
     tx.commit()?;
+    crate::trace!(
+        "timing: embed {:?} write {:?} commit {:?}",
+        t1 - t0,
+        t2 - t1,
+        t2.elapsed()
+    );
     for (row, err) in &failed {
         crate::warn!("row {} failed: {err}", row.id);
     }
     let outcome = BatchOutcome {
         written: written.len() as u64,
-        changed: (done.len() - written.len()) as u64,
+        changed: (sent - written.len()) as u64,
         failed: failed.len() as u64,
         halt,
     };

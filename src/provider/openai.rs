@@ -125,17 +125,15 @@ impl OpenAiClient {
             retry_after: None,
             message: format!("unusable reply: {why}"),
         };
-        let json: Value = serde_json::from_slice(body).map_err(|_| garbage("not JSON"))?;
-        if json.get("error").is_some_and(|e| !e.is_null()) {
+        let reply: Reply =
+            serde_json::from_slice(body).map_err(|e| garbage(&format!("unexpected JSON ({e})")))?;
+        if reply.error.is_some() {
             // OpenRouter can answer HTTP 200 with an error body.
-            let err = ErrorBody::from_json(&json);
-            let status = err.status.unwrap_or(500);
+            let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let status = ErrorBody::from_json(&json).status.unwrap_or(500);
             return Err(self.classify(if status == 200 { 500 } else { status }, body, None));
         }
-        let data = json
-            .get("data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| garbage("no data array"))?;
+        let data = reply.data.ok_or_else(|| garbage("no data array"))?;
         if data.len() != n_inputs {
             return Err(garbage(&format!(
                 "{} vectors for {} inputs",
@@ -144,31 +142,18 @@ impl OpenAiClient {
             )));
         }
         let mut slots: Vec<Option<Vec<f32>>> = vec![None; n_inputs];
-        for (pos, item) in data.iter().enumerate() {
-            let index = match item.get("index") {
-                None | Some(Value::Null) => pos,
-                Some(v) => v
-                    .as_u64()
-                    .map(|i| i as usize)
-                    .ok_or_else(|| garbage("index is not a number"))?,
-            };
+        for (pos, item) in data.into_iter().enumerate() {
+            let index = item.index.map_or(pos, |i| i as usize);
             let slot = slots
                 .get_mut(index)
                 .ok_or_else(|| garbage(&format!("index {index} out of range")))?;
             if slot.is_some() {
                 return Err(garbage(&format!("index {index} repeated")));
             }
-            let vector = match item.get("embedding") {
-                Some(Value::Array(xs)) => xs
-                    .iter()
-                    .map(|x| x.as_f64().map(|f| f as f32))
-                    .collect::<Option<Vec<f32>>>()
-                    .ok_or_else(|| garbage("embedding holds a non-number"))?,
-                Some(Value::String(b64)) => {
-                    decode_base64(b64).ok_or_else(|| garbage("bad base64 embedding"))?
-                }
-                _ => return Err(garbage("item without embedding")),
-            };
+            let vector = item
+                .embedding
+                .ok_or_else(|| garbage("item without embedding"))?
+                .0;
             if vector.is_empty() || vector.iter().any(|x| !x.is_finite()) {
                 return Err(garbage("empty or non-finite vector"));
             }
@@ -179,12 +164,68 @@ impl OpenAiClient {
         if vectors.iter().any(|v| v.len() != dim) {
             return Err(garbage("vectors of different lengths"));
         }
-        let tokens = json.get("usage").and_then(|u| {
-            u.get("prompt_tokens")
-                .or_else(|| u.get("total_tokens"))
-                .and_then(Value::as_u64)
-        });
+        let tokens = reply.usage.and_then(|u| u.prompt_tokens.or(u.total_tokens));
         Ok(Embeddings { vectors, tokens })
+    }
+}
+
+/// A successful reply, read without building a JSON tree: replies of 2048
+/// vectors are tens of megabytes.
+#[derive(serde::Deserialize)]
+struct Reply {
+    #[serde(default)]
+    data: Option<Vec<Item>>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(serde::Deserialize)]
+struct Item {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default)]
+    embedding: Option<Floats>,
+}
+
+#[derive(serde::Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+}
+
+/// An embedding as either a float array or a base64 string of
+/// little-endian float32s.
+struct Floats(Vec<f32>);
+
+impl<'de> serde::Deserialize<'de> for Floats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Floats;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of numbers or a base64 string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Floats, E> {
+                decode_base64(v)
+                    .map(Floats)
+                    .ok_or_else(|| E::custom("bad base64 embedding"))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Floats, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1536));
+                while let Some(x) = seq.next_element::<f64>()? {
+                    out.push(x as f32);
+                }
+                Ok(Floats(out))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

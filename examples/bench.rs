@@ -1,0 +1,469 @@
+//! The throughput benchmark: autoembed next to its ceiling and its peer.
+//!
+//! Run it with `scripts/bench.sh` (which builds in release mode, installs the
+//! reference script's Python packages in a virtual environment and passes
+//! their interpreter). Every figure comes from the same machine, data and
+//! mock server in one run; each timing is the median of `--runs` runs.
+//!
+//! Scenarios (each can be skipped):
+//! - `throughput`: a `products` table of `--rows` rows with realistic texts
+//!   (50 to 2,000 characters) and `vector(1536)`; autoembed backfill at mock
+//!   latency 0 ms against the database's own ceiling for the same write (one
+//!   `UPDATE ... FROM` a table already holding the same vectors);
+//! - `latency`: the same at 200 ms per request, for several `--concurrency`
+//!   values, against the reference cron script (`../shared/bench/reference_cron.py`,
+//!   looped as cron would run it) on `--ref-rows` rows;
+//! - `tick`: a run-once with 100 pending rows on a 1,000,000-row table and on
+//!   a 10,000-row table, with and without the partial index on pending rows;
+//! - `memory`: peak RSS of a backfill of 10,000 and of 200,000 pending rows.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--rows N] [--runs N] [--ref-rows N]
+//!     [--python PATH] [--skip throughput,latency,tick,memory]
+//! ```
+
+#[path = "../tests/support/mock.rs"]
+mod mock;
+
+use postgres::{Client, NoTls};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SCHEMA: &str = "autoembed_bench";
+
+struct Opts {
+    rows: i64,
+    runs: usize,
+    ref_rows: i64,
+    python: Option<String>,
+    skip: Vec<String>,
+    url: String,
+    bin: String,
+}
+
+fn main() {
+    let opts = parse_args();
+    let mut db =
+        Client::connect(&opts.url, NoTls).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    exec(
+        &mut db,
+        &format!("CREATE EXTENSION IF NOT EXISTS vector; CREATE SCHEMA IF NOT EXISTS {SCHEMA}"),
+    );
+    println!("# autoembed benchmark\n");
+    println!(
+        "machine: {} cores; PostgreSQL {}; rows {}; runs per figure {} (medians)\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        query_text(&mut db, "SHOW server_version"),
+        opts.rows,
+        opts.runs
+    );
+    if !opts.skip.iter().any(|s| s == "throughput") {
+        throughput(&opts, &mut db);
+    }
+    if !opts.skip.iter().any(|s| s == "latency") {
+        latency(&opts, &mut db);
+    }
+    if !opts.skip.iter().any(|s| s == "tick") {
+        tick(&opts, &mut db);
+    }
+    if !opts.skip.iter().any(|s| s == "memory") {
+        memory(&opts, &mut db);
+    }
+}
+
+fn parse_args() -> Opts {
+    let mut o = Opts {
+        rows: 20_000,
+        runs: 3,
+        ref_rows: 2_000,
+        python: None,
+        skip: Vec::new(),
+        url: std::env::var("AUTOEMBED_BENCH_DATABASE_URL")
+            .unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into()),
+        bin: "target/release/autoembed".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || {
+            args.next()
+                .unwrap_or_else(|| fail(&format!("{a} needs a value")))
+        };
+        match a.as_str() {
+            "--rows" => o.rows = val().parse().unwrap_or_else(|_| fail("--rows")),
+            "--runs" => o.runs = val().parse().unwrap_or_else(|_| fail("--runs")),
+            "--ref-rows" => o.ref_rows = val().parse().unwrap_or_else(|_| fail("--ref-rows")),
+            "--python" => o.python = Some(val()),
+            "--skip" => o.skip = val().split(',').map(str::to_string).collect(),
+            "--bin" => o.bin = val(),
+            _ => fail(&format!("unknown argument {a}")),
+        }
+    }
+    o
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("bench: {msg}");
+    std::process::exit(2)
+}
+
+fn exec(db: &mut Client, sql: &str) {
+    db.batch_execute(sql).unwrap_or_else(|e| {
+        let msg = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string());
+        fail(&format!("{sql}: {msg}"))
+    });
+}
+
+fn query_i64(db: &mut Client, sql: &str) -> i64 {
+    db.query_one(sql, &[])
+        .map(|r| r.get(0))
+        .unwrap_or_else(|e| fail(&format!("{sql}: {e}")))
+}
+
+fn query_text(db: &mut Client, sql: &str) -> String {
+    db.simple_query(sql)
+        .ok()
+        .and_then(|rows| {
+            rows.into_iter().find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// A products table of `n` rows, texts of 50 to 2,000 characters, `pending`
+/// of them (the highest ids) without an embedding; the others hold `filler`.
+fn products(db: &mut Client, name: &str, n: i64, pending: i64) {
+    let t = format!("{SCHEMA}.{name}");
+    let exists = query_i64(
+        db,
+        &format!(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = '{SCHEMA}' AND tablename = '{name}'"
+        ),
+    );
+    if exists == 1 && query_i64(db, &format!("SELECT count(*) FROM {t}")) == n {
+        exec(db, &format!("UPDATE {t} SET embedding = NULL WHERE product_id_internal > {} AND embedding IS NOT NULL", n - pending));
+        return;
+    }
+    let started = Instant::now();
+    exec(
+        db,
+        &format!(
+            "DROP TABLE IF EXISTS {t};
+             CREATE TABLE {t} (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(1536));
+             INSERT INTO {t}
+             SELECT g, left(format('Product %s: %s', g, repeat(
+                     (ARRAY['Lightweight running shoe with breathable mesh upper and a responsive foam midsole. ',
+                            'Cast iron skillet, pre-seasoned, oven safe, works on induction and over a campfire. ',
+                            'Wireless headphones with active noise cancelling, thirty hours of battery and fast charging. ',
+                            'Waterproof hiking boot in full-grain leather with a grippy rubber outsole and ankle support. '])[1 + g % 4],
+                     25)), 50 + (abs(hashint4(g::int)) % 1951)),
+                    CASE WHEN g <= {keep} THEN (SELECT array_agg(((i % 97) - 48) / 64.0)::vector FROM generate_series(1, 1536) i) END
+             FROM generate_series(1, {n}) g;",
+            keep = n - pending
+        ),
+    );
+    exec(db, &format!("VACUUM ANALYZE {t}"));
+    eprintln!(
+        "bench: generated {t} ({n} rows) in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn reset(db: &mut Client, t: &str) {
+    exec(db, &format!("UPDATE {t} SET embedding = NULL"));
+    exec(db, &format!("VACUUM ANALYZE {t}"));
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// CPU seconds this process (the mock server) has used so far.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Measured {
+    seconds: f64,
+    json: serde_json::Value,
+    max_rss_kb: u64,
+}
+
+/// Run autoembed under /usr/bin/time -v.
+fn autoembed(opts: &Opts, mock: &mock::Mock, table: &str, args: &[&str]) -> Measured {
+    let started = Instant::now();
+    let out = Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(&opts.bin)
+        .args(args)
+        .arg("--json")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &opts.url)
+        .env("AUTOEMBED_TABLE", table)
+        .env("AUTOEMBED_STATE_SCHEMA", format!("{SCHEMA}_state"))
+        .env("AUTOEMBED_PROVIDER", "openai")
+        .env("AUTOEMBED_API_BASE", &mock.base)
+        .env("OPENAI_API_KEY", "sk-bench")
+        .output()
+        .unwrap_or_else(|e| fail(&format!("run autoembed (is /usr/bin/time installed?): {e}")));
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let max_rss_kb = stderr
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Maximum resident set size (kbytes): ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| fail(&format!("autoembed printed no JSON: {stderr}")));
+    Measured {
+        seconds,
+        json,
+        max_rss_kb,
+    }
+}
+
+fn throughput(opts: &Opts, db: &mut Client) {
+    let t = format!("{SCHEMA}.products");
+    products(db, "products", opts.rows, opts.rows);
+    let mock = mock::Mock::start(1536);
+    let mut ours = Vec::new();
+    let mut mock_cpu = Vec::new();
+    let mut rss = Vec::new();
+    let mut requests = 0;
+    for run in 0..opts.runs {
+        reset(db, &t);
+        let cpu = own_cpu_seconds();
+        let m = autoembed(opts, &mock, &t, &["backfill"]);
+        mock_cpu.push(own_cpu_seconds() - cpu);
+        assert_done(&m, opts.rows);
+        ours.push(opts.rows as f64 / m.seconds);
+        rss.push(m.max_rss_kb as f64 / 1024.0);
+        requests = m.json["requests"].as_u64().unwrap_or(0);
+        if run == 0 {
+            exec(db, &format!("DROP TABLE IF EXISTS {t}_vectors; CREATE TABLE {t}_vectors AS SELECT product_id_internal, embedding FROM {t}; ANALYZE {t}_vectors"));
+        }
+    }
+    let mut ceiling = Vec::new();
+    for _ in 0..opts.runs {
+        reset(db, &t);
+        let started = Instant::now();
+        exec(db, &format!("UPDATE {t} p SET embedding = v.embedding FROM {t}_vectors v WHERE p.product_id_internal = v.product_id_internal"));
+        ceiling.push(opts.rows as f64 / started.elapsed().as_secs_f64());
+    }
+    let (ours, ceiling) = (median(ours), median(ceiling));
+    println!("## Backfill of {} rows, mock latency 0 ms\n", opts.rows);
+    println!("| what | rows/s (median of {}) |", opts.runs);
+    println!("|---|---|");
+    println!("| autoembed backfill (default settings: batch 100, concurrency 4) | {ours:.0} |");
+    println!("| PostgreSQL ceiling: one `UPDATE ... FROM` a table holding the same vectors | {ceiling:.0} |");
+    println!(
+        "| **ratio** | **{:.0}% of the ceiling** |",
+        100.0 * ours / ceiling
+    );
+    println!(
+        "\nautoembed made {requests} requests; peak RSS {:.0} MB; the mock server used {:.2} CPU s per run (median).\n",
+        median(rss),
+        median(mock_cpu)
+    );
+}
+
+fn latency(opts: &Opts, db: &mut Client) {
+    let t = format!("{SCHEMA}.products");
+    products(db, "products", opts.rows, opts.rows);
+    let mock = mock::Mock::start(1536);
+    mock.latency(Duration::from_millis(200));
+    println!(
+        "## Backfill of {} rows, mock latency 200 ms per request\n",
+        opts.rows
+    );
+    println!("| what | rows/s (median of {}) | requests |", opts.runs);
+    println!("|---|---|---|");
+    let mut best = 0.0f64;
+    let mut default_rate = 0.0;
+    for conc in ["1", "2", "4", "8"] {
+        let mut rates = Vec::new();
+        let mut requests = 0;
+        for _ in 0..opts.runs {
+            reset(db, &t);
+            let m = autoembed(opts, &mock, &t, &["backfill", "--concurrency", conc]);
+            assert_done(&m, opts.rows);
+            rates.push(opts.rows as f64 / m.seconds);
+            requests = m.json["requests"].as_u64().unwrap_or(0);
+        }
+        let r = median(rates);
+        best = best.max(r);
+        if conc == "4" {
+            default_rate = r;
+        }
+        let note = if conc == "4" { " (default)" } else { "" };
+        println!("| autoembed backfill, --concurrency {conc}{note} | {r:.0} | {requests} |");
+    }
+    let Some(python) = &opts.python else {
+        println!(
+            "\n(reference script skipped: pass --python with openai and psycopg2 installed)\n"
+        );
+        return;
+    };
+    let mut rates = Vec::new();
+    let mut ref_requests = 0;
+    for _ in 0..opts.runs {
+        reset(db, &t);
+        // The script reads `products` from its search_path: a copy of the first rows.
+        exec(
+            db,
+            &format!(
+                "CREATE SCHEMA IF NOT EXISTS {SCHEMA}_ref; DROP TABLE IF EXISTS {SCHEMA}_ref.products;
+                 CREATE TABLE {SCHEMA}_ref.products AS SELECT * FROM {t} ORDER BY product_id_internal LIMIT {};
+                 ALTER TABLE {SCHEMA}_ref.products ADD PRIMARY KEY (product_id_internal);",
+                opts.ref_rows
+            ),
+        );
+        let before = mock.requests().len();
+        let started = Instant::now();
+        loop {
+            let left = query_i64(db, &format!("SELECT count(*) FROM {SCHEMA}_ref.products WHERE embedding IS NULL AND embedding_text IS NOT NULL"));
+            if left == 0 {
+                break;
+            }
+            // One process per run, as cron starts it; the script's table is `products`.
+            let status = Command::new(python)
+                .arg(reference_script())
+                .env("OPENAI_API_KEY", "sk-bench")
+                .env("OPENAI_BASE_URL", &mock.base)
+                .env("PGHOST", "127.0.0.1")
+                .env("PGDATABASE", "test")
+                .env("PGUSER", "postgres")
+                .env("PGPASSWORD", "")
+                .env("PGOPTIONS", format!("-c search_path={SCHEMA}_ref"))
+                .status()
+                .unwrap_or_else(|e| fail(&format!("run the reference script: {e}")));
+            if !status.success() {
+                fail("the reference script failed");
+            }
+        }
+        rates.push(opts.ref_rows as f64 / started.elapsed().as_secs_f64());
+        ref_requests = mock.requests().len() - before;
+    }
+    let reference = median(rates);
+    println!(
+        "| reference cron script, looped until nothing is pending ({} rows) | {reference:.0} | {ref_requests} (for {} rows) |",
+        opts.ref_rows, opts.ref_rows
+    );
+    println!(
+        "| **ratio, autoembed default / reference** | **{:.0}x** (best {:.0}x) | |\n",
+        default_rate / reference,
+        best / reference
+    );
+}
+
+fn reference_script() -> String {
+    for p in [
+        "../shared/bench/reference_cron.py",
+        "/work/shared/bench/reference_cron.py",
+    ] {
+        if std::path::Path::new(p).exists() {
+            return p.to_string();
+        }
+    }
+    fail("../shared/bench/reference_cron.py not found")
+}
+
+fn tick(opts: &Opts, db: &mut Client) {
+    println!("## A cron tick: run-once with 100 pending rows, mock latency 0 ms\n");
+    println!(
+        "| table | no partial index: ms (median of {}) | with the partial index: ms |",
+        opts.runs.max(5)
+    );
+    println!("|---|---|---|");
+    let mock = mock::Mock::start(1536);
+    let mut results = Vec::new();
+    for (name, n) in [("tick_10k", 10_000i64), ("tick_1m", 1_000_000)] {
+        products(db, name, n, 100);
+        let t = format!("{SCHEMA}.{name}");
+        let mut row = Vec::new();
+        for indexed in [false, true] {
+            exec(db, &format!("DROP INDEX IF EXISTS {SCHEMA}.{name}_pending"));
+            if indexed {
+                exec(db, &format!("CREATE INDEX {name}_pending ON {t} (product_id_internal) WHERE embedding IS NULL; ANALYZE {t}"));
+            }
+            let mut times = Vec::new();
+            for _ in 0..opts.runs.max(5) {
+                exec(
+                    db,
+                    &format!(
+                        "UPDATE {t} SET embedding = NULL WHERE product_id_internal > {}",
+                        n - 100
+                    ),
+                );
+                let m = autoembed(opts, &mock, &t, &["run-once"]);
+                assert_done(&m, 100);
+                times.push(m.seconds * 1000.0);
+            }
+            row.push(median(times));
+        }
+        println!("| {n} rows | {:.0} | {:.0} |", row[0], row[1]);
+        results.push(row);
+    }
+    println!(
+        "\n1,000,000 vs 10,000 rows: {:.1}x without the index, **{:.1}x with it**.\n",
+        results[1][0] / results[0][0],
+        results[1][1] / results[0][1]
+    );
+}
+
+fn memory(opts: &Opts, db: &mut Client) {
+    println!("## Peak memory of a backfill, mock latency 0 ms\n");
+    println!("| pending rows | peak RSS (MB) | rows/s |");
+    println!("|---|---|---|");
+    let mock = mock::Mock::start(1536);
+    let mut rss = Vec::new();
+    for (name, n) in [("mem_10k", 10_000i64), ("mem_200k", 200_000)] {
+        products(db, name, n, n);
+        let t = format!("{SCHEMA}.{name}");
+        reset(db, &t);
+        let m = autoembed(opts, &mock, &t, &["backfill"]);
+        assert_done(&m, n);
+        let mb = m.max_rss_kb as f64 / 1024.0;
+        println!("| {n} | {mb:.1} | {:.0} |", n as f64 / m.seconds);
+        rss.push(mb);
+    }
+    println!(
+        "\n200,000 vs 10,000 pending: {:+.1}% peak RSS.\n",
+        100.0 * (rss[1] / rss[0] - 1.0)
+    );
+}
+
+fn assert_done(m: &Measured, rows: i64) {
+    if m.json["embedded"].as_i64() != Some(rows) {
+        fail(&format!("expected {rows} rows embedded: {}", m.json));
+    }
+}
