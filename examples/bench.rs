@@ -363,7 +363,7 @@ fn latency(opts: &Opts, db: &mut Client) {
                 .env("PGDATABASE", "test")
                 .env("PGUSER", "postgres")
                 .env("PGPASSWORD", "")
-                .env("PGOPTIONS", format!("-c search_path={SCHEMA}_ref"))
+                .env("PGOPTIONS", format!("-c search_path={SCHEMA}_ref,public"))
                 .status()
                 .unwrap_or_else(|e| fail(&format!("run the reference script: {e}")));
             if !status.success() {

@@ -32,6 +32,43 @@ impl Check {
     }
 }
 
+/// A connection and a checked table, ready to work on.
+pub struct Opened {
+    /// The configuration, with the API key from Vault when one was named.
+    pub cfg: Config,
+    pub db: Db,
+    pub target: Target,
+    pub state_exists: bool,
+}
+
+/// Connect, read the key from Vault if asked, check the table; the first
+/// failed check is the error (exit 2), before any API call or write.
+pub fn open(cfg: &Config) -> crate::error::Result<Opened> {
+    let mut db = Db::connect(cfg)?;
+    let cfg = cfg.with_vault_key(&mut db)?;
+    let facts = db.inspect(&cfg)?;
+    let (checks, target) = evaluate(&cfg, &db, &facts);
+    if let Some(bad) = checks.iter().find(|c| !c.ok) {
+        return Err(crate::error::Error::Config(bad.detail.clone()));
+    }
+    let target =
+        target.ok_or_else(|| crate::error::Error::config("the table could not be checked"))?;
+    crate::debug!(
+        "table {} (id {}, text {}, embedding {}), database {}",
+        target.table,
+        quote_ident(&target.id_column),
+        quote_ident(&target.text_column),
+        quote_ident(&target.embedding_column),
+        cfg.database_label()
+    );
+    Ok(Opened {
+        cfg,
+        db,
+        target,
+        state_exists: facts.state_exists,
+    })
+}
+
 /// Check pgvector, the table and its columns, the model's dimensions (when
 /// known offline) and the key; return the checks and, when the table passed,
 /// the [`Target`] to work on.
@@ -51,7 +88,7 @@ pub fn evaluate(cfg: &Config, db: &Db, facts: &Facts) -> (Vec<Check>, Option<Tar
         }
     };
     let target = table_checks(cfg, facts, vector, &mut checks);
-    if cfg.mode != Mode::DryRun {
+    if !matches!(cfg.mode, Mode::DryRun | Mode::Setup) {
         checks.push(key_check(cfg));
     }
     (checks, target)
@@ -221,6 +258,13 @@ pub fn dimension_mismatch(model: &str, got: u32, col: &str, column: u32) -> Stri
 fn key_check(cfg: &Config) -> Check {
     let p = &cfg.provider;
     match (&p.api_key, p.kind) {
+        (Some(_), _) if p.vault_secret.is_some() => Check::pass(
+            "api_key",
+            format!(
+                "read from the Vault secret {:?}",
+                p.vault_secret.as_deref().unwrap_or_default()
+            ),
+        ),
         (Some(_), _) => Check::pass("api_key", format!("set in {}", p.key_var)),
         (None, ProviderKind::Compatible) => Check::pass("api_key", "none (the server needs none)"),
         (None, _) => Check::fail(

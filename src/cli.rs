@@ -37,6 +37,8 @@ pub enum Command {
     DryRun(Budget),
     /// Check the database, table, columns and key; print the counts (for CI).
     Verify(VerifyArgs),
+    /// Prepare the table: a trigger that re-embeds edited rows, an index on pending rows, the state schema.
+    Setup(SetupArgs),
 }
 
 /// Options every subcommand takes.
@@ -69,6 +71,9 @@ pub struct Common {
     /// Base URL; requests go to <URL>/embeddings [env: AUTOEMBED_API_BASE]
     #[arg(long, global = true, value_name = "URL")]
     pub api_base: Option<String>,
+    /// Read the API key from this Supabase Vault secret (vault.decrypted_secrets) [env: AUTOEMBED_API_KEY_VAULT_SECRET]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub api_key_vault_secret: Option<String>,
     /// Embedding model [env: AUTOEMBED_MODEL] [default: text-embedding-3-small]
     #[arg(long, global = true)]
     pub model: Option<String>,
@@ -123,4 +128,14 @@ pub struct VerifyArgs {
     /// Make no API call (skip the dimension probe for unknown models)
     #[arg(long)]
     pub offline: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Print the DDL (for a migration file) instead of running it
+    #[arg(long)]
+    pub print_sql: bool,
+    /// Remove what setup created: the trigger, the index and this table's bookkeeping
+    #[arg(long)]
+    pub uninstall: bool,
 }

@@ -20,6 +20,7 @@ pub enum Mode {
     Backfill,
     DryRun,
     Verify,
+    Setup,
 }
 
 impl Mode {
@@ -29,6 +30,7 @@ impl Mode {
             Mode::Backfill => "backfill",
             Mode::DryRun => "dry-run",
             Mode::Verify => "verify",
+            Mode::Setup => "setup",
         }
     }
 }
@@ -47,10 +49,18 @@ pub struct Config {
     pub budget: Budget,
     pub retry_failed: bool,
     pub offline: bool,
+    pub setup: Setup,
     /// Batches in flight at once, each with its own connection.
     pub concurrency: usize,
     pub json: bool,
     pub verbosity: i8,
+}
+
+/// What `setup` does.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Setup {
+    pub print_sql: bool,
+    pub uninstall: bool,
 }
 
 /// How to reach the embeddings API.
@@ -61,6 +71,8 @@ pub struct ProviderConfig {
     pub api_key: Option<String>,
     /// The variable the key came from (or would come from), for messages.
     pub key_var: &'static str,
+    /// Read the key from this Supabase Vault secret once connected.
+    pub vault_secret: Option<String>,
     /// The model as the user named it.
     pub model: String,
     pub dimensions: Option<u32>,
@@ -74,6 +86,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("api_base", &self.api_base)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .field("key_var", &self.key_var)
+            .field("vault_secret", &self.vault_secret)
             .field("model", &self.model)
             .field("dimensions", &self.dimensions)
             .field("request_timeout", &self.request_timeout)
@@ -105,11 +118,19 @@ impl Config {
 
     fn resolve_with(cli: Cli, env: &Env) -> Result<Config> {
         let c = cli.common;
+        let mut setup = Setup::default();
         let (mode, budget_args, retry_failed, offline) = match cli.command {
             cli::Command::RunOnce(b) => (Mode::RunOnce, b, false, false),
             cli::Command::Backfill(a) => (Mode::Backfill, a.budget, a.retry_failed, false),
             cli::Command::DryRun(b) => (Mode::DryRun, b, false, false),
             cli::Command::Verify(v) => (Mode::Verify, cli::Budget::default(), false, v.offline),
+            cli::Command::Setup(a) => {
+                setup = Setup {
+                    print_sql: a.print_sql,
+                    uninstall: a.uninstall,
+                };
+                (Mode::Setup, cli::Budget::default(), false, true)
+            }
         };
 
         let provider = provider_config(env, &c)?;
@@ -185,10 +206,21 @@ impl Config {
             },
             retry_failed,
             offline,
+            setup,
             concurrency,
             json: c.json,
             verbosity,
         })
+    }
+
+    /// This configuration with the API key read from Supabase Vault, when
+    /// `--api-key-vault-secret` names one; unchanged otherwise.
+    pub fn with_vault_key(&self, db: &mut crate::db::Db) -> Result<Config> {
+        let mut cfg = self.clone();
+        if let Some(name) = &self.provider.vault_secret {
+            cfg.provider.api_key = Some(db.vault_secret(name)?);
+        }
+        Ok(cfg)
     }
 
     /// Strings that must never be printed: the API key and the database password.
@@ -351,7 +383,12 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
     }
     let api_base = api_base.trim_end_matches('/').to_string();
 
+    let vault_secret = env.pick(
+        c.api_key_vault_secret.clone(),
+        "AUTOEMBED_API_KEY_VAULT_SECRET",
+    );
     let (api_key, key_var) = match env.get("AUTOEMBED_API_KEY") {
+        _ if vault_secret.is_some() => (None, "AUTOEMBED_API_KEY_VAULT_SECRET"),
         Some(k) => (Some(k), "AUTOEMBED_API_KEY"),
         None => match kind.key_var() {
             Some(var) => (env.get(var), var),
@@ -394,6 +431,7 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
         api_base,
         api_key,
         key_var,
+        vault_secret,
         model,
         dimensions,
         request_timeout: Duration::from_secs(request_timeout),

@@ -24,6 +24,32 @@ use postgres::types::{Kind, Type};
 use postgres::{Client, GenericClient, NoTls, Transaction};
 use std::time::Duration;
 
+/// The bookkeeping schema's DDL: idempotent, and safe for concurrent first
+/// runs (they serialise on an advisory lock, so `IF NOT EXISTS` cannot race).
+pub fn state_ddl(state_schema: &str) -> String {
+    state_ddl_quoted(&quote_ident(state_schema))
+}
+
+fn state_ddl_quoted(s: &str) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext('autoembed state schema'));
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.failures (
+    table_name      text        NOT NULL,
+    row_id          text        NOT NULL,
+    text_hash       bigint      NOT NULL,
+    attempts        integer     NOT NULL,
+    last_error      text        NOT NULL,
+    first_failed_at timestamptz NOT NULL,
+    last_failed_at  timestamptz NOT NULL,
+    next_try_at     timestamptz NOT NULL,
+    PRIMARY KEY (table_name, row_id)
+);
+COMMENT ON TABLE {s}.failures IS
+    'autoembed: rows the provider rejected, with their next try; delete a row to retry it now';"
+    )
+}
+
 /// Quote an identifier the way `quote_ident` does, always.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -71,6 +97,39 @@ impl Db {
     /// Look up the table and its columns, without judging them.
     pub fn inspect(&mut self, cfg: &Config) -> Result<Facts> {
         inspect(&mut self.client, cfg)
+    }
+
+    /// The API key stored as Supabase Vault secret `name`.
+    pub fn vault_secret(&mut self, name: &str) -> Result<String> {
+        let flag = "(--api-key-vault-secret, AUTOEMBED_API_KEY_VAULT_SECRET)";
+        let row = self
+            .client
+            .query_typed_opt(
+                "SELECT decrypted_secret FROM vault.decrypted_secrets WHERE name = $1 LIMIT 1",
+                &[(&name, Type::TEXT)],
+            )
+            .map_err(|e| match e.code() {
+                Some(c) if *c == postgres::error::SqlState::UNDEFINED_TABLE
+                    || *c == postgres::error::SqlState::INVALID_SCHEMA_NAME =>
+                {
+                    Error::Config(format!("this database has no Supabase Vault (vault.decrypted_secrets) {flag}"))
+                }
+                Some(c) if *c == postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => Error::Config(format!(
+                    "this database role may not read vault.decrypted_secrets: connect as a role that may, \
+                     or set the key in AUTOEMBED_API_KEY instead {flag}"
+                )),
+                _ => Error::from(e),
+            })?;
+        let secret: Option<String> = row.and_then(|r| r.get(0));
+        match secret.filter(|s| !s.is_empty()) {
+            Some(s) => {
+                crate::output::set_secrets([s.clone()]);
+                Ok(s)
+            }
+            None => Err(Error::Config(format!(
+                "no Vault secret named {name:?} {flag}"
+            ))),
+        }
     }
 
     /// Begin the transaction that one batch lives in.
@@ -136,8 +195,12 @@ pub struct TableFacts {
     pub primary_key: Vec<String>,
     /// Columns that alone carry a unique index without a predicate.
     pub unique_columns: Vec<String>,
-    /// Whether a partial index `WHERE <embedding> IS NULL` exists.
+    /// Whether a valid partial index `WHERE <embedding> IS NULL` exists.
     pub has_pending_index: bool,
+    /// Whether `autoembed setup`'s trigger is on the table.
+    pub has_reset_trigger: bool,
+    /// The planner's estimate of the table's rows.
+    pub estimated_rows: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -189,9 +252,10 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
         });
     };
     let row = client.query_typed_one(
-        "SELECT n.nspname::text, c.relname::text, c.relkind::text \
+        "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
+                EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $2 AND g.tgenabled <> 'D') \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
-        &[(&oid, Type::OID)],
+        &[(&oid, Type::OID), (&crate::setup::TRIGGER, Type::TEXT)],
     )?;
     let columns = client
         .query_typed(
@@ -212,7 +276,7 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
         .collect();
     let indexes = client.query_typed(
         "SELECT i.indisprimary, i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL, \
-                i.indpred IS NOT NULL, pg_get_expr(i.indpred, i.indrelid), \
+                i.indpred IS NOT NULL AND i.indisvalid, pg_get_expr(i.indpred, i.indrelid), \
                 array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord) \
          FROM pg_index i WHERE i.indrelid = $1",
@@ -250,6 +314,8 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
             primary_key,
             unique_columns,
             has_pending_index,
+            has_reset_trigger: row.get(4),
+            estimated_rows: row.get(3),
         }),
         state_exists,
     })
@@ -261,6 +327,9 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
 pub struct Target {
     /// `"schema"."table"`, also the key of this table's rows in the state tables.
     pub table: String,
+    /// The table's schema and name as the catalog stores them.
+    pub schema_name: String,
+    pub table_name: String,
     pub id_column: String,
     pub text_column: String,
     pub embedding_column: String,
@@ -331,6 +400,8 @@ impl Target {
         };
         Target {
             table: names.t.clone(),
+            schema_name: table.schema.clone(),
+            table_name: table.name.clone(),
             id_column: id.name.clone(),
             text_column: text.to_string(),
             embedding_column: embedding.name.clone(),
@@ -369,24 +440,7 @@ impl Target {
         }
         let mut tx = db.client.transaction()?;
         let s = &self.names.state;
-        tx.batch_execute(&format!(
-            "SELECT pg_advisory_xact_lock(hashtext('autoembed state schema'));
-             CREATE SCHEMA IF NOT EXISTS {s};
-             CREATE TABLE IF NOT EXISTS {s}.failures (
-                 table_name      text        NOT NULL,
-                 row_id          text        NOT NULL,
-                 text_hash       bigint      NOT NULL,
-                 attempts        integer     NOT NULL,
-                 last_error      text        NOT NULL,
-                 first_failed_at timestamptz NOT NULL,
-                 last_failed_at  timestamptz NOT NULL,
-                 next_try_at     timestamptz NOT NULL,
-                 PRIMARY KEY (table_name, row_id)
-             );
-             COMMENT ON TABLE {s}.failures IS
-                 'autoembed: rows the provider rejected, with their next try; delete a row to retry it now';"
-        ))
-        .map_err(|e| {
+        tx.batch_execute(&state_ddl_quoted(s)).map_err(|e| {
             Error::Database(format!(
                 "cannot create the state schema {s} (--state-schema, AUTOEMBED_STATE_SCHEMA): {}",
                 describe_pg(&e)

@@ -157,27 +157,18 @@ fn stop_reason_text(r: StopReason) -> &'static str {
 /// (configuration, connection) are returned; errors inside it end the loop
 /// and are reported with the work done so far.
 pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
-    let mut db = Db::connect(cfg)?;
-    let facts = db.inspect(cfg)?;
-    let (checks, target) = checks::evaluate(cfg, &db, &facts);
-    if let Some(bad) = checks.iter().find(|c| !c.ok) {
-        return Err(Error::Config(bad.detail.clone()));
-    }
-    let Some(target) = target else {
-        return Err(Error::config("the table could not be checked"));
-    };
-    crate::debug!(
-        "table {} (id {}, text {}, embedding {}), database {}",
-        target.table,
-        quote_ident(&target.id_column),
-        quote_ident(&target.text_column),
-        quote_ident(&target.embedding_column),
-        cfg.database_label()
-    );
+    let checks::Opened {
+        cfg,
+        mut db,
+        target,
+        state_exists,
+    } = checks::open(cfg)?;
+    let cfg = &cfg;
+    let facts_state_exists = state_exists;
     if cfg.mode == Mode::DryRun {
-        return dry_run(cfg, &mut db, &target, facts.state_exists).map(Report::DryRun);
+        return dry_run(cfg, &mut db, &target, facts_state_exists).map(Report::DryRun);
     }
-    target.ensure_state(&mut db, facts.state_exists)?;
+    target.ensure_state(&mut db, facts_state_exists)?;
     let guarded: Arc<dyn Embedder> = Arc::new(DimensionGuard::new(
         cfg,
         &target,

@@ -13,6 +13,7 @@ pub mod error;
 pub mod job;
 pub mod output;
 pub mod provider;
+pub mod setup;
 pub mod signals;
 pub mod verify;
 
@@ -31,6 +32,22 @@ pub fn run(cfg: &Config, stop: &Stop) -> i32 {
             || report.human(),
         );
         return report.exit_code;
+    }
+    if cfg.mode == Mode::Setup {
+        return match setup::command(cfg) {
+            Ok(out) => {
+                emit(
+                    cfg,
+                    || serde_json::json!({"command": "setup", "done": out}).to_string(),
+                    || out.join("\n"),
+                );
+                0
+            }
+            Err(e) => {
+                report_error("setup", cfg.json, &e);
+                e.exit_code()
+            }
+        };
     }
     match job::run(cfg, stop) {
         Ok(report) => {

@@ -33,5 +33,6 @@ fn command_name(cli: &Cli) -> &'static str {
         Command::Backfill(_) => "backfill",
         Command::DryRun(_) => "dry-run",
         Command::Verify(_) => "verify",
+        Command::Setup(_) => "setup",
     }
 }

@@ -66,6 +66,18 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
     report
         .checks
         .push(Check::pass("database", cfg.database_label()));
+    let keyed;
+    let mut vault_error = None;
+    let cfg = match cfg.with_vault_key(&mut db) {
+        Ok(c) => {
+            keyed = c;
+            &keyed
+        }
+        Err(e) => {
+            vault_error = Some(e.to_string());
+            cfg
+        }
+    };
     let facts = match db.inspect(cfg) {
         Ok(f) => f,
         Err(e) => {
@@ -74,8 +86,14 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
             return report;
         }
     };
-    let (checks, target) = checks::evaluate(cfg, &db, &facts);
+    let (mut checks, target) = checks::evaluate(cfg, &db, &facts);
+    if let (Some(msg), Some(c)) = (vault_error, checks.iter_mut().find(|c| c.name == "api_key")) {
+        *c = Check::fail("api_key", msg);
+    }
     report.checks.extend(checks);
+    if let (Some(t), crate::db::TableLookup::Found(facts)) = (&target, &facts.table) {
+        report.checks.extend(setup_checks(t, facts));
+    }
     if let Some(target) = &target {
         if !report.checks.iter().any(|c| c.name == "dimensions") {
             report.checks.push(probe_dimensions(cfg, target, stop));
@@ -147,3 +165,47 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
         Err(RetryOutcome::Stopped) => Check::fail("dimensions", "interrupted"),
     }
 }
+
+/// Whether `autoembed setup`'s trigger and index are there, and what to run if not.
+/// A missing index fails only on a large table, where every run would scan it.
+fn setup_checks(target: &Target, facts: &crate::db::TableFacts) -> Vec<Check> {
+    let objects = crate::setup::Objects::new(target);
+    let index = if facts.has_pending_index {
+        Check::pass("pending_index", "a partial index finds pending rows")
+    } else {
+        let advice = format!(
+            "no partial index on pending rows; run `autoembed setup` or: {}",
+            objects.index_sql(true)
+        );
+        if facts.estimated_rows >= LARGE_TABLE {
+            Check::fail(
+                "pending_index",
+                format!("{} rows and {advice}", facts.estimated_rows as i64),
+            )
+        } else {
+            Check::pass(
+                "pending_index",
+                format!(
+                    "not needed yet ({} rows), but {advice}",
+                    facts.estimated_rows.max(0.0) as i64
+                ),
+            )
+        }
+    };
+    let trigger = if facts.has_reset_trigger {
+        Check::pass(
+            "reset_trigger",
+            "edited rows are re-embedded (trigger autoembed_reset_embedding)",
+        )
+    } else {
+        Check::pass(
+            "reset_trigger",
+            "no trigger: rows whose text changes keep their old vector; run `autoembed setup` to add it",
+        )
+    };
+    vec![index, trigger]
+}
+
+/// From this many rows on, finding pending rows without an index costs
+/// every cron tick a full scan.
+const LARGE_TABLE: f64 = 100_000.0;

@@ -435,6 +435,7 @@ mod tests {
             api_base: "http://127.0.0.1:9".into(),
             api_key: Some("k".into()),
             key_var: "OPENAI_API_KEY",
+            vault_secret: None,
             model: "text-embedding-3-small".into(),
             dimensions: None,
             request_timeout: Duration::from_secs(1),
