@@ -40,6 +40,8 @@ impl Mode {
 pub struct Config {
     pub mode: Mode,
     pub database: postgres::Config,
+    /// `sslmode` and `sslrootcert`, which autoembed enforces itself.
+    pub tls: crate::tls::Settings,
     pub table: String,
     pub id_column: Option<String>,
     pub text_column: String,
@@ -134,7 +136,7 @@ impl Config {
         };
 
         let provider = provider_config(env, &c)?;
-        let database = database(env, c.database_url)?;
+        let (database, tls) = database(env, c.database_url)?;
         let table = env
             .pick(c.table, "AUTOEMBED_TABLE")
             .unwrap_or_else(|| "products".into());
@@ -192,6 +194,7 @@ impl Config {
         Ok(Config {
             mode,
             database,
+            tls,
             table,
             id_column,
             text_column,
@@ -259,23 +262,11 @@ pub fn describe_database(cfg: &postgres::Config) -> String {
     )
 }
 
-fn database(env: &Env, flag: Option<String>) -> Result<postgres::Config> {
+fn database(env: &Env, flag: Option<String>) -> Result<(postgres::Config, crate::tls::Settings)> {
     if let Some(url) = env.pick(flag, "DATABASE_URL") {
         // Mask the password before anything can quote it, even if parsing fails.
         crate::output::set_secrets(passwords_in_url(&url));
-        if [
-            "sslmode=require",
-            "sslmode=verify-ca",
-            "sslmode=verify-full",
-        ]
-        .iter()
-        .any(|m| url.contains(m))
-        {
-            return Err(Error::config(
-                "--database-url (DATABASE_URL) asks for TLS (sslmode=require/verify-*), which this version \
-                 cannot do yet: connect without it (sslmode=disable or prefer) over a trusted network",
-            ));
-        }
+        let (tls, url) = crate::tls::split(&url, |v| env.get(v))?;
         let cfg = postgres::Config::from_str(&url).map_err(|e| {
             Error::config(format!(
                 "invalid --database-url (DATABASE_URL): {}",
@@ -287,7 +278,7 @@ fn database(env: &Env, flag: Option<String>) -> Result<postgres::Config> {
                 "invalid --database-url (DATABASE_URL): it names no host",
             ));
         }
-        return Ok(cfg);
+        return Ok((cfg, tls));
     }
     let Some(host) = env.get("SUPABASE_HOST") else {
         return Err(Error::config(
@@ -295,7 +286,14 @@ fn database(env: &Env, flag: Option<String>) -> Result<postgres::Config> {
              (or SUPABASE_HOST, SUPABASE_USER, SUPABASE_PASSWORD, SUPABASE_DATABASE)",
         ));
     };
-    let mut cfg = postgres::Config::new();
+    // The TLS settings come from PGSSLMODE and PGSSLROOTCERT here.
+    let (tls, rest) = crate::tls::split("", |v| env.get(v))?;
+    let mut cfg = postgres::Config::from_str(&rest).map_err(|e| {
+        Error::config(format!(
+            "invalid PGSSLMODE: {}",
+            crate::error::describe_pg(&e)
+        ))
+    })?;
     cfg.host(&host);
     let port = parse_num(
         env.get("SUPABASE_PORT"),
@@ -315,7 +313,7 @@ fn database(env: &Env, flag: Option<String>) -> Result<postgres::Config> {
         crate::output::set_secrets([pw.clone()]);
         cfg.password(pw);
     }
-    Ok(cfg)
+    Ok((cfg, tls))
 }
 
 /// Every candidate password in a connection string (URL userinfo, raw and

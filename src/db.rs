@@ -14,14 +14,13 @@
 //! the HTTP call. Advisory locks don't block the application's UPDATEs, vanish
 //! when the connection dies (SIGKILL frees the rows at once), and stop two
 //! workers from paying for the same row. The write is a compare-and-set on
-//! a 64-bit hash of the text, so a text edited during the request keeps its
-//! row pending.
+//! the text itself, so a text edited during the request keeps its row pending.
 
 use crate::config::Config;
 use crate::error::{describe_pg, Error, Result};
 use pgvector::Vector;
 use postgres::types::{Kind, Type};
-use postgres::{Client, GenericClient, NoTls, Transaction};
+use postgres::{Client, GenericClient, Transaction};
 use std::time::Duration;
 
 /// The bookkeeping schema's DDL: idempotent, and safe for concurrent first
@@ -48,6 +47,15 @@ CREATE TABLE IF NOT EXISTS {s}.failures (
 COMMENT ON TABLE {s}.failures IS
     'autoembed: rows the provider rejected, with their next try; delete a row to retry it now';"
     )
+}
+
+/// Text that is never sent: empty or only whitespace (the API rejects empty
+/// input, and a vector of nothing means nothing).
+/// ASCII whitespace only, the same set as the SQL side's `[^ \t\n\r\f\v]`,
+/// so that counts and claims agree whatever the database's locale.
+pub fn is_blank(text: &str) -> bool {
+    text.bytes()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' | b'\x0b'))
 }
 
 /// Quote an identifier the way `quote_ident` does, always.
@@ -79,12 +87,24 @@ impl Db {
         if pg.get_application_name().is_none() {
             pg.application_name("autoembed");
         }
-        let mut client = pg.connect(NoTls).map_err(|e| {
-            Error::Database(format!(
-                "cannot connect to {}: {}",
-                cfg.database_label(),
-                describe_pg(&e)
-            ))
+        let connector = crate::tls::connector(&cfg.tls)?;
+        let mut client = pg.connect(connector).map_err(|e| {
+            let why = describe_pg(&e);
+            let label = cfg.database_label();
+            let mode = cfg.tls.mode.name();
+            // A certificate that fails the check is a configuration matter,
+            // never a reason to try without it.
+            if why.contains("invalid peer certificate") {
+                Error::Config(format!(
+                    "TLS to {label} failed verification (sslmode={mode}): {why}; check sslrootcert and the host name in --database-url (DATABASE_URL)"
+                ))
+            } else if why.contains("server does not support TLS") {
+                Error::Config(format!(
+                    "{label} does not offer TLS, which sslmode={mode} requires (--database-url, DATABASE_URL)"
+                ))
+            } else {
+                Error::Database(format!("cannot connect to {label}: {why}"))
+            }
         })?;
         let vector = vector_types(&mut client)?;
         Ok(Db { client, vector })
@@ -357,9 +377,8 @@ struct Names {
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub id: String,
+    /// The text as read; the vector is written only if the row still holds it.
     pub text: String,
-    /// `hashtextextended(text, 0)` as read: the write lands only if it still matches.
-    pub hash: i64,
 }
 
 /// The counts `verify` prints.
@@ -415,7 +434,15 @@ impl Target {
     /// Rows that need an embedding.
     fn pending(&self) -> String {
         let Names { e, x, .. } = &self.names;
-        format!("t.{e} IS NULL AND t.{x} IS NOT NULL AND t.{x}::text ~ '[^[:space:]]'")
+        format!("t.{e} IS NULL AND t.{x} IS NOT NULL AND t.{x}::text ~ '[^ \\t\\n\\r\\f\\v]'")
+    }
+
+    /// What a claim selects on: no embedding and some text. It reads no text
+    /// (texts may be compressed or toasted); blank ones are dropped after
+    /// the read, in [`is_blank`].
+    fn unembedded(&self) -> String {
+        let Names { e, x, .. } = &self.names;
+        format!("t.{e} IS NULL AND t.{x} IS NOT NULL")
     }
 
     /// Rows not held back by a recorded failure ($2 table key, $3 max
@@ -467,7 +494,7 @@ impl Target {
         let max_attempts = eligibility.max_attempts as i32;
         let limit = limit as i64;
         let Names { t, i, idt, .. } = &self.names;
-        let (pending, not_failed) = (self.pending(), self.not_failed(consult));
+        let (pending, not_failed) = (self.unembedded(), self.not_failed(consult));
         let after = if cursor.is_some() {
             format!("AND t.{i} > $1::text::{idt}")
         } else {
@@ -511,7 +538,7 @@ impl Target {
         // another worker finished just before we locked it drops out here.
         let Names { x, .. } = &self.names;
         let read = format!(
-            "SELECT t.{i}::text, t.{x}::text, hashtextextended(t.{x}::text, 0) FROM {t} t \
+            "SELECT t.{i}::text, t.{x}::text FROM {t} t \
              WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}"
         );
         let rows = tx.query_typed(
@@ -527,8 +554,8 @@ impl Target {
             .map(|r| Claimed {
                 id: r.get(0),
                 text: r.get(1),
-                hash: r.get(2),
             })
+            .filter(|c| !is_blank(&c.text))
             .collect();
         Ok((claimed, Some(last)))
     }
@@ -544,7 +571,7 @@ impl Target {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = done.iter().map(|(c, _)| c.id.as_str()).collect();
-        let hashes: Vec<i64> = done.iter().map(|(c, _)| c.hash).collect();
+        let texts: Vec<&str> = done.iter().map(|(c, _)| c.text.as_str()).collect();
         let vectors: Vec<Vector> = done.into_iter().map(|(_, v)| Vector::from(v)).collect();
         let Names {
             t,
@@ -555,9 +582,9 @@ impl Target {
             state,
         } = &self.names;
         let sql = format!(
-            "WITH v AS (SELECT * FROM unnest($1::text[], $2::int8[], $3) AS v(id, h, e)), \
+            "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3) AS v(id, x, e)), \
              upd AS (UPDATE {t} t SET {e} = v.e FROM v \
-                     WHERE t.{i} = v.id::{idt} AND t.{e} IS NULL AND hashtextextended(t.{x}::text, 0) = v.h \
+                     WHERE t.{i} = v.id::{idt} AND t.{e} IS NULL AND t.{x}::text = v.x \
                      RETURNING t.{i}::text AS id), \
              del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = $4 AND f.row_id = upd.id) \
              SELECT id FROM upd"
@@ -566,7 +593,7 @@ impl Target {
             &sql,
             &[
                 (&ids, Type::TEXT_ARRAY),
-                (&hashes, Type::INT8_ARRAY),
+                (&texts, Type::TEXT_ARRAY),
                 (&vectors, self.vector.array.clone()),
                 (&self.table, Type::TEXT),
             ],
@@ -584,14 +611,22 @@ impl Target {
             return Ok(());
         }
         let ids: Vec<&str> = failed.iter().map(|(c, _)| c.id.as_str()).collect();
-        let hashes: Vec<i64> = failed.iter().map(|(c, _)| c.hash).collect();
+        let texts: Vec<&str> = failed.iter().map(|(c, _)| c.text.as_str()).collect();
         let errors: Vec<&str> = failed.iter().map(|(_, e)| e.as_str()).collect();
-        let state = &self.names.state;
+        let Names {
+            t,
+            i,
+            x,
+            idt,
+            state,
+            ..
+        } = &self.names;
         let sql = format!(
             "INSERT INTO {state}.failures AS f \
                (table_name, row_id, text_hash, attempts, last_error, first_failed_at, last_failed_at, next_try_at) \
-             SELECT $1, r.id, r.h, 1, r.err, now(), now(), now() + interval '10 minutes' \
-             FROM unnest($2::text[], $3::int8[], $4::text[]) AS r(id, h, err) \
+             SELECT $1, r.id, hashtextextended(t.{x}::text, 0), 1, r.err, now(), now(), now() + interval '10 minutes' \
+             FROM unnest($2::text[], $3::text[], $4::text[]) AS r(id, x, err) \
+             JOIN {t} t ON t.{i} = r.id::{idt} AND t.{x}::text = r.x \
              ON CONFLICT (table_name, row_id) DO UPDATE SET \
                attempts = CASE WHEN f.text_hash = excluded.text_hash THEN f.attempts + 1 ELSE 1 END, \
                first_failed_at = CASE WHEN f.text_hash = excluded.text_hash THEN f.first_failed_at ELSE now() END, \
@@ -604,7 +639,7 @@ impl Target {
             &[
                 (&self.table, Type::TEXT),
                 (&ids, Type::TEXT_ARRAY),
-                (&hashes, Type::INT8_ARRAY),
+                (&texts, Type::TEXT_ARRAY),
                 (&errors, Type::TEXT_ARRAY),
             ],
         )?;
@@ -646,7 +681,7 @@ impl Target {
         let sql = format!(
             "SELECT count(*), count(*) FILTER (WHERE t.{e} IS NOT NULL), \
                     count(*) FILTER (WHERE {pending}), \
-                    count(*) FILTER (WHERE t.{e} IS NULL AND NOT coalesce(t.{x}::text ~ '[^[:space:]]', false)) \
+                    count(*) FILTER (WHERE t.{e} IS NULL AND NOT coalesce(t.{x}::text ~ '[^ \\t\\n\\r\\f\\v]', false)) \
              FROM {t} t",
             pending = self.pending()
         );

@@ -15,6 +15,7 @@ pub mod output;
 pub mod provider;
 pub mod setup;
 pub mod signals;
+pub mod tls;
 pub mod verify;
 
 use config::{Config, Mode};
