@@ -283,7 +283,7 @@ fn throughput(opts: &Opts, db: &mut Client) {
     println!("## Backfill of {} rows, mock latency 0 ms\n", opts.rows);
     println!("| what | rows/s (median of {}) |", opts.runs);
     println!("|---|---|");
-    println!("| autoembed backfill (default settings: batch 100, concurrency 4) | {ours:.0} |");
+    println!("| autoembed backfill (default settings: batch 100, concurrency 8) | {ours:.0} |");
     println!("| PostgreSQL ceiling: one `UPDATE ... FROM` a table holding the same vectors | {ceiling:.0} |");
     println!(
         "| **ratio** | **{:.0}% of the ceiling** |",
@@ -309,7 +309,7 @@ fn latency(opts: &Opts, db: &mut Client) {
     println!("|---|---|---|");
     let mut best = 0.0f64;
     let mut default_rate = 0.0;
-    for conc in ["1", "2", "4", "8"] {
+    for conc in ["1", "2", "4", "8", "16"] {
         let mut rates = Vec::new();
         let mut requests = 0;
         for _ in 0..opts.runs {
@@ -321,10 +321,10 @@ fn latency(opts: &Opts, db: &mut Client) {
         }
         let r = median(rates);
         best = best.max(r);
-        if conc == "4" {
+        if conc == "8" {
             default_rate = r;
         }
-        let note = if conc == "4" { " (default)" } else { "" };
+        let note = if conc == "8" { " (default)" } else { "" };
         println!("| autoembed backfill, --concurrency {conc}{note} | {r:.0} | {requests} |");
     }
     let Some(python) = &opts.python else {

@@ -109,7 +109,7 @@ pub struct Budget {
     /// Give up on a row after this many rejected tries, until its text changes [env: AUTOEMBED_MAX_ATTEMPTS] [default: 5]
     #[arg(long, value_name = "N")]
     pub max_attempts: Option<String>,
-    /// Requests in flight at once, each batch on its own connection, 1 to 64 [env: AUTOEMBED_CONCURRENCY] [default: 4]
+    /// Requests in flight at once, each batch on its own connection, 1 to 64 [env: AUTOEMBED_CONCURRENCY] [default: 8]
     #[arg(long, value_name = "N")]
     pub concurrency: Option<String>,
 }

@@ -106,7 +106,7 @@ pub struct Budget {
 }
 
 /// Batches in flight at once unless `--concurrency` says otherwise.
-pub const DEFAULT_CONCURRENCY: usize = 4;
+pub const DEFAULT_CONCURRENCY: usize = 8;
 
 /// Upper bound on inputs in one embeddings request (OpenAI's limit).
 pub const MAX_BATCH: usize = 2048;

@@ -373,6 +373,17 @@ struct Names {
     state: String,
 }
 
+/// What one claim took.
+#[derive(Debug)]
+pub struct Claim {
+    /// The rows locked for this transaction, with their text (blank ones left out).
+    pub rows: Vec<Claimed>,
+    /// Where the next claim starts; `None` when nothing was left to look at.
+    pub next: Option<String>,
+    /// Whether more candidates follow this batch.
+    pub more: bool,
+}
+
 /// One row taken for embedding.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -478,8 +489,7 @@ impl Target {
     }
 
     /// Up to `limit` pending rows after `cursor`, in id order, locked for this
-    /// transaction (`lock = false` for dry-run: read only). Returns the rows
-    /// and the last candidate id, which is the next cursor (`None`: drained).
+    /// transaction (`lock = false` for dry-run: read only).
     pub fn claim(
         &self,
         tx: &mut Transaction<'_>,
@@ -488,7 +498,7 @@ impl Target {
         eligibility: Eligibility,
         state_exists: bool,
         lock: bool,
-    ) -> Result<(Vec<Claimed>, Option<String>)> {
+    ) -> Result<Claim> {
         let consult = eligibility.skip_failed && state_exists;
         let key: Option<&str> = consult.then_some(self.table.as_str());
         let max_attempts = eligibility.max_attempts as i32;
@@ -503,14 +513,17 @@ impl Target {
         // $1 cursor, $2 table key, $3 max attempts, $4 limit, $5 lock class,
         // $6 take locks. The candidates are fixed (ordered, limited,
         // materialised) before any lock is tried, so a worker never locks
-        // more rows than it asked for.
+        // more rows than it asked for. One candidate more than the limit is
+        // read, not locked: it says whether more work follows.
         let sql = format!(
             "WITH cand AS MATERIALIZED (\
                SELECT t.{i} AS id FROM {t} t WHERE {pending} {after} AND {not_failed} \
-               ORDER BY t.{i} LIMIT $4) \
-             SELECT cand.id::text AS id_text, \
-                    CASE WHEN $6 THEN pg_try_advisory_xact_lock($5, hashtext(cand.id::text)) ELSE true END \
-             FROM cand ORDER BY cand.id"
+               ORDER BY t.{i} LIMIT $4 + 1), \
+             numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM cand) \
+             SELECT id::text AS id_text, rn, \
+                    CASE WHEN rn > $4 THEN false \
+                         WHEN $6 THEN pg_try_advisory_xact_lock($5, hashtext(id::text)) ELSE true END \
+             FROM numbered ORDER BY rn"
         );
         let cand = tx.query_typed(
             &sql,
@@ -523,16 +536,26 @@ impl Target {
                 (&lock, Type::BOOL),
             ],
         )?;
-        let Some(last) = cand.last().map(|r| r.get::<_, String>(0)) else {
-            return Ok((Vec::new(), None));
+        let more = cand.len() as i64 > limit;
+        let within = &cand[..cand.len().min(limit as usize)];
+        let Some(last) = within.last().map(|r| r.get::<_, String>(0)) else {
+            return Ok(Claim {
+                rows: Vec::new(),
+                next: None,
+                more: false,
+            });
         };
-        let ids: Vec<String> = cand
+        let ids: Vec<String> = within
             .iter()
-            .filter(|r| r.get::<_, bool>(1))
+            .filter(|r| r.get::<_, bool>(2))
             .map(|r| r.get(0))
             .collect();
         if ids.is_empty() {
-            return Ok((Vec::new(), Some(last)));
+            return Ok(Claim {
+                rows: Vec::new(),
+                next: Some(last),
+                more,
+            });
         }
         // Re-read after locking, in a new statement (a new snapshot): a row
         // another worker finished just before we locked it drops out here.
@@ -557,7 +580,11 @@ impl Target {
             })
             .filter(|c| !is_blank(&c.text))
             .collect();
-        Ok((claimed, Some(last)))
+        Ok(Claim {
+            rows: claimed,
+            next: Some(last),
+            more,
+        })
     }
 
     /// Write vectors whose row still holds the text that was embedded.

@@ -9,7 +9,7 @@
 
 use crate::checks::{self, dimension_mismatch};
 use crate::config::{Config, Mode};
-use crate::db::{quote_ident, Claimed, Db, Eligibility, Target};
+use crate::db::{self, quote_ident, Claimed, Db, Eligibility, Target};
 use crate::error::{Error, Result};
 use crate::output;
 use crate::provider::{
@@ -164,11 +164,10 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
         state_exists,
     } = checks::open(cfg)?;
     let cfg = &cfg;
-    let facts_state_exists = state_exists;
     if cfg.mode == Mode::DryRun {
-        return dry_run(cfg, &mut db, &target, facts_state_exists).map(Report::DryRun);
+        return dry_run(cfg, &mut db, &target, state_exists).map(Report::DryRun);
     }
-    target.ensure_state(&mut db, facts_state_exists)?;
+    target.ensure_state(&mut db, state_exists)?;
     let guarded: Arc<dyn Embedder> = Arc::new(DimensionGuard::new(
         cfg,
         &target,
@@ -306,8 +305,9 @@ struct Tally {
 }
 
 /// The outcome of one attempt to claim a batch.
-enum Claim<'d> {
-    Rows(Transaction<'d>, Vec<Claimed>),
+enum Next<'d> {
+    /// Rows to embed in this transaction, and whether more candidates follow.
+    Rows(Transaction<'d>, Vec<Claimed>, bool),
     /// Every candidate was taken by another run: try the next ones.
     Skipped,
     Stop,
@@ -341,10 +341,10 @@ impl Shared<'_> {
         }
     }
 
-    fn claim<'d>(&self, db: &'d mut Db) -> Claim<'d> {
+    fn claim<'d>(&self, db: &'d mut Db) -> Next<'d> {
         let mut q = lock(&self.queue);
         if q.stop.is_some() {
-            return Claim::Stop;
+            return Next::Stop;
         }
         let reason = if self.stop.requested() {
             Some(StopReason::Signal)
@@ -360,12 +360,11 @@ impl Shared<'_> {
         };
         if let Some(reason) = reason.or((limit == 0).then_some(StopReason::MaxRows)) {
             q.stop = Some(reason);
-            return Claim::Stop;
+            return Next::Stop;
         }
-        let t0 = Instant::now();
         let claimed = db.begin(self.idle_limit).and_then(|mut tx| {
             // The state schema exists: run() created it before the loop.
-            let (rows, next) = self.target.claim(
+            let c = self.target.claim(
                 &mut tx,
                 q.cursor.as_deref(),
                 limit,
@@ -373,27 +372,26 @@ impl Shared<'_> {
                 true,
                 true,
             )?;
-            Ok((tx, rows, next))
+            Ok((tx, c))
         });
-        crate::trace!("timing: claim {:?}", t0.elapsed());
         match claimed {
             Err(e) => {
                 q.stop.get_or_insert(StopReason::Error);
                 q.error.get_or_insert(e);
-                Claim::Stop
+                Next::Stop
             }
-            Ok((_, _, None)) => {
+            Ok((_, db::Claim { next: None, .. })) => {
                 q.stop = Some(StopReason::Drained);
-                Claim::Stop
+                Next::Stop
             }
-            Ok((_, rows, Some(next))) if rows.is_empty() => {
-                q.cursor = Some(next);
-                Claim::Skipped
+            Ok((_, db::Claim { rows, next, .. })) if rows.is_empty() => {
+                q.cursor = next;
+                Next::Skipped
             }
-            Ok((tx, rows, Some(next))) => {
-                q.cursor = Some(next);
+            Ok((tx, db::Claim { rows, next, more })) => {
+                q.cursor = next;
                 q.taken += rows.len() as u64;
-                Claim::Rows(tx, rows)
+                Next::Rows(tx, rows, more)
             }
         }
     }
@@ -402,7 +400,7 @@ impl Shared<'_> {
 /// Claim, embed, write, commit, until the queue says stop.
 fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: bool) {
     let mut batcher = Batcher {
-        embedder,
+        requester: provider::Requester::new(embedder),
         policy: RetryPolicy::default(),
         deadline: shared.deadline,
         stop: shared.stop.flag(),
@@ -419,13 +417,14 @@ fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: 
     let _decide = first.then_some(Decide(shared));
     let mut decided = !first;
     loop {
-        let (tx, rows) = match shared.claim(db) {
-            Claim::Rows(tx, rows) => (tx, rows),
-            Claim::Skipped => continue,
-            Claim::Stop => break,
+        let (tx, rows, more) = match shared.claim(db) {
+            Next::Rows(tx, rows, more) => (tx, rows, more),
+            Next::Skipped => continue,
+            Next::Stop => break,
         };
         if !decided {
-            shared.decide_more_work(rows.len() >= shared.cfg.budget.batch_size);
+            // Extra workers only when another batch follows this one.
+            shared.decide_more_work(more);
             decided = true;
         }
         match one_batch(shared.target, &mut batcher, tx, &rows) {
@@ -493,23 +492,14 @@ fn one_batch(
 ) -> Result<BatchOutcome> {
     let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(rows.len());
     let mut rejected: Vec<(usize, String)> = Vec::new();
-    let t0 = Instant::now();
     let halt = batcher.embed(rows, 0, &mut vectors, &mut rejected).err();
-    let t1 = Instant::now();
     let done: Vec<(&Claimed, Vec<f32>)> = vectors.into_iter().map(|(i, v)| (&rows[i], v)).collect();
     let failed: Vec<(&Claimed, String)> =
         rejected.into_iter().map(|(i, e)| (&rows[i], e)).collect();
     let sent = done.len();
     let written = target.write(&mut tx, done)?;
-    let t2 = Instant::now();
     target.record_failures(&mut tx, &failed)?;
     tx.commit()?;
-    crate::trace!(
-        "timing: embed {:?} write {:?} commit {:?}",
-        t1 - t0,
-        t2 - t1,
-        t2.elapsed()
-    );
     for (row, err) in &failed {
         crate::warn!("row {} failed: {err}", row.id);
     }
@@ -531,7 +521,7 @@ fn one_batch(
 
 /// Sends rows to the provider, splitting rejected requests.
 struct Batcher<'a> {
-    embedder: Arc<dyn Embedder>,
+    requester: provider::Requester,
     policy: RetryPolicy,
     deadline: Option<Instant>,
     stop: &'a AtomicBool,
@@ -552,7 +542,7 @@ impl Batcher<'_> {
     ) -> std::result::Result<(), Halt> {
         let inputs = Arc::new(rows.iter().map(|r| r.text.clone()).collect::<Vec<_>>());
         let reply = provider::embed_with_retry(
-            &self.embedder,
+            &self.requester,
             &inputs,
             &self.policy,
             self.deadline,
@@ -751,7 +741,7 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
             Some(max) => cfg.budget.batch_size.min((max - would_embed) as usize),
             None => cfg.budget.batch_size,
         };
-        let (rows, next) = target.claim(
+        let db::Claim { rows, next, .. } = target.claim(
             &mut tx,
             cursor.as_deref(),
             limit,

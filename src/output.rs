@@ -26,11 +26,16 @@ fn secrets() -> &'static RwLock<Vec<String>> {
     SECRETS.get_or_init(|| RwLock::new(Vec::new()))
 }
 
-/// Register strings that must never be printed. Empty strings are ignored.
+/// Secrets shorter than this are not masked.
+pub const MIN_SECRET_LEN: usize = 4;
+
+/// Register strings that must never be printed (of at least [`MIN_SECRET_LEN`] characters).
 pub fn set_secrets<I: IntoIterator<Item = String>>(values: I) {
     let mut list = secrets().write().unwrap_or_else(|e| e.into_inner());
     for v in values {
-        if !v.is_empty() && !list.contains(&v) {
+        // Shorter strings are no real secret, and masking them would garble
+        // every line that happens to contain them.
+        if v.chars().count() >= MIN_SECRET_LEN && !list.contains(&v) {
             list.push(v);
         }
     }
@@ -126,5 +131,8 @@ mod tests {
         ]);
         assert_eq!(redact("key sk-test-abc and sk-test."), "key *** and ***.");
         assert_eq!(redact("nothing here"), "nothing here");
+        // Too short to be a secret: masking "x" would garble every line.
+        set_secrets(["x".to_string()]);
+        assert_eq!(redact("max"), "max");
     }
 }

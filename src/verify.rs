@@ -127,7 +127,7 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
     };
     let mut stats = RequestStats::default();
     let reply = provider::embed_with_retry(
-        &embedder,
+        &crate::provider::Requester::new(embedder),
         &std::sync::Arc::new(vec!["autoembed verify".to_string()]),
         &policy,
         None,

@@ -121,6 +121,8 @@ fn max_seconds_stops_taking_new_batches() {
             "1",
             "--batch-size",
             "10",
+            "--concurrency",
+            "1",
         ],
     );
     assert_eq!(r.code, 0, "{r:?}");

@@ -208,7 +208,7 @@ pub struct RequestStats {
 /// Call `embedder` until it answers, retrying as `policy` says, never
 /// sleeping past `deadline` and returning early when `stop` is set.
 pub fn embed_with_retry(
-    embedder: &Arc<dyn Embedder>,
+    requester: &Requester,
     inputs: &Arc<Vec<String>>,
     policy: &RetryPolicy,
     deadline: Option<Instant>,
@@ -219,7 +219,7 @@ pub fn embed_with_retry(
     let mut limited = 0u32;
     loop {
         stats.requests += 1;
-        let err = match abandonable(embedder, inputs, stop) {
+        let err = match requester.call(inputs, stop) {
             None => return Err(RetryOutcome::Stopped),
             Some(Ok(e)) => return Ok(e),
             Some(Err(e)) => e,
@@ -260,40 +260,62 @@ pub fn embed_with_retry(
     }
 }
 
-/// One request on a thread of its own, so that a stop signal can abandon it
-/// at once instead of waiting up to `--request-timeout` for the reply.
-/// `None` when abandoned; the thread ends with its request.
-fn abandonable(
-    embedder: &Arc<dyn Embedder>,
-    inputs: &Arc<Vec<String>>,
-    stop: &AtomicBool,
-) -> Option<Result<Embeddings, ProviderError>> {
-    let (tx, rx) = mpsc::channel();
-    let (embedder, inputs) = (embedder.clone(), inputs.clone());
-    let spawned = std::thread::Builder::new()
-        .name("autoembed-request".into())
-        .spawn(move || {
-            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-            let _ = tx.send(embedder.embed(&refs));
-        });
-    if let Err(e) = spawned {
-        return Some(Err(ProviderError::Transient {
-            retry_after: None,
-            message: format!("cannot start a request thread: {e}"),
-        }));
-    }
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return None;
+/// A long-lived thread that makes one worker's requests, so that a stop
+/// signal can abandon a request at once instead of waiting up to
+/// `--request-timeout` for its reply. One thread per worker, reused for
+/// every request: memory stays flat however many requests a run makes.
+pub struct Requester {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// The inputs of one request and where its reply goes.
+type Job = (
+    Arc<Vec<String>>,
+    mpsc::Sender<Result<Embeddings, ProviderError>>,
+);
+
+impl Requester {
+    pub fn new(embedder: Arc<dyn Embedder>) -> Requester {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("autoembed-request".into())
+            .spawn(move || {
+                // Ends when the Requester, and with it the sender, is dropped.
+                for (inputs, reply) in queue {
+                    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                    let _ = reply.send(embedder.embed(&refs));
+                }
+            });
+        if let Err(e) = spawned {
+            crate::warn!("cannot start a request thread: {e}");
         }
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(reply) => return Some(reply),
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Some(Err(ProviderError::Transient {
-                    retry_after: None,
-                    message: "the request thread ended without a reply".into(),
-                }))
+        Requester { jobs }
+    }
+
+    /// One request; `None` when `stop` was set before the reply came.
+    fn call(
+        &self,
+        inputs: &Arc<Vec<String>>,
+        stop: &AtomicBool,
+    ) -> Option<Result<Embeddings, ProviderError>> {
+        let (tx, rx) = mpsc::channel();
+        let gone = || {
+            Some(Err(ProviderError::Transient {
+                retry_after: None,
+                message: "the request thread is gone".into(),
+            }))
+        };
+        if self.jobs.send((inputs.clone(), tx)).is_err() {
+            return gone();
+        }
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(reply) => return Some(reply),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return gone(),
             }
         }
     }
@@ -340,8 +362,8 @@ mod tests {
 
     struct Scripted(Mutex<Vec<Result<Embeddings, ProviderError>>>);
 
-    fn scripted(replies: Vec<Result<Embeddings, ProviderError>>) -> Arc<dyn Embedder> {
-        Arc::new(Scripted(Mutex::new(replies)))
+    fn scripted(replies: Vec<Result<Embeddings, ProviderError>>) -> Requester {
+        Requester::new(Arc::new(Scripted(Mutex::new(replies))))
     }
 
     fn input() -> Arc<Vec<String>> {
