@@ -6,6 +6,7 @@ use clap::Parser;
 
 fn main() {
     output::install_panic_hook();
+    flat_memory();
     let cli = Cli::parse();
     let command = command_name(&cli);
     let json = cli.common.json;
@@ -36,3 +37,18 @@ fn command_name(cli: &Cli) -> &'static str {
         Command::Setup(_) => "setup",
     }
 }
+
+/// Keep peak memory flat however many batches a backfill runs: glibc would
+/// otherwise raise its mmap threshold after the first large reply is freed
+/// and keep later ones in per-thread arenas, where they fragment.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn flat_memory() {
+    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn flat_memory() {}
