@@ -338,7 +338,8 @@ fn passwords_in_url(url: &str) -> Vec<String> {
     out
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes decoded, as in a URL; invalid escapes are kept as they are.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -45,7 +45,7 @@ fn command_name(cli: &Cli) -> &'static str {
 fn flat_memory() {
     // SAFETY: mallopt only tunes the allocator; called before any thread starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 * 1024 * 1024);
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }
 }

@@ -17,6 +17,7 @@
 //! A failed verification is a configuration error (exit 2), never a silent
 //! downgrade.
 
+use crate::config::percent_decode;
 use crate::error::{Error, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -86,8 +87,8 @@ pub fn split(conn: &str, env: impl Fn(&str) -> Option<String>) -> Result<(Settin
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some(("sslmode", v)) => mode = Some(decode(v)),
-                Some(("sslrootcert", v)) => root = Some(decode(v)),
+                Some(("sslmode", v)) => mode = Some(percent_decode(v)),
+                Some(("sslrootcert", v)) => root = Some(percent_decode(v)),
                 _ => kept.push(pair),
             }
         }
@@ -129,24 +130,6 @@ pub fn split(conn: &str, env: impl Fn(&str) -> Option<String>) -> Result<(Settin
         format!("{base} sslmode={}", mode.for_postgres())
     };
     Ok((Settings { mode, root_cert }, sep))
-}
-
-fn decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&v[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The rustls connector for these settings.
