@@ -87,7 +87,21 @@ if { [ "$(psql -XtAc "show ssl")" != on ] || [[ "$cert_now" == *snakeoil* ]]; } 
   for _ in $(seq 1 50); do [ "$(psql -XtAc "show ssl_cert_file")" = "$tls_dir/server.crt" ] && break; sleep 0.1; done
 fi
 
-# 4. pgbouncer, for the transaction-pooler tests (they start their own instance).
+# 4. One role that must give a password (the server trusts everyone else),
+#    so that the tests can check what a wrong password gives.
+hba=$(psql -XtAc "show hba_file")
+if ! as_root grep -q autoembed_pwtest "$hba"; then
+  log "adding role autoembed_pwtest with password authentication"
+  psql -Xq -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'autoembed_pwtest') THEN
+               CREATE ROLE autoembed_pwtest LOGIN PASSWORD 'autoembed-right-password'; END IF; END \$\$" >/dev/null
+  { printf 'host all autoembed_pwtest 127.0.0.1/32 scram-sha-256\nhost all autoembed_pwtest ::1/128 scram-sha-256\n'
+    as_root cat "$hba"; } > /tmp/autoembed-hba.$$
+  as_root cp /tmp/autoembed-hba.$$ "$hba"
+  rm -f /tmp/autoembed-hba.$$
+  psql -Xq -c "SELECT pg_reload_conf()" >/dev/null
+fi
+
+# 5. pgbouncer, for the transaction-pooler tests (they start their own instance).
 if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
   log "installing pgbouncer"
   apt_install pgbouncer

@@ -279,3 +279,42 @@ fn verify_checks_the_key_and_probes_unknown_models_unless_offline() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_wrong_password_is_exit_3_and_never_printed() {
+    // scripts/dev-db.sh makes autoembed_pwtest the one role that must give a password.
+    let db = TestDb::new("wrongpw");
+    let mock = Mock::start(1536);
+    let url = format!("postgresql://autoembed_pwtest:{DB_PASSWORD}@127.0.0.1:5432/test");
+    for command in ["run-once", "verify"] {
+        let r = run(db
+            .cmd(&mock)
+            .env("DATABASE_URL", &url)
+            .env("RUST_BACKTRACE", "1")
+            .args([command, "-vvv"]));
+        assert_eq!(r.code, 3, "{r:?}");
+        assert!(
+            r.stderr
+                .contains("password authentication failed for user \"autoembed_pwtest\"")
+                || r.stdout.contains("password authentication failed"),
+            "{r:?}"
+        );
+    }
+    // SUPABASE_* variables take the password as it is, special characters included.
+    let r = run(db
+        .cmd(&mock)
+        .env_remove("DATABASE_URL")
+        .env("SUPABASE_HOST", "127.0.0.1")
+        .env("SUPABASE_USER", "autoembed_pwtest")
+        .env("SUPABASE_DATABASE", "test")
+        .env("SUPABASE_PASSWORD", DB_PASSWORD)
+        .args(["dry-run", "--json"]));
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("password authentication failed"),
+        "{r:?}"
+    );
+}

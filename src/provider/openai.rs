@@ -248,13 +248,14 @@ impl Embedder for OpenAiClient {
             req = req.set("x-title", "autoembed");
         }
         match req.send_string(&self.request_body(inputs)) {
-            Ok(resp) => {
-                let body = read_body(resp)?;
-                self.parse_reply(&body, inputs.len())
-            }
+            Ok(resp) => with_body_buffer(|buf| {
+                read_body(resp, buf)?;
+                self.parse_reply(buf, inputs.len())
+            }),
             Err(ureq::Error::Status(status, resp)) => {
                 let retry_after = retry_after(&resp);
-                let body = read_body(resp).unwrap_or_default();
+                let mut body = Vec::new();
+                let _ = read_body(resp, &mut body);
                 Err(self.classify(status, &body, retry_after))
             }
             Err(ureq::Error::Transport(t)) => Err(ProviderError::Transient {
@@ -282,16 +283,40 @@ fn transport_message(t: &ureq::Transport) -> String {
     s
 }
 
-fn read_body(resp: ureq::Response) -> Result<Vec<u8>, ProviderError> {
-    let mut buf = Vec::new();
+fn read_body(resp: ureq::Response, buf: &mut Vec<u8>) -> Result<(), ProviderError> {
+    if let Some(len) = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        buf.reserve(len.min(MAX_REPLY_BYTES as usize));
+    }
     resp.into_reader()
         .take(MAX_REPLY_BYTES)
-        .read_to_end(&mut buf)
+        .read_to_end(buf)
         .map_err(|e| ProviderError::Transient {
             retry_after: None,
             message: format!("reply cut short: {e}"),
         })?;
-    Ok(buf)
+    Ok(())
+}
+
+/// Run `f` with this thread's reply buffer, emptied. Each worker's request
+/// thread lives as long as the run, so one buffer serves all its replies and
+/// memory does not grow with the number of requests.
+fn with_body_buffer<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.clear();
+        let out = f(&mut buf);
+        // Don't keep a huge buffer around after an unusually large reply.
+        if buf.capacity() > 64 << 20 {
+            *buf = Vec::new();
+        }
+        out
+    })
 }
 
 /// Little-endian IEEE-754 float32s, standard alphabet with padding.
