@@ -3,7 +3,8 @@
 
 mod support;
 
-use std::process::Stdio;
+use support::SpawnPiped;
+
 use std::time::Duration;
 use support::mock::{vector_for, Fault, Mock};
 use support::{autoembed, TestDb};
@@ -94,10 +95,7 @@ fn a_killed_database_connection_loses_nothing_committed_and_the_next_run_finishe
             "--concurrency",
             "1",
         ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+        .spawn_piped();
     held.arrived
         .recv_timeout(Duration::from_secs(30))
         .expect("first request");
@@ -110,14 +108,9 @@ fn a_killed_database_connection_loses_nothing_committed_and_the_next_run_finishe
     ));
     assert_eq!(killed, 1);
     held.release();
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+    let out = support::finish(child);
+    assert_eq!(Some(out.code), Some(3), "{}", out.stderr);
+    let j = out.json();
     assert_eq!(
         (j["embedded"].as_u64(), j["stop_reason"].as_str()),
         (Some(10), Some("error"))

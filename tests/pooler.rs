@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::SpawnPiped;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -112,20 +114,12 @@ fn concurrent_runs_through_a_transaction_pooler_embed_everything_once() {
             db.cmd(&mock)
                 .env("DATABASE_URL", &url)
                 .args(["backfill", "--json", "--batch-size", "40"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn")
+                .spawn_piped()
         })
         .collect();
     for w in workers {
-        let out = w.wait_with_output().expect("wait");
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = support::finish(w);
+        assert_eq!(Some(out.code), Some(0), "{}", out.stderr);
     }
     let inputs = mock.embedded_inputs();
     let mut distinct = inputs.clone();

@@ -4,7 +4,8 @@
 
 mod support;
 
-use std::process::Stdio;
+use support::SpawnPiped;
+
 use std::time::Duration;
 use support::mock::{vector_for, Mock};
 use support::{autoembed, run, TestDb};
@@ -160,12 +161,7 @@ fn text_edited_while_its_request_is_in_flight_is_not_overwritten_and_the_app_is_
     db.products(10, 1536);
     let mock = Mock::start(1536);
     let held = mock.hold();
-    let child = db
-        .cmd(&mock)
-        .args(["run-once", "--json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let child = db.cmd(&mock).args(["run-once", "--json"]).spawn_piped();
     held.arrived
         .recv_timeout(Duration::from_secs(30))
         .expect("request arrived");
@@ -178,9 +174,9 @@ fn text_edited_while_its_request_is_in_flight_is_not_overwritten_and_the_app_is_
          RESET statement_timeout;"
     ));
     held.release();
-    let out = child.wait_with_output().expect("wait");
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(out.status.code(), Some(0));
+    let out = support::finish(child);
+    let j = out.json();
+    assert_eq!(Some(out.code), Some(0));
     assert_eq!(
         (
             j["embedded"].as_u64(),
@@ -216,23 +212,15 @@ fn concurrent_workers_embed_every_row_once_and_never_pay_twice() {
         .map(|_| {
             db.cmd(&mock)
                 .args(["backfill", "--json", "--batch-size", "100"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn worker")
+                .spawn_piped()
         })
         .collect();
     let mut total = 0;
     let mut busy_workers = 0;
     for c in children {
-        let out = c.wait_with_output().expect("wait");
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let out = support::finish(c);
+        assert_eq!(Some(out.code), Some(0), "{}", out.stderr);
+        let j = out.json();
         let embedded = j["embedded"].as_u64().unwrap_or(0);
         total += embedded;
         busy_workers += u32::from(embedded > 0);
@@ -253,13 +241,7 @@ fn a_killed_run_leaves_nothing_claimed() {
     db.products(30, 1536);
     let mock = Mock::start(1536);
     let held = mock.hold();
-    let mut child = db
-        .cmd(&mock)
-        .args(["run-once"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = db.cmd(&mock).args(["run-once"]).spawn_piped();
     held.arrived
         .recv_timeout(Duration::from_secs(30))
         .expect("request arrived");
@@ -735,10 +717,7 @@ fn sigterm_and_sigint_commit_what_is_done_abandon_the_request_in_flight_and_exit
                 "--concurrency",
                 "1",
             ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+            .spawn_piped();
         // The first batch goes through; the second request hangs at the
         // provider (for a minute, the default request timeout) when the signal comes.
         held.arrived
@@ -754,17 +733,12 @@ fn sigterm_and_sigint_commit_what_is_done_abandon_the_request_in_flight_and_exit
             .status()
             .expect("kill");
         assert!(sent.success());
-        let out = child.wait_with_output().expect("wait");
+        let out = support::finish(child);
         let took = started.elapsed();
         held.release();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_eq!(Some(out.code), Some(code), "{}", out.stderr);
         assert!(took < Duration::from_secs(5), "took {took:?} to stop");
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary printed");
+        let j = out.json();
         assert_eq!(
             (j["embedded"].as_u64(), j["stop_reason"].as_str()),
             (Some(10), Some("signal"))

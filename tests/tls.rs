@@ -4,8 +4,9 @@
 
 mod support;
 
+use support::SpawnPiped;
+
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 use support::mock::Mock;
 use support::{run, TestDb};
@@ -127,10 +128,7 @@ fn encrypted(db: &mut TestDb, mock: &Mock, query: &str) -> bool {
             url("localhost", &format!("{query}&application_name={app}")),
         )
         .args(["run-once", "--concurrency", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+        .spawn_piped();
     held.arrived
         .recv_timeout(Duration::from_secs(30))
         .expect("request arrived");
@@ -144,8 +142,8 @@ fn encrypted(db: &mut TestDb, mock: &Mock, query: &str) -> bool {
         .get(0);
     mock.unhold();
     held.release();
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success());
+    let out = support::finish(child);
+    assert!(out.code == 0);
     ssl
 }
 

@@ -8,7 +8,7 @@ pub mod mock;
 use mock::Mock;
 use postgres::{Client, NoTls};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The recognisable secrets every test passes, and checks never leak.
@@ -182,6 +182,32 @@ impl Run {
 
 pub fn run(cmd: &mut Command) -> Run {
     let out: Output = cmd.output().expect("run autoembed");
+    let r = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    r.assert_no_secrets();
+    r
+}
+
+/// Start a run in the background, its output captured.
+pub trait SpawnPiped {
+    fn spawn_piped(&mut self) -> Child;
+}
+
+impl SpawnPiped for Command {
+    fn spawn_piped(&mut self) -> Child {
+        self.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn autoembed")
+    }
+}
+
+/// Wait for a background run; like [`run`], it checks that no secret leaked.
+pub fn finish(child: Child) -> Run {
+    let out = child.wait_with_output().expect("wait for autoembed");
     let r = Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
