@@ -77,6 +77,9 @@ pub struct Common {
     /// Embedding model [env: AUTOEMBED_MODEL] [default: text-embedding-3-small]
     #[arg(long, global = true)]
     pub model: Option<String>,
+    /// USD per 1M tokens, for cost estimates and --max-cost-usd [env: AUTOEMBED_PRICE_PER_MILLION] [default: the built-in price of known models]
+    #[arg(long, global = true, value_name = "USD")]
+    pub price_per_million: Option<String>,
     /// Ask the model for vectors of this size [env: AUTOEMBED_DIMENSIONS]
     #[arg(long, global = true, value_name = "N")]
     pub dimensions: Option<String>,
@@ -109,6 +112,15 @@ pub struct Budget {
     /// Give up on a row after this many rejected tries, until its text changes [env: AUTOEMBED_MAX_ATTEMPTS] [default: 5]
     #[arg(long, value_name = "N")]
     pub max_attempts: Option<String>,
+    /// Stop before a request would pass this many tokens in the run [env: AUTOEMBED_MAX_TOKENS]
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<String>,
+    /// Stop before a request would pass this cost in USD in the run [env: AUTOEMBED_MAX_COST_USD]
+    #[arg(long, value_name = "USD")]
+    pub max_cost_usd: Option<String>,
+    /// What to do with a text over the model's input limit: truncate or skip [env: AUTOEMBED_ON_TOO_LONG] [default: truncate]
+    #[arg(long, value_name = "WHAT")]
+    pub on_too_long: Option<String>,
     /// Requests in flight at once, each batch on its own connection, 1 to 64 [env: AUTOEMBED_CONCURRENCY] [default: 8]
     #[arg(long, value_name = "N")]
     pub concurrency: Option<String>,

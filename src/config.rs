@@ -51,11 +51,21 @@ pub struct Config {
     pub budget: Budget,
     pub retry_failed: bool,
     pub offline: bool,
+    pub on_too_long: TooLong,
     pub setup: Setup,
     /// Batches in flight at once, each with its own connection.
     pub concurrency: usize,
     pub json: bool,
     pub verbosity: i8,
+}
+
+/// What to do with a text over the model's input limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TooLong {
+    /// Send its first tokens, up to the limit.
+    Truncate,
+    /// Don't send it; record the row as failed.
+    Skip,
 }
 
 /// What `setup` does.
@@ -78,7 +88,17 @@ pub struct ProviderConfig {
     /// The model as the user named it.
     pub model: String,
     pub dimensions: Option<u32>,
+    /// `--price-per-million`, overriding the built-in price.
+    pub price_per_million: Option<f64>,
     pub request_timeout: Duration,
+}
+
+impl ProviderConfig {
+    /// USD per 1M tokens: the override, else the built-in price of a known model.
+    pub fn price(&self) -> Option<f64> {
+        self.price_per_million
+            .or_else(|| provider::known_model(&self.model).map(|m| m.usd_per_million_tokens))
+    }
 }
 
 impl std::fmt::Debug for ProviderConfig {
@@ -91,6 +111,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("vault_secret", &self.vault_secret)
             .field("model", &self.model)
             .field("dimensions", &self.dimensions)
+            .field("price_per_million", &self.price_per_million)
             .field("request_timeout", &self.request_timeout)
             .finish()
     }
@@ -103,6 +124,8 @@ pub struct Budget {
     pub max_rows: Option<u64>,
     pub max_seconds: Option<Duration>,
     pub max_attempts: u32,
+    pub max_tokens: Option<u64>,
+    pub max_cost_usd: Option<f64>,
 }
 
 /// Batches in flight at once unless `--concurrency` says otherwise.
@@ -182,6 +205,32 @@ impl Config {
         )?
         .unwrap_or(5) as u32;
 
+        let max_tokens = parse_limit(
+            env.pick(budget_args.max_tokens, "AUTOEMBED_MAX_TOKENS"),
+            "--max-tokens",
+            "AUTOEMBED_MAX_TOKENS",
+            None,
+        )?;
+        let max_cost_usd = parse_usd(
+            env.pick(budget_args.max_cost_usd, "AUTOEMBED_MAX_COST_USD"),
+            "--max-cost-usd",
+            "AUTOEMBED_MAX_COST_USD",
+        )?;
+        if max_cost_usd.is_some() && provider.price().is_none() {
+            return Err(Error::config(format!(
+                "--max-cost-usd (AUTOEMBED_MAX_COST_USD) needs a price, and {} has none built in: set --price-per-million (AUTOEMBED_PRICE_PER_MILLION)",
+                provider.model
+            )));
+        }
+        let on_too_long = match env.pick(budget_args.on_too_long, "AUTOEMBED_ON_TOO_LONG").as_deref() {
+            None | Some("truncate") => TooLong::Truncate,
+            Some("skip") => TooLong::Skip,
+            Some(other) => {
+                return Err(Error::config(format!(
+                    "invalid --on-too-long (AUTOEMBED_ON_TOO_LONG) {other:?}: expected truncate or skip"
+                )))
+            }
+        };
         let concurrency = parse_num(
             env.pick(budget_args.concurrency, "AUTOEMBED_CONCURRENCY"),
             "--concurrency",
@@ -206,9 +255,12 @@ impl Config {
                 max_rows,
                 max_seconds,
                 max_attempts,
+                max_tokens,
+                max_cost_usd,
             },
             retry_failed,
             offline,
+            on_too_long,
             setup,
             concurrency,
             json: c.json,
@@ -417,6 +469,11 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
             )));
         }
     }
+    let price_per_million = parse_usd(
+        env.pick(c.price_per_million.clone(), "AUTOEMBED_PRICE_PER_MILLION"),
+        "--price-per-million",
+        "AUTOEMBED_PRICE_PER_MILLION",
+    )?;
     let request_timeout = parse_num(
         env.pick(c.request_timeout.clone(), "AUTOEMBED_REQUEST_TIMEOUT"),
         "--request-timeout",
@@ -433,6 +490,7 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
         vault_secret,
         model,
         dimensions,
+        price_per_million,
         request_timeout: Duration::from_secs(request_timeout),
     })
 }
@@ -450,6 +508,17 @@ fn parse_num(
         Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
         _ => Err(Error::config(format!(
             "invalid {flag} ({var}) {v:?}: expected a whole number from {min} to {max}"
+        ))),
+    }
+}
+
+/// A non-negative amount of dollars, or `None` when unset.
+fn parse_usd(value: Option<String>, flag: &str, var: &str) -> Result<Option<f64>> {
+    let Some(v) = value else { return Ok(None) };
+    match v.trim().trim_start_matches('$').parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(Some(x)),
+        _ => Err(Error::config(format!(
+            "invalid {flag} ({var}) {v:?}: expected an amount in USD such as 0.50"
         ))),
     }
 }

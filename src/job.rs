@@ -8,7 +8,7 @@
 //! dry-run walks the same loop without locks, API calls or writes.
 
 use crate::checks::{self, dimension_mismatch};
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, TooLong};
 use crate::db::{self, quote_ident, Claimed, Db, Eligibility, Target};
 use crate::error::{Error, Result};
 use crate::output;
@@ -16,6 +16,7 @@ use crate::provider::{
     self, Embedder, Embeddings, ProviderError, RequestStats, RetryOutcome, RetryPolicy,
 };
 use crate::signals::Stop;
+use crate::tokens::{Counter, MAX_REQUEST_TOKENS};
 use postgres::Transaction;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +30,8 @@ pub enum StopReason {
     Drained,
     MaxRows,
     MaxSeconds,
+    MaxTokens,
+    MaxCost,
     Signal,
     Error,
 }
@@ -43,6 +46,8 @@ pub struct RunReport {
     pub embedded: u64,
     /// Rows the provider rejected in this run (recorded in the state schema).
     pub failed: u64,
+    /// Rows whose text was cut to the model's input limit before sending.
+    pub truncated: u64,
     /// Rows whose text changed while their request was in flight: not
     /// written, still pending, embedded by the next run.
     pub changed: u64,
@@ -68,7 +73,13 @@ pub struct DryRunReport {
     pub pending: i64,
     pub failed: i64,
     pub would_embed: u64,
+    /// Rows that would be sent cut to the model's input limit.
+    pub truncated: u64,
+    /// Rows over the limit that `--on-too-long skip` would not send.
+    pub too_long: u64,
     pub estimated_tokens: u64,
+    /// Whether `estimated_tokens` is the provider's own count (cl100k_base).
+    pub tokens_exact: bool,
     pub estimated_cost_usd: Option<f64>,
     pub sample_ids: Vec<String>,
 }
@@ -131,9 +142,21 @@ impl Report {
                     .unwrap_or_else(|| "unknown cost (model not in the price table)".into());
                 let mut s = format!(
                     "dry-run: {} rows pending in {} ({} failed, held back); this run would embed {} \
-                     (~{} tokens, {cost} with {})",
-                    r.pending, r.table, r.failed, r.would_embed, r.estimated_tokens, r.model
+                     ({}{} tokens, {cost} with {})",
+                    r.pending,
+                    r.table,
+                    r.failed,
+                    r.would_embed,
+                    if r.tokens_exact { "" } else { "~" },
+                    r.estimated_tokens,
+                    r.model
                 );
+                if r.truncated > 0 {
+                    s += &format!("; {} texts cut to the model's limit", r.truncated);
+                }
+                if r.too_long > 0 {
+                    s += &format!("; {} texts too long, skipped", r.too_long);
+                }
                 if !r.sample_ids.is_empty() {
                     s += &format!("; first ids: {}", r.sample_ids.join(", "));
                 }
@@ -148,6 +171,8 @@ fn stop_reason_text(r: StopReason) -> &'static str {
         StopReason::Drained => "nothing left to do",
         StopReason::MaxRows => "row budget spent (--max-rows)",
         StopReason::MaxSeconds => "time budget spent (--max-seconds)",
+        StopReason::MaxTokens => "token budget spent (--max-tokens)",
+        StopReason::MaxCost => "cost budget spent (--max-cost-usd)",
         StopReason::Signal => "signal",
         StopReason::Error => "error",
     }
@@ -201,6 +226,7 @@ fn embed_loop(
         tally: Mutex::new(Tally::default()),
         more_work: (Mutex::new(None), Condvar::new()),
         progress: Progress::new(cfg, db, target),
+        budget: token_budget(cfg),
     };
     std::thread::scope(|scope| {
         for n in 1..cfg.concurrency {
@@ -248,6 +274,7 @@ fn embed_loop(
         model: cfg.provider.model.clone(),
         embedded: tally.embedded,
         failed: tally.failed,
+        truncated: tally.truncated,
         changed: tally.changed,
         pending_after,
         requests: tally.stats.requests,
@@ -283,6 +310,7 @@ struct Shared<'a> {
     /// Set by the first worker after its first claim: whether the others start.
     more_work: (Mutex<Option<bool>>, Condvar),
     progress: Progress,
+    budget: Option<TokenBudget>,
 }
 
 /// Where the next claim starts and why the run stops; claims are taken one
@@ -297,6 +325,7 @@ struct Queue {
 
 #[derive(Default)]
 struct Tally {
+    truncated: u64,
     embedded: u64,
     failed: u64,
     changed: u64,
@@ -400,6 +429,9 @@ impl Shared<'_> {
 /// Claim, embed, write, commit, until the queue says stop.
 fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: bool) {
     let mut batcher = Batcher {
+        counter: Counter::for_model(&shared.cfg.provider.model),
+        on_too_long: shared.cfg.on_too_long,
+        budget: shared.budget.as_ref(),
         requester: provider::Requester::new(embedder),
         policy: RetryPolicy::default(),
         deadline: shared.deadline,
@@ -434,6 +466,7 @@ fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: 
                     t.embedded += batch.written;
                     t.changed += batch.changed;
                     t.failed += batch.failed;
+                    t.truncated += batch.truncated;
                 }
                 shared.progress.advance(&batch, &shared.tally, &batcher);
                 match batch.halt {
@@ -453,6 +486,7 @@ fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: 
                         ))),
                     ),
                     Some(Halt::Stopped) => shared.halt(StopReason::Signal, None),
+                    Some(Halt::Budget(reason)) => shared.halt(reason, None),
                     Some(Halt::Error(e)) => shared.halt(StopReason::Error, Some(e)),
                 }
             }
@@ -468,6 +502,8 @@ fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: 
 
 /// What one batch did.
 struct BatchOutcome {
+    /// Rows sent cut to the model's input limit.
+    truncated: u64,
     written: u64,
     changed: u64,
     failed: u64,
@@ -481,6 +517,8 @@ enum Halt {
     Error(Error),
     OutOfTime(ProviderError),
     Stopped,
+    /// The next request would pass `--max-tokens` or `--max-cost-usd`.
+    Budget(StopReason),
 }
 
 /// Embed the claimed rows, write what came back, record what was rejected, commit.
@@ -492,7 +530,15 @@ fn one_batch(
 ) -> Result<BatchOutcome> {
     let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(rows.len());
     let mut rejected: Vec<(usize, String)> = Vec::new();
-    let halt = batcher.embed(rows, 0, &mut vectors, &mut rejected).err();
+    let mut truncated = 0;
+    let items = inputs_for(
+        rows,
+        &batcher.counter,
+        batcher.on_too_long,
+        &mut truncated,
+        &mut rejected,
+    );
+    let halt = batcher.embed(&items, &mut vectors, &mut rejected).err();
     let done: Vec<(&Claimed, Vec<f32>)> = vectors.into_iter().map(|(i, v)| (&rows[i], v)).collect();
     let failed: Vec<(&Claimed, String)> =
         rejected.into_iter().map(|(i, e)| (&rows[i], e)).collect();
@@ -504,6 +550,7 @@ fn one_batch(
         crate::warn!("row {} failed: {err}", row.id);
     }
     let outcome = BatchOutcome {
+        truncated,
         written: written.len() as u64,
         changed: (sent - written.len()) as u64,
         failed: failed.len() as u64,
@@ -521,6 +568,9 @@ fn one_batch(
 
 /// Sends rows to the provider, splitting rejected requests.
 struct Batcher<'a> {
+    counter: Counter,
+    on_too_long: TooLong,
+    budget: Option<&'a TokenBudget>,
     requester: provider::Requester,
     policy: RetryPolicy,
     deadline: Option<Instant>,
@@ -535,12 +585,33 @@ impl Batcher<'_> {
     /// several rows is split in halves; a rejected single row is its failure.
     fn embed(
         &mut self,
-        rows: &[Claimed],
-        offset: usize,
+        items: &[(usize, String)],
         vectors: &mut Vec<(usize, Vec<f32>)>,
         rejected: &mut Vec<(usize, String)>,
     ) -> std::result::Result<(), Halt> {
-        let inputs = Arc::new(rows.iter().map(|r| r.text.clone()).collect::<Vec<_>>());
+        if items.is_empty() {
+            return Ok(());
+        }
+        // No request over the provider's token limit: split before sending.
+        let bytes: usize = items.iter().map(|(_, t)| t.len()).sum();
+        let needs_count = self.budget.is_some()
+            || (bytes > MAX_REQUEST_TOKENS && self.counter.max_input().is_some());
+        let tokens = if needs_count {
+            items.iter().map(|(_, t)| self.counter.count(t)).sum()
+        } else {
+            0
+        };
+        if tokens > MAX_REQUEST_TOKENS && self.counter.max_input().is_some() && items.len() > 1 {
+            let mid = items.len() / 2;
+            self.embed(&items[..mid], vectors, rejected)?;
+            return self.embed(&items[mid..], vectors, rejected);
+        }
+        if let Some(budget) = self.budget {
+            if let Err(reason) = budget.reserve(tokens as u64) {
+                return Err(Halt::Budget(reason));
+            }
+        }
+        let inputs = Arc::new(items.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>());
         let reply = provider::embed_with_retry(
             &self.requester,
             &inputs,
@@ -555,22 +626,22 @@ impl Batcher<'_> {
                 tokens,
             }) => {
                 self.tokens += tokens.unwrap_or(0);
-                vectors.extend(vs.into_iter().enumerate().map(|(i, v)| (offset + i, v)));
+                vectors.extend(vs.into_iter().zip(items).map(|(v, (i, _))| (*i, v)));
                 Ok(())
             }
             Err(RetryOutcome::Failed(ProviderError::Rejected { status, message }))
-                if rows.len() > 1 =>
+                if items.len() > 1 =>
             {
                 crate::debug!(
                     "request of {} rows rejected ({status}: {message}); splitting it",
-                    rows.len()
+                    items.len()
                 );
-                let mid = rows.len() / 2;
-                self.embed(&rows[..mid], offset, vectors, rejected)?;
-                self.embed(&rows[mid..], offset + mid, vectors, rejected)
+                let mid = items.len() / 2;
+                self.embed(&items[..mid], vectors, rejected)?;
+                self.embed(&items[mid..], vectors, rejected)
             }
             Err(RetryOutcome::Failed(ProviderError::Rejected { status, message })) => {
-                rejected.push((offset, format!("{status}: {message}")));
+                rejected.push((items[0].0, format!("{status}: {message}")));
                 Ok(())
             }
             Err(RetryOutcome::Failed(ProviderError::Mismatch { message })) => {
@@ -587,6 +658,86 @@ impl Batcher<'_> {
             Err(RetryOutcome::Stopped) => Err(Halt::Stopped),
         }
     }
+}
+
+/// The tokens a run may still spend (`--max-tokens`, `--max-cost-usd`),
+/// shared by its workers: a request is sent only once its tokens are reserved.
+pub struct TokenBudget {
+    limit: u64,
+    reason: StopReason,
+    spent: Mutex<u64>,
+}
+
+impl TokenBudget {
+    fn reserve(&self, tokens: u64) -> std::result::Result<(), StopReason> {
+        let mut spent = lock(&self.spent);
+        if *spent + tokens > self.limit {
+            return Err(self.reason);
+        }
+        *spent += tokens;
+        Ok(())
+    }
+}
+
+/// The budget in tokens, from `--max-tokens` and `--max-cost-usd` (whichever is tighter).
+fn token_budget(cfg: &Config) -> Option<TokenBudget> {
+    let by_tokens = cfg.budget.max_tokens.map(|t| (t, StopReason::MaxTokens));
+    let by_cost = cfg
+        .budget
+        .max_cost_usd
+        .zip(cfg.provider.price())
+        .map(|(usd, price)| {
+            (
+                (usd / price * 1_000_000.0).floor() as u64,
+                StopReason::MaxCost,
+            )
+        });
+    let (limit, reason) = match (by_tokens, by_cost) {
+        (Some(a), Some(b)) => {
+            if a.0 <= b.0 {
+                a
+            } else {
+                b
+            }
+        }
+        (a, b) => a.or(b)?,
+    };
+    Some(TokenBudget {
+        limit,
+        reason,
+        spent: Mutex::new(0),
+    })
+}
+
+/// The texts to send for `rows`, by batch index: too-long ones truncated
+/// (counted in `truncated`) or, with `--on-too-long skip`, rejected.
+fn inputs_for(
+    rows: &[Claimed],
+    counter: &Counter,
+    on_too_long: TooLong,
+    truncated: &mut u64,
+    rejected: &mut Vec<(usize, String)>,
+) -> Vec<(usize, String)> {
+    let mut items = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let Some(max) = counter.max_input() else {
+            items.push((i, row.text.clone()));
+            continue;
+        };
+        match (counter.over(&row.text, max), on_too_long) {
+            (None, _) => items.push((i, row.text.clone())),
+            (Some(n), TooLong::Skip) => rejected.push((
+                i,
+                format!("too long: {n} tokens, the model takes {max} (--on-too-long skip; truncate would send the first {max})"),
+            )),
+            (Some(_), TooLong::Truncate) => {
+                let (cut, _) = counter.truncate(&row.text, max).unwrap_or_else(|| (row.text.clone(), 0));
+                *truncated += 1;
+                items.push((i, cut));
+            }
+        }
+    }
+    items
 }
 
 /// Checks every reply's vector size against the column (or the model).
@@ -731,11 +882,13 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
     };
     let pending = target.count_pending(db.client())?;
     let failed = target.count_failed(db.client(), state_exists)?;
+    let counter = Counter::for_model(&cfg.provider.model);
+    let budget = token_budget(cfg);
     let mut tx = db.client().build_transaction().read_only(true).start()?;
     let mut cursor: Option<String> = None;
-    let (mut would_embed, mut tokens) = (0u64, 0u64);
+    let (mut would_embed, mut tokens, mut truncated, mut too_long) = (0u64, 0u64, 0u64, 0u64);
     let mut sample_ids = Vec::new();
-    loop {
+    'claims: loop {
         let limit = match cfg.budget.max_rows {
             Some(max) if would_embed >= max => break,
             Some(max) => cfg.budget.batch_size.min((max - would_embed) as usize),
@@ -752,15 +905,29 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
         let Some(next) = next else { break };
         cursor = Some(next);
         for row in &rows {
+            // The same decisions as a run: count what would be sent.
+            let mut n = counter.count(&row.text) as u64;
+            if let Some(max) = counter.max_input().map(|m| m as u64).filter(|m| n > *m) {
+                if cfg.on_too_long == TooLong::Skip {
+                    too_long += 1;
+                    continue;
+                }
+                truncated += 1;
+                n = max;
+            }
+            if let Some(b) = &budget {
+                if b.reserve(n).is_err() {
+                    break 'claims;
+                }
+            }
             if sample_ids.len() < 10 {
                 sample_ids.push(row.id.clone());
             }
-            tokens += provider::estimate_tokens(&row.text);
+            tokens += n;
+            would_embed += 1;
         }
-        would_embed += rows.len() as u64;
     }
     tx.rollback()?;
-    let price = provider::known_model(&cfg.provider.model).map(|m| m.usd_per_million_tokens);
     Ok(DryRunReport {
         command: "dry-run",
         table: target.table.clone(),
@@ -768,8 +935,14 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
         pending,
         failed,
         would_embed,
+        truncated,
+        too_long,
         estimated_tokens: tokens,
-        estimated_cost_usd: price.map(|p| tokens as f64 * p / 1_000_000.0),
+        tokens_exact: matches!(counter, Counter::Exact(_)),
+        estimated_cost_usd: cfg
+            .provider
+            .price()
+            .map(|p| tokens as f64 * p / 1_000_000.0),
         sample_ids,
     })
 }

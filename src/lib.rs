@@ -16,6 +16,7 @@ pub mod provider;
 pub mod setup;
 pub mod signals;
 pub mod tls;
+pub mod tokens;
 pub mod verify;
 
 use config::{Config, Mode};

@@ -158,6 +158,7 @@ fn odd_input_is_embedded_exactly_or_refused_clearly() {
     );
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["embedded"], 3);
+    assert_eq!(r.json()["truncated"], 1);
     let t = format!("{s}.odd");
     assert_eq!(
         db.vector(&t, "id", "a"),
@@ -167,7 +168,20 @@ fn odd_input_is_embedded_exactly_or_refused_clearly() {
         db.vector(&t, "id", "d"),
         Some(vector_for("CamelCase Text", 16))
     );
-    assert_eq!(db.vector(&t, "id", "e"), Some(vector_for(&big, 16)));
+    // The 1 MB text is cut to the model's 8192 tokens, on a token boundary.
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    let cut = bpe
+        .decode(&bpe.encode_ordinary(&big)[..8192])
+        .expect("decode");
+    assert!(big.starts_with(&cut) && cut.len() < big.len());
+    assert_eq!(db.vector(&t, "id", "e"), Some(vector_for(&cut, 16)));
+    assert_eq!(
+        mock.embedded_inputs()
+            .iter()
+            .filter(|i| i.len() > 100)
+            .count(),
+        1
+    );
     assert_eq!(db.vector(&t, "id", "b"), None);
     let j = autoembed(
         &db,

@@ -112,13 +112,6 @@ pub fn expected_dimensions(cfg: &ProviderConfig) -> Option<u32> {
         .or_else(|| known_model(&cfg.model).map(|m| m.dimensions))
 }
 
-/// A conservative token count for a text when the model's tokenizer is not
-/// at hand: one token per four bytes of UTF-8, rounded up (English averages
-/// about four characters a token; other scripts use more bytes per character).
-pub fn estimate_tokens(text: &str) -> u64 {
-    (text.len() as u64).div_ceil(4).max(1)
-}
-
 /// A successful reply: one vector per input, in input order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embeddings {

@@ -461,6 +461,7 @@ mod tests {
             api_key: Some("k".into()),
             key_var: "OPENAI_API_KEY",
             vault_secret: None,
+            price_per_million: None,
             model: "text-embedding-3-small".into(),
             dimensions: None,
             request_timeout: Duration::from_secs(1),

@@ -1,0 +1,97 @@
+//! Token counts: what a text costs and whether it fits.
+//!
+//! The OpenAI embedding models (directly or through OpenRouter) use the
+//! `cl100k_base` encoding, which `tiktoken-rs` ships inside the crate, so
+//! their counts are exact. Other models get a safe estimate (one token per
+//! four bytes, rounded up) and no length limit of autoembed's own: their
+//! server's rejection of a too-long input is handled like any rejected row.
+//!
+//! Counting costs CPU, so callers count only where it can matter: a token is
+//! at least one byte, so a text of at most N bytes has at most N tokens.
+
+use crate::provider::known_model;
+use tiktoken_rs::CoreBPE;
+
+/// The most tokens one input may have (OpenAI's embedding models).
+pub const MAX_INPUT_TOKENS: usize = 8192;
+/// The most tokens one request may carry in all (OpenAI).
+pub const MAX_REQUEST_TOKENS: usize = 300_000;
+
+#[derive(Clone, Copy)]
+pub enum Counter {
+    Exact(&'static CoreBPE),
+    Estimate,
+}
+
+impl Counter {
+    pub fn for_model(model: &str) -> Counter {
+        match known_model(model) {
+            Some(_) => Counter::Exact(tiktoken_rs::cl100k_base_singleton()),
+            None => Counter::Estimate,
+        }
+    }
+
+    pub fn count(&self, text: &str) -> usize {
+        match self {
+            Counter::Exact(bpe) => bpe.encode_ordinary(text).len(),
+            Counter::Estimate => text.len().div_ceil(4).max(1),
+        }
+    }
+
+    /// The input limit autoembed enforces, when it knows one.
+    pub fn max_input(&self) -> Option<usize> {
+        match self {
+            Counter::Exact(_) => Some(MAX_INPUT_TOKENS),
+            Counter::Estimate => None,
+        }
+    }
+
+    /// `text` cut to at most `max` tokens, with its token count, or `None`
+    /// when it already fits.
+    pub fn truncate(&self, text: &str, max: usize) -> Option<(String, usize)> {
+        if text.len() <= max {
+            return None;
+        }
+        let Counter::Exact(bpe) = self else {
+            return None;
+        };
+        let tokens = bpe.encode_ordinary(text);
+        if tokens.len() <= max {
+            return None;
+        }
+        // A cut can fall inside a character's bytes; step back until it doesn't.
+        (0..8).map(|back| max.saturating_sub(back)).find_map(|n| {
+            let bytes = bpe.decode_bytes(&tokens[..n]).ok()?;
+            String::from_utf8(bytes).ok().map(|s| (s, n))
+        })
+    }
+
+    /// Tokens of `text`, counted only when the byte length says it could
+    /// exceed `limit`; otherwise `None` (it fits).
+    pub fn over(&self, text: &str, limit: usize) -> Option<usize> {
+        if text.len() <= limit {
+            return None;
+        }
+        Some(self.count(text)).filter(|n| *n > limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_cl100k_exactly_and_truncates_on_a_character_boundary() {
+        let c = Counter::for_model("text-embedding-3-small");
+        assert_eq!(c.count("hello world"), 2);
+        let long = "é ".repeat(9000);
+        let (cut, n) = c.truncate(&long, MAX_INPUT_TOKENS).expect("too long");
+        assert!(n <= MAX_INPUT_TOKENS && c.count(&cut) <= MAX_INPUT_TOKENS);
+        assert!(long.starts_with(&cut));
+        assert!(c.truncate("short", MAX_INPUT_TOKENS).is_none());
+        assert!(matches!(
+            Counter::for_model("nomic-embed-text"),
+            Counter::Estimate
+        ));
+    }
+}

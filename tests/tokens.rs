@@ -1,0 +1,195 @@
+//! Tokens and money: exact counts for OpenAI models, inputs cut (or skipped)
+//! at the model's limit, requests kept under the per-request limit, and
+//! budgets that stop a run before a request would pass them.
+
+mod support;
+
+use support::mock::{tokens_for, Mock};
+use support::{autoembed, TestDb};
+
+#[test]
+fn dry_run_counts_exactly_the_tokens_the_run_then_pays_for() {
+    let mut db = TestDb::new("exacttokens");
+    db.products(60, 1536);
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "UPDATE {s}.products SET embedding_text = repeat('Crème brûlée, 東京タワー 🍮 naïve café ', ((product_id_internal % 7) + 1)::int) || product_id_internal
+         WHERE product_id_internal % 2 = 0"
+    ));
+    let mock = Mock::start(1536);
+    let dry = autoembed(
+        &db,
+        &mock,
+        &["dry-run", "--json", "--price-per-million", "1.5"],
+    )
+    .json();
+    assert_eq!(dry["tokens_exact"], true);
+    let run = autoembed(&db, &mock, &["run-once", "--json"]).json();
+    assert_eq!(run["embedded"], 60);
+    assert_eq!(
+        dry["estimated_tokens"], run["tokens"],
+        "dry-run {dry} vs run {run}"
+    );
+    let sent: u64 = mock.embedded_inputs().iter().map(|t| tokens_for(t)).sum();
+    assert_eq!(run["tokens"].as_u64(), Some(sent));
+    let cost = dry["estimated_cost_usd"].as_f64().unwrap_or(-1.0);
+    assert!((cost - sent as f64 * 1.5 / 1e6).abs() < 1e-12, "{dry}");
+}
+
+#[test]
+fn too_long_texts_are_cut_by_default_or_skipped_and_recorded() {
+    let mut db = TestDb::new("toolong");
+    db.products(3, 1536);
+    let s = db.schema.clone();
+    // 9000 tokens: " word" is one token in cl100k_base.
+    db.exec(&format!("UPDATE {s}.products SET embedding_text = repeat(' word', 9000) WHERE product_id_internal = 2"));
+    let mock = Mock::start(1536);
+    let dry = autoembed(&db, &mock, &["dry-run", "--json", "--on-too-long", "skip"]).json();
+    assert_eq!(
+        (dry["would_embed"].as_u64(), dry["too_long"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let r = autoembed(&db, &mock, &["run-once", "--json", "--on-too-long", "skip"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        (r.json()["embedded"].as_u64(), r.json()["failed"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert!(
+        r.stderr
+            .contains("too long: 9000 tokens, the model takes 8192 (--on-too-long skip"),
+        "{r:?}"
+    );
+    assert!(mock.embedded_inputs().iter().all(|t| tokens_for(t) <= 8192));
+    // No request ever failed for length.
+    assert_eq!(r.json()["requests"], 1);
+
+    let mut db = TestDb::new("toolong2");
+    db.products(3, 1536);
+    let s = db.schema.clone();
+    db.exec(&format!("UPDATE {s}.products SET embedding_text = repeat(' word', 9000) WHERE product_id_internal = 2"));
+    let mock = Mock::start(1536);
+    let dry = autoembed(&db, &mock, &["dry-run", "--json"]).json();
+    let r = autoembed(&db, &mock, &["run-once", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(
+        (
+            j["embedded"].as_u64(),
+            j["truncated"].as_u64(),
+            j["requests"].as_u64()
+        ),
+        (Some(3), Some(1), Some(1))
+    );
+    let cut = " word".repeat(8192);
+    assert_eq!(
+        db.vector(&db.table(), "product_id_internal", "2"),
+        Some(support::mock::vector_for(&cut, 1536))
+    );
+    assert_eq!(dry["truncated"], 1);
+    assert_eq!(dry["estimated_tokens"], j["tokens"]);
+}
+
+#[test]
+fn a_batch_over_300k_tokens_is_split_before_it_is_sent() {
+    let mut db = TestDb::new("bigbatch");
+    db.products(40, 1536);
+    let s = db.schema.clone();
+    // 40 texts of 8,000 tokens: 320,000 in one batch of 100.
+    db.exec(&format!(
+        "UPDATE {s}.products SET embedding_text = product_id_internal || repeat(' word', 7999)"
+    ));
+    let mock = Mock::start(1536);
+    let r = autoembed(&db, &mock, &["run-once", "--json", "--concurrency", "1"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(
+        (j["embedded"].as_u64(), j["failed"].as_u64()),
+        (Some(40), Some(0))
+    );
+    // Two requests, none of them rejected: it was split before sending.
+    assert_eq!(j["requests"], 2);
+    for req in mock.requests() {
+        let tokens: u64 = req.inputs.iter().map(|t| tokens_for(t)).sum();
+        assert!(tokens <= 300_000, "a request of {tokens} tokens");
+    }
+    assert_eq!(db.correct_rows(1536), (40, 0));
+}
+
+#[test]
+fn token_and_cost_budgets_stop_the_run_before_a_request_would_pass_them() {
+    let mut db = TestDb::new("budgets");
+    db.products(100, 1536);
+    let mock = Mock::start(1536);
+    let per_batch: u64 = (1..=10).map(|i| tokens_for(&format!("product {i}"))).sum();
+    let limit = per_batch * 3 + per_batch / 2;
+    let r = autoembed(
+        &db,
+        &mock,
+        &[
+            "run-once",
+            "--json",
+            "--batch-size",
+            "10",
+            "--concurrency",
+            "1",
+            "--max-tokens",
+            &limit.to_string(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["stop_reason"], "max_tokens");
+    assert!(j["tokens"].as_u64().unwrap_or(u64::MAX) <= limit, "{j}");
+    assert_eq!(
+        (j["embedded"].as_u64(), j["pending_after"].as_i64()),
+        (Some(30), Some(70))
+    );
+
+    // --max-cost-usd, priced at $1 a token here: the same budget in dollars.
+    let mock = Mock::start(1536);
+    let usd = format!("{limit}");
+    let r = autoembed(
+        &db,
+        &mock,
+        &[
+            "run-once",
+            "--json",
+            "--batch-size",
+            "10",
+            "--concurrency",
+            "1",
+            "--max-cost-usd",
+            &usd,
+            "--price-per-million",
+            "1000000",
+        ],
+    );
+    let j = r.json();
+    assert_eq!(
+        (j["stop_reason"].as_str(), j["embedded"].as_u64()),
+        (Some("max_cost"), Some(30)),
+        "{j}"
+    );
+
+    // A cost budget needs a price.
+    let r = autoembed(
+        &db,
+        &mock,
+        &[
+            "run-once",
+            "--provider",
+            "openai-compatible",
+            "--model",
+            "nomic-embed-text",
+            "--max-cost-usd",
+            "1",
+        ],
+    );
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("--max-cost-usd (AUTOEMBED_MAX_COST_USD) needs a price"),
+        "{r:?}"
+    );
+}
