@@ -19,6 +19,7 @@ use crate::signals::Stop;
 use crate::tokens::{Counter, MAX_REQUEST_TOKENS};
 use postgres::Transaction;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -538,10 +539,15 @@ fn one_batch(
         &mut truncated,
         &mut rejected,
     );
-    let halt = batcher.embed(&items, &mut vectors, &mut rejected).err();
-    let done: Vec<(&Claimed, Vec<f32>)> = vectors.into_iter().map(|(i, v)| (&rows[i], v)).collect();
-    let failed: Vec<(&Claimed, String)> =
-        rejected.into_iter().map(|(i, e)| (&rows[i], e)).collect();
+    // Identical texts in a batch are sent once; every row gets the vector.
+    let (unique, copies) = dedupe(items);
+    let halt = batcher.embed(&unique, &mut vectors, &mut rejected).err();
+    let done: Vec<(&Claimed, Vec<f32>)> = fan_out(vectors, &copies)
+        .map(|(i, v)| (&rows[i], v))
+        .collect();
+    let failed: Vec<(&Claimed, String)> = fan_out(rejected, &copies)
+        .map(|(i, e)| (&rows[i], e))
+        .collect();
     let sent = done.len();
     let written = target.write(&mut tx, done)?;
     target.record_failures(&mut tx, &failed)?;
@@ -706,6 +712,47 @@ fn token_budget(cfg: &Config) -> Option<TokenBudget> {
         limit,
         reason,
         spent: Mutex::new(0),
+    })
+}
+
+/// For the batch index of each text sent, the other rows that share it.
+type Copies = HashMap<usize, Vec<usize>>;
+
+/// The first item of each distinct text, and for each of those the batch
+/// indexes of the other rows with the same text.
+fn dedupe(items: Vec<(usize, String)>) -> (Vec<(usize, String)>, Copies) {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    let mut copies: Copies = HashMap::new();
+    let mut keep = vec![true; items.len()];
+    for (pos, (i, text)) in items.iter().enumerate() {
+        match first.get(text.as_str()) {
+            Some(&owner) => {
+                copies.entry(owner).or_default().push(*i);
+                keep[pos] = false;
+            }
+            None => {
+                first.insert(text, *i);
+            }
+        }
+    }
+    let unique = items
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(item, k)| k.then_some(item))
+        .collect();
+    (unique, copies)
+}
+
+/// Results by batch index, repeated for the rows that shared the text.
+fn fan_out<'c, T: Clone + 'c>(
+    results: Vec<(usize, T)>,
+    copies: &'c Copies,
+) -> impl Iterator<Item = (usize, T)> + 'c {
+    results.into_iter().flat_map(move |(i, v)| {
+        let others = copies.get(&i).map(Vec::as_slice).unwrap_or(&[]);
+        let mut out: Vec<(usize, T)> = others.iter().map(|&j| (j, v.clone())).collect();
+        out.push((i, v));
+        out
     })
 }
 
@@ -904,9 +951,15 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
         )?;
         let Some(next) = next else { break };
         cursor = Some(next);
+        let mut seen = std::collections::HashSet::new();
         for row in &rows {
-            // The same decisions as a run: count what would be sent.
-            let mut n = counter.count(&row.text) as u64;
+            // The same decisions as a run: count what would be sent, each
+            // distinct text of a batch once.
+            let mut n = if seen.insert(row.text.as_str()) {
+                counter.count(&row.text) as u64
+            } else {
+                0
+            };
             if let Some(max) = counter.max_input().map(|m| m as u64).filter(|m| n > *m) {
                 if cfg.on_too_long == TooLong::Skip {
                     too_long += 1;

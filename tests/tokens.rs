@@ -193,3 +193,27 @@ fn token_and_cost_budgets_stop_the_run_before_a_request_would_pass_them() {
         "{r:?}"
     );
 }
+
+#[test]
+fn identical_texts_in_a_batch_are_sent_once_and_written_to_every_row() {
+    let mut db = TestDb::new("dupes");
+    db.products(30, 1536);
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "UPDATE {s}.products SET embedding_text = 'same text' WHERE product_id_internal % 3 = 0"
+    ));
+    let mock = Mock::start(1536);
+    let dry = autoembed(&db, &mock, &["dry-run", "--json"]).json();
+    let r = autoembed(&db, &mock, &["run-once", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["embedded"], 30);
+    assert_eq!(dry["estimated_tokens"], r.json()["tokens"]);
+    let sent = mock.embedded_inputs();
+    assert_eq!(
+        sent.len(),
+        21,
+        "10 identical texts should be one input: {sent:?}"
+    );
+    assert_eq!(sent.iter().filter(|t| t.as_str() == "same text").count(), 1);
+    assert_eq!(db.correct_rows(1536), (30, 0));
+}
