@@ -991,7 +991,7 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
         truncated,
         too_long,
         estimated_tokens: tokens,
-        tokens_exact: matches!(counter, Counter::Exact(_)),
+        tokens_exact: counter == Counter::Exact,
         estimated_cost_usd: cfg
             .provider
             .price()

@@ -12,28 +12,36 @@
 use crate::provider::known_model;
 use tiktoken_rs::CoreBPE;
 
+/// The encoding, loaded on first use: it takes tens of milliseconds and
+/// megabytes that a run which counts nothing (the usual cron tick) never pays.
+fn cl100k() -> &'static CoreBPE {
+    tiktoken_rs::cl100k_base_singleton()
+}
+
 /// The most tokens one input may have (OpenAI's embedding models).
 pub const MAX_INPUT_TOKENS: usize = 8192;
 /// The most tokens one request may carry in all (OpenAI).
 pub const MAX_REQUEST_TOKENS: usize = 300_000;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    Exact(&'static CoreBPE),
+    /// `cl100k_base`, as OpenAI counts.
+    Exact,
+    /// One token per four bytes, rounded up.
     Estimate,
 }
 
 impl Counter {
     pub fn for_model(model: &str) -> Counter {
         match known_model(model) {
-            Some(_) => Counter::Exact(tiktoken_rs::cl100k_base_singleton()),
+            Some(_) => Counter::Exact,
             None => Counter::Estimate,
         }
     }
 
     pub fn count(&self, text: &str) -> usize {
         match self {
-            Counter::Exact(bpe) => bpe.encode_ordinary(text).len(),
+            Counter::Exact => cl100k().encode_ordinary(text).len(),
             Counter::Estimate => text.len().div_ceil(4).max(1),
         }
     }
@@ -41,7 +49,7 @@ impl Counter {
     /// The input limit autoembed enforces, when it knows one.
     pub fn max_input(&self) -> Option<usize> {
         match self {
-            Counter::Exact(_) => Some(MAX_INPUT_TOKENS),
+            Counter::Exact => Some(MAX_INPUT_TOKENS),
             Counter::Estimate => None,
         }
     }
@@ -52,9 +60,10 @@ impl Counter {
         if text.len() <= max {
             return None;
         }
-        let Counter::Exact(bpe) = self else {
+        if *self != Counter::Exact {
             return None;
-        };
+        }
+        let bpe = cl100k();
         let tokens = bpe.encode_ordinary(text);
         if tokens.len() <= max {
             return None;

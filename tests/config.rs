@@ -318,3 +318,38 @@ fn a_wrong_password_is_exit_3_and_never_printed() {
         "{r:?}"
     );
 }
+
+#[test]
+fn the_env_example_file_parses_and_is_used_as_written() {
+    let db = TestDb::new("envexample");
+    let mock = Mock::start(1536);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example");
+    // Its DATABASE_URL names the local server's postgres database, which has no products table.
+    let r = run(std::process::Command::new(env!("CARGO_BIN_EXE_autoembed"))
+        .env_clear()
+        .current_dir(&db.dir)
+        .args(["verify", "--json", "--offline", "--env-file", example]));
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    let check = |name: &str| {
+        j["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+    };
+    assert_eq!(
+        check("database").map(|c| c["detail"].clone()),
+        Some("postgres@127.0.0.1:5432/postgres".into())
+    );
+    assert!(
+        check("table")
+            .map(|c| c["detail"].to_string())
+            .unwrap_or_default()
+            .contains("public.products"),
+        "{j}"
+    );
+    assert_eq!(check("api_key").map(|c| c["ok"].clone()), Some(true.into()));
+    drop(mock);
+}
