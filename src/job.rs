@@ -767,24 +767,41 @@ fn inputs_for(
 ) -> Vec<(usize, String)> {
     let mut items = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
-        let Some(max) = counter.max_input() else {
-            items.push((i, row.text.clone()));
-            continue;
-        };
-        match (counter.over(&row.text, max), on_too_long) {
-            (None, _) => items.push((i, row.text.clone())),
-            (Some(n), TooLong::Skip) => rejected.push((
-                i,
-                format!("too long: {n} tokens, the model takes {max} (--on-too-long skip; truncate would send the first {max})"),
-            )),
-            (Some(_), TooLong::Truncate) => {
-                let (cut, _) = counter.truncate(&row.text, max).unwrap_or_else(|| (row.text.clone(), 0));
+        match fit(&row.text, counter, on_too_long) {
+            Fit::Whole => items.push((i, row.text.clone())),
+            Fit::Cut(cut) => {
                 *truncated += 1;
                 items.push((i, cut));
             }
+            Fit::TooLong { tokens, max } => rejected.push((
+                i,
+                format!("too long: {tokens} tokens, the model takes {max} (--on-too-long skip; truncate would send the first {max})"),
+            )),
         }
     }
     items
+}
+
+/// What is sent for one text.
+enum Fit {
+    /// The text as it is.
+    Whole,
+    /// Its first tokens, up to the model's limit.
+    Cut(String),
+    /// Nothing (`--on-too-long skip`).
+    TooLong { tokens: usize, max: usize },
+}
+
+/// The one rule for texts over the model's input limit, for runs and dry-runs alike.
+fn fit(text: &str, counter: &Counter, on_too_long: TooLong) -> Fit {
+    let Some(max) = counter.max_input() else {
+        return Fit::Whole;
+    };
+    match (counter.over(text, max), on_too_long) {
+        (None, _) => Fit::Whole,
+        (Some(tokens), TooLong::Skip) => Fit::TooLong { tokens, max },
+        (Some(_), TooLong::Truncate) => counter.truncate(text, max).map_or(Fit::Whole, Fit::Cut),
+    }
 }
 
 /// Checks every reply's vector size against the column (or the model).
@@ -953,21 +970,25 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
         cursor = Some(next);
         let mut seen = std::collections::HashSet::new();
         for row in &rows {
-            // The same decisions as a run: count what would be sent, each
-            // distinct text of a batch once.
-            let mut n = if seen.insert(row.text.as_str()) {
-                counter.count(&row.text) as u64
-            } else {
-                0
-            };
-            if let Some(max) = counter.max_input().map(|m| m as u64).filter(|m| n > *m) {
-                if cfg.on_too_long == TooLong::Skip {
+            // The same decisions as a run: what would be sent, each distinct
+            // text of a batch counted once.
+            let text = match fit(&row.text, &counter, cfg.on_too_long) {
+                Fit::Whole => row.text.clone(),
+                Fit::Cut(cut) => {
+                    truncated += 1;
+                    cut
+                }
+                Fit::TooLong { .. } => {
                     too_long += 1;
                     continue;
                 }
-                truncated += 1;
-                n = max;
-            }
+            };
+            let n = if seen.contains(&text) {
+                0
+            } else {
+                counter.count(&text) as u64
+            };
+            seen.insert(text);
             if let Some(b) = &budget {
                 if b.reserve(n).is_err() {
                     break 'claims;

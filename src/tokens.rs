@@ -54,9 +54,8 @@ impl Counter {
         }
     }
 
-    /// `text` cut to at most `max` tokens, with its token count, or `None`
-    /// when it already fits.
-    pub fn truncate(&self, text: &str, max: usize) -> Option<(String, usize)> {
+    /// `text` cut to at most `max` tokens, or `None` when it already fits.
+    pub fn truncate(&self, text: &str, max: usize) -> Option<String> {
         if text.len() <= max {
             return None;
         }
@@ -71,7 +70,7 @@ impl Counter {
         // A cut can fall inside a character's bytes; step back until it doesn't.
         (0..8).map(|back| max.saturating_sub(back)).find_map(|n| {
             let bytes = bpe.decode_bytes(&tokens[..n]).ok()?;
-            String::from_utf8(bytes).ok().map(|s| (s, n))
+            String::from_utf8(bytes).ok()
         })
     }
 
@@ -94,8 +93,8 @@ mod tests {
         let c = Counter::for_model("text-embedding-3-small");
         assert_eq!(c.count("hello world"), 2);
         let long = "é ".repeat(9000);
-        let (cut, n) = c.truncate(&long, MAX_INPUT_TOKENS).expect("too long");
-        assert!(n <= MAX_INPUT_TOKENS && c.count(&cut) <= MAX_INPUT_TOKENS);
+        let cut = c.truncate(&long, MAX_INPUT_TOKENS).expect("too long");
+        assert!(c.count(&cut) <= MAX_INPUT_TOKENS);
         assert!(long.starts_with(&cut));
         assert!(c.truncate("short", MAX_INPUT_TOKENS).is_none());
         assert!(matches!(

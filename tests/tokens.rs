@@ -36,13 +36,18 @@ fn dry_run_counts_exactly_the_tokens_the_run_then_pays_for() {
     assert!((cost - sent as f64 * 1.5 / 1e6).abs() < 1e-12, "{dry}");
 }
 
-#[test]
-fn too_long_texts_are_cut_by_default_or_skipped_and_recorded() {
-    let mut db = TestDb::new("toolong");
+/// Three products; the second holds 9,000 tokens (" word" is one token in cl100k_base).
+fn three_rows_one_too_long(name: &str) -> TestDb {
+    let mut db = TestDb::new(name);
     db.products(3, 1536);
     let s = db.schema.clone();
-    // 9000 tokens: " word" is one token in cl100k_base.
     db.exec(&format!("UPDATE {s}.products SET embedding_text = repeat(' word', 9000) WHERE product_id_internal = 2"));
+    db
+}
+
+#[test]
+fn too_long_texts_are_cut_by_default_or_skipped_and_recorded() {
+    let db = three_rows_one_too_long("toolong");
     let mock = Mock::start(1536);
     let dry = autoembed(&db, &mock, &["dry-run", "--json", "--on-too-long", "skip"]).json();
     assert_eq!(
@@ -64,10 +69,7 @@ fn too_long_texts_are_cut_by_default_or_skipped_and_recorded() {
     // No request ever failed for length.
     assert_eq!(r.json()["requests"], 1);
 
-    let mut db = TestDb::new("toolong2");
-    db.products(3, 1536);
-    let s = db.schema.clone();
-    db.exec(&format!("UPDATE {s}.products SET embedding_text = repeat(' word', 9000) WHERE product_id_internal = 2"));
+    let mut db = three_rows_one_too_long("toolong2");
     let mock = Mock::start(1536);
     let dry = autoembed(&db, &mock, &["dry-run", "--json"]).json();
     let r = autoembed(&db, &mock, &["run-once", "--json"]);
