@@ -1,54 +1,60 @@
 #!/usr/bin/env bash
-# The README's first command: fill a demo table's embedding column, locally,
-# with no API key and no network.
+# The README's first command: fill a demo table with real embeddings, locally,
+# with no API key, no network at run time and no cost, then search it.
 #
-# It makes the local PostgreSQL ready (pgvector), builds autoembed, loads 300
-# sample products from examples/products.csv into autoembed_demo.products,
-# and runs `autoembed verify`, `dry-run` and `backfill` against a stand-in
-# embeddings server on 127.0.0.1 (examples/mock_server.rs: OpenAI's wire
-# format, vectors derived from the text, not meaningful ones). To use a real
-# provider instead, see README.md, "Point it at your provider".
+#   scripts/demo.sh ["a search query"]
+#
+# It makes the local PostgreSQL ready (scripts/dev-db.sh: pgvector), fetches
+# the local model (scripts/fetch-model.sh: all-MiniLM-L6-v2, once), builds
+# autoembed, loads 300 products from examples/products.csv into
+# autoembed_demo.products (vector(384)), runs `autoembed verify` and
+# `autoembed backfill --provider local`, embeds the query the same way (a
+# one-row table, autoembed_demo.queries) and prints the three products
+# nearest to it with pgvector's <=> (cosine distance).
 #
 # Environment: PGHOST, PGPORT, PGUSER, PGDATABASE as for scripts/dev-db.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+query=${1:-"something to keep me dry on a rainy hike"}
 export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}" PGDATABASE="${PGDATABASE:-test}"
 export PGOPTIONS="${PGOPTIONS:--c client_min_messages=warning}"
 bash scripts/dev-db.sh
-cargo build --locked --quiet --bin autoembed --example mock_server
+bash scripts/fetch-model.sh
+cargo build --locked --quiet --bin autoembed
 bin=target/debug/autoembed
 
-psql -Xq -v ON_ERROR_STOP=1 <<'SQL'
+psql -Xq -v ON_ERROR_STOP=1 -v query="$query" <<'SQL'
 DROP SCHEMA IF EXISTS autoembed_demo CASCADE;
+DROP SCHEMA IF EXISTS autoembed_demo_state CASCADE;
 CREATE SCHEMA autoembed_demo;
 CREATE TABLE autoembed_demo.products (
     product_id_internal bigint PRIMARY KEY,
     name                text NOT NULL,
     embedding_text      text,
-    embedding           vector(1536)
+    embedding           vector(384)
 );
 \copy autoembed_demo.products (product_id_internal, name, embedding_text) FROM 'examples/products.csv' WITH (FORMAT csv, HEADER true)
+CREATE TABLE autoembed_demo.queries (
+    id             int PRIMARY KEY,
+    embedding_text text,
+    embedding      vector(384)
+);
+INSERT INTO autoembed_demo.queries VALUES (1, :'query');
 SQL
 
-# The stand-in provider, on a free loopback port; stopped when this script ends.
-out=$(mktemp)
-target/debug/examples/mock_server 0 1536 >"$out" &
-mock_pid=$!
-trap 'kill $mock_pid 2>/dev/null; rm -f "$out"' EXIT
-for _ in $(seq 1 100); do [ -s "$out" ] && break; sleep 0.1; done
-api_base=$(head -1 "$out")
-
 export DATABASE_URL="postgresql://$PGUSER@$PGHOST:$PGPORT/$PGDATABASE"
-export AUTOEMBED_TABLE=autoembed_demo.products AUTOEMBED_STATE_SCHEMA=autoembed_demo_state
-export AUTOEMBED_PROVIDER=openai-compatible AUTOEMBED_API_BASE="$api_base"
+export AUTOEMBED_PROVIDER=local AUTOEMBED_STATE_SCHEMA=autoembed_demo_state
 
-echo "== autoembed verify"
-"$bin" verify || true
-echo "== autoembed dry-run"
-"$bin" dry-run
-echo "== autoembed backfill"
-"$bin" backfill --batch-size 50
-echo "== autoembed run-once (nothing left to do)"
-"$bin" run-once
-echo "== the table"
-psql -Xc "SELECT count(*) AS rows, count(embedding) AS embedded, max(vector_dims(embedding)) AS dimensions FROM autoembed_demo.products"
+echo "== autoembed verify --table autoembed_demo.products"
+"$bin" verify --table autoembed_demo.products
+echo "== autoembed backfill --table autoembed_demo.products"
+"$bin" backfill --table autoembed_demo.products
+echo "== autoembed run-once --table autoembed_demo.queries (the query: \"$query\")"
+"$bin" run-once --table autoembed_demo.queries
+echo "== the three products nearest to \"$query\""
+psql -X -v ON_ERROR_STOP=1 -c "
+SELECT p.name, round((p.embedding <=> q.embedding)::numeric, 3) AS cosine_distance
+FROM autoembed_demo.products p, autoembed_demo.queries q
+WHERE q.id = 1
+ORDER BY p.embedding <=> q.embedding
+LIMIT 3"

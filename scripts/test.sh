@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The test command: make the local database ready, then run every check CI runs.
+# The test command: make the local database ready and fetch the local model
+# (the tests embed with it), then run every check CI runs.
 #
 #   scripts/test.sh            # fmt, clippy, all tests
 #   scripts/test.sh NAME       # only tests whose name contains NAME
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/dev-db.sh
+bash scripts/fetch-model.sh
 if [ "$#" -eq 0 ]; then
   cargo fmt --all -- --check
   cargo clippy --all-targets --locked -- -D warnings
+  # The lean API-only build (no local model) must stay warning-free too.
+  cargo clippy --all-targets --locked --no-default-features -- -D warnings
 fi
 cargo test --locked --all-targets "$@"

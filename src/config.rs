@@ -87,6 +87,8 @@ pub struct ProviderConfig {
     pub vault_secret: Option<String>,
     /// The model as the user named it.
     pub model: String,
+    /// Where the local model is (`--provider local` only).
+    pub model_path: Option<std::path::PathBuf>,
     pub dimensions: Option<u32>,
     /// `--price-per-million`, overriding the built-in price.
     pub price_per_million: Option<f64>,
@@ -110,6 +112,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("key_var", &self.key_var)
             .field("vault_secret", &self.vault_secret)
             .field("model", &self.model)
+            .field("model_path", &self.model_path)
             .field("dimensions", &self.dimensions)
             .field("price_per_million", &self.price_per_million)
             .field("request_timeout", &self.request_timeout)
@@ -130,6 +133,9 @@ pub struct Budget {
 
 /// Batches in flight at once unless `--concurrency` says otherwise.
 pub const DEFAULT_CONCURRENCY: usize = 8;
+/// The same for the local model, which computes one batch at a time on
+/// every core: a second worker claims and writes while the first computes.
+pub const DEFAULT_LOCAL_CONCURRENCY: usize = 2;
 
 /// Upper bound on inputs in one embeddings request (OpenAI's limit).
 pub const MAX_BATCH: usize = 2048;
@@ -238,7 +244,13 @@ impl Config {
             1,
             64,
         )?
-        .unwrap_or(DEFAULT_CONCURRENCY as u64) as usize;
+        .map_or(
+            match provider.kind {
+                ProviderKind::Local => DEFAULT_LOCAL_CONCURRENCY,
+                _ => DEFAULT_CONCURRENCY,
+            },
+            |n| n as usize,
+        );
         let verbosity = if c.quiet { -1 } else { c.verbose.min(3) as i8 };
         Ok(Config {
             mode,
@@ -413,13 +425,20 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
     let kind = match env.pick(c.provider.clone(), "AUTOEMBED_PROVIDER") {
         Some(name) => ProviderKind::parse(&name).ok_or_else(|| {
             Error::config(format!(
-                "invalid --provider (AUTOEMBED_PROVIDER) {name:?}: expected openai, openrouter or openai-compatible"
+                "invalid --provider (AUTOEMBED_PROVIDER) {name:?}: expected openai, openrouter, openai-compatible or local"
             ))
         })?,
         None if env.get("OPENROUTER_API_KEY").is_some() => ProviderKind::OpenRouter,
         None => ProviderKind::OpenAi,
     };
+    if kind == ProviderKind::Local && !cfg!(feature = "local") {
+        return Err(Error::config(
+            "--provider local (AUTOEMBED_PROVIDER): this autoembed was built without the local model; \
+             build it with the default features (cargo install without --no-default-features)",
+        ));
+    }
     let api_base = match env.pick(c.api_base.clone(), "AUTOEMBED_API_BASE") {
+        None if kind == ProviderKind::Local => String::from("http://localhost"),
         Some(base) => base,
         None => kind.default_base().map(str::to_string).ok_or_else(|| {
             Error::config(
@@ -452,7 +471,19 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
 
     let model = env
         .pick(c.model.clone(), "AUTOEMBED_MODEL")
-        .unwrap_or_else(|| provider::DEFAULT_MODEL.into());
+        .unwrap_or_else(|| match kind {
+            ProviderKind::Local => provider::DEFAULT_LOCAL_MODEL.into(),
+            _ => provider::DEFAULT_MODEL.into(),
+        });
+    let model_path = match env.pick(c.model_path.clone(), "AUTOEMBED_MODEL_PATH") {
+        _ if kind != ProviderKind::Local => None,
+        Some(p) => Some(std::path::PathBuf::from(p)),
+        None => Some(default_model_path(env).ok_or_else(|| {
+            Error::config(
+                "--provider local needs --model-path (AUTOEMBED_MODEL_PATH): neither XDG_DATA_HOME nor HOME is set",
+            )
+        })?),
+    };
     let dimensions = parse_num(
         env.pick(c.dimensions.clone(), "AUTOEMBED_DIMENSIONS"),
         "--dimensions",
@@ -461,6 +492,11 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
         16000,
     )?
     .map(|d| d as u32);
+    if dimensions.is_some() && kind == ProviderKind::Local {
+        return Err(Error::config(
+            "--dimensions (AUTOEMBED_DIMENSIONS) is not accepted by --provider local; unset it",
+        ));
+    }
     if let (Some(_), Some(info)) = (dimensions, provider::known_model(&model)) {
         if !info.accepts_dimensions {
             return Err(Error::config(format!(
@@ -489,10 +525,24 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
         key_var,
         vault_secret,
         model,
+        model_path,
         dimensions,
         price_per_million,
         request_timeout: Duration::from_secs(request_timeout),
     })
+}
+
+/// Where `scripts/fetch-model.sh` puts the model:
+/// `$XDG_DATA_HOME/autoembed/models/all-MiniLM-L6-v2`, by default under `~/.local/share`.
+fn default_model_path(env: &Env) -> Option<std::path::PathBuf> {
+    let data = match env.get("XDG_DATA_HOME").filter(|d| d.starts_with('/')) {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(env.get("HOME")?).join(".local/share"),
+    };
+    Some(
+        data.join("autoembed/models")
+            .join(provider::DEFAULT_LOCAL_MODEL),
+    )
 }
 
 /// A whole number in `min..=max`, or `None` when unset.

@@ -190,17 +190,15 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
         state_exists,
     } = checks::open(cfg)?;
     let cfg = &cfg;
+    let counter = Counter::for_provider(&cfg.provider)?;
     if cfg.mode == Mode::DryRun {
-        return dry_run(cfg, &mut db, &target, state_exists).map(Report::DryRun);
+        return dry_run(cfg, &mut db, &target, state_exists, &counter).map(Report::DryRun);
     }
+    let embedder = provider::build(&cfg.provider, &counter)?;
     target.ensure_state(&mut db, state_exists)?;
-    let guarded: Arc<dyn Embedder> = Arc::new(DimensionGuard::new(
-        cfg,
-        &target,
-        provider::build(&cfg.provider),
-    ));
+    let guarded: Arc<dyn Embedder> = Arc::new(DimensionGuard::new(cfg, &target, embedder));
     Ok(Report::Run(embed_loop(
-        cfg, &mut db, &target, guarded, stop,
+        cfg, &mut db, &target, guarded, counter, stop,
     )))
 }
 
@@ -209,11 +207,13 @@ fn embed_loop(
     db: &mut Db,
     target: &Target,
     embedder: Arc<dyn Embedder>,
+    counter: Counter,
     stop: &Stop,
 ) -> RunReport {
     let started = Instant::now();
     let shared = Shared {
         cfg,
+        counter,
         target,
         stop,
         deadline: cfg.budget.max_seconds.map(|d| started + d),
@@ -301,6 +301,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What the workers of one run share.
 struct Shared<'a> {
     cfg: &'a Config,
+    counter: Counter,
     target: &'a Target,
     stop: &'a Stop,
     deadline: Option<Instant>,
@@ -430,7 +431,7 @@ impl Shared<'_> {
 /// Claim, embed, write, commit, until the queue says stop.
 fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: bool) {
     let mut batcher = Batcher {
-        counter: Counter::for_model(&shared.cfg.provider.model),
+        counter: shared.counter.clone(),
         on_too_long: shared.cfg.on_too_long,
         budget: shared.budget.as_ref(),
         requester: provider::Requester::new(embedder),
@@ -600,14 +601,14 @@ impl Batcher<'_> {
         }
         // No request over the provider's token limit: split before sending.
         let bytes: usize = items.iter().map(|(_, t)| t.len()).sum();
-        let needs_count = self.budget.is_some()
-            || (bytes > MAX_REQUEST_TOKENS && self.counter.max_input().is_some());
+        let needs_count =
+            self.budget.is_some() || (bytes > MAX_REQUEST_TOKENS && self.counter.limits_requests());
         let tokens = if needs_count {
             items.iter().map(|(_, t)| self.counter.count(t)).sum()
         } else {
             0
         };
-        if tokens > MAX_REQUEST_TOKENS && self.counter.max_input().is_some() && items.len() > 1 {
+        if tokens > MAX_REQUEST_TOKENS && self.counter.limits_requests() && items.len() > 1 {
             let mid = items.len() / 2;
             self.embed(&items[..mid], vectors, rejected)?;
             return self.embed(&items[mid..], vectors, rejected);
@@ -800,7 +801,12 @@ fn fit(text: &str, counter: &Counter, on_too_long: TooLong) -> Fit {
     match (counter.over(text, max), on_too_long) {
         (None, _) => Fit::Whole,
         (Some(tokens), TooLong::Skip) => Fit::TooLong { tokens, max },
-        (Some(_), TooLong::Truncate) => counter.truncate(text, max).map_or(Fit::Whole, Fit::Cut),
+        // The local model cuts a text itself when no word boundary is left to cut at.
+        (Some(_), TooLong::Truncate) => Fit::Cut(
+            counter
+                .truncate(text, max)
+                .unwrap_or_else(|| text.to_string()),
+        ),
     }
 }
 
@@ -939,14 +945,19 @@ impl Progress {
 }
 
 /// The same claim loop as a run, read-only: no locks, no API call, no write.
-fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Result<DryRunReport> {
+fn dry_run(
+    cfg: &Config,
+    db: &mut Db,
+    target: &Target,
+    state_exists: bool,
+    counter: &Counter,
+) -> Result<DryRunReport> {
     let eligibility = Eligibility {
         skip_failed: !cfg.retry_failed,
         max_attempts: cfg.budget.max_attempts,
     };
     let pending = target.count_pending(db.client())?;
     let failed = target.count_failed(db.client(), state_exists)?;
-    let counter = Counter::for_model(&cfg.provider.model);
     let budget = token_budget(cfg);
     let mut tx = db.client().build_transaction().read_only(true).start()?;
     let mut cursor: Option<String> = None;
@@ -972,7 +983,7 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
         for row in &rows {
             // The same decisions as a run: what would be sent, each distinct
             // text of a batch counted once.
-            let text = match fit(&row.text, &counter, cfg.on_too_long) {
+            let text = match fit(&row.text, counter, cfg.on_too_long) {
                 Fit::Whole => row.text.clone(),
                 Fit::Cut(cut) => {
                     truncated += 1;
@@ -1012,7 +1023,7 @@ fn dry_run(cfg: &Config, db: &mut Db, target: &Target, state_exists: bool) -> Re
         truncated,
         too_long,
         estimated_tokens: tokens,
-        tokens_exact: counter == Counter::Exact,
+        tokens_exact: counter.is_exact(),
         estimated_cost_usd: cfg
             .provider
             .price()

@@ -6,10 +6,15 @@
 //! four bytes, rounded up) and no length limit of autoembed's own: their
 //! server's rejection of a too-long input is handled like any rejected row.
 //!
+//! The local model counts with its own WordPiece tokenizer, `[CLS]` and
+//! `[SEP]` included, and cuts inputs at its `max_seq_length` (256).
+//!
 //! Counting costs CPU, so callers count only where it can matter: a token is
-//! at least one byte, so a text of at most N bytes has at most N tokens.
+//! at least one byte, so a text of at most N bytes has at most N tokens
+//! (N + 2 with the local model's two special tokens).
 
-use crate::provider::known_model;
+use crate::config::ProviderConfig;
+use crate::provider::{known_model, ProviderKind};
 use tiktoken_rs::CoreBPE;
 
 /// The encoding, loaded on first use: it takes tens of milliseconds and
@@ -23,26 +28,51 @@ pub const MAX_INPUT_TOKENS: usize = 8192;
 /// The most tokens one request may carry in all (OpenAI).
 pub const MAX_REQUEST_TOKENS: usize = 300_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Counter {
     /// `cl100k_base`, as OpenAI counts.
     Exact,
     /// One token per four bytes, rounded up.
     Estimate,
+    /// The local model's tokenizer.
+    #[cfg(feature = "local")]
+    Local(std::sync::Arc<crate::provider::local::WordPiece>),
 }
 
 impl Counter {
-    pub fn for_model(model: &str) -> Counter {
+    /// The counter for the configured provider; for the local model this
+    /// loads its tokenizer (a missing model is a configuration error).
+    pub fn for_provider(p: &ProviderConfig) -> crate::error::Result<Counter> {
+        #[cfg(feature = "local")]
+        if p.kind == ProviderKind::Local {
+            let path = p.model_path.as_deref().unwrap_or(std::path::Path::new(""));
+            let wp = crate::provider::local::WordPiece::load(path)
+                .map_err(|e| crate::error::Error::Config(e.to_string()))?;
+            return Ok(Counter::Local(std::sync::Arc::new(wp)));
+        }
+        Ok(Counter::for_model(&p.model, p.kind))
+    }
+
+    pub fn for_model(model: &str, kind: ProviderKind) -> Counter {
         match known_model(model) {
-            Some(_) => Counter::Exact,
-            None => Counter::Estimate,
+            Some(m) if m.cl100k && kind != ProviderKind::Local => Counter::Exact,
+            _ => Counter::Estimate,
         }
     }
 
+    /// Whether counts are what the provider will bill (or report).
+    pub fn is_exact(&self) -> bool {
+        !matches!(self, Counter::Estimate)
+    }
+
+    /// Tokens of `text` as sent: for the local model, at most its limit,
+    /// since it cuts longer inputs itself.
     pub fn count(&self, text: &str) -> usize {
         match self {
             Counter::Exact => cl100k().encode_ordinary(text).len(),
             Counter::Estimate => text.len().div_ceil(4).max(1),
+            #[cfg(feature = "local")]
+            Counter::Local(wp) => wp.count(text).min(wp.max_tokens()),
         }
     }
 
@@ -51,15 +81,35 @@ impl Counter {
         match self {
             Counter::Exact => Some(MAX_INPUT_TOKENS),
             Counter::Estimate => None,
+            #[cfg(feature = "local")]
+            Counter::Local(wp) => Some(wp.max_tokens()),
+        }
+    }
+
+    /// Whether the provider limits a request to [`MAX_REQUEST_TOKENS`].
+    pub fn limits_requests(&self) -> bool {
+        matches!(self, Counter::Exact)
+    }
+
+    /// Tokens a text of `bytes` bytes can have at most.
+    fn at_most(&self, bytes: usize) -> usize {
+        match self {
+            #[cfg(feature = "local")]
+            Counter::Local(_) => bytes + 2,
+            _ => bytes,
         }
     }
 
     /// `text` cut to at most `max` tokens, or `None` when it already fits.
     pub fn truncate(&self, text: &str, max: usize) -> Option<String> {
-        if text.len() <= max {
+        if self.at_most(text.len()) <= max {
             return None;
         }
-        if *self != Counter::Exact {
+        #[cfg(feature = "local")]
+        if let Counter::Local(wp) = self {
+            return wp.truncate(text);
+        }
+        if !matches!(self, Counter::Exact) {
             return None;
         }
         let bpe = cl100k();
@@ -77,10 +127,15 @@ impl Counter {
     /// Tokens of `text`, counted only when the byte length says it could
     /// exceed `limit`; otherwise `None` (it fits).
     pub fn over(&self, text: &str, limit: usize) -> Option<usize> {
-        if text.len() <= limit {
+        if self.at_most(text.len()) <= limit {
             return None;
         }
-        Some(self.count(text)).filter(|n| *n > limit)
+        let n = match self {
+            #[cfg(feature = "local")]
+            Counter::Local(wp) => wp.count(text),
+            _ => self.count(text),
+        };
+        Some(n).filter(|n| *n > limit)
     }
 }
 
@@ -90,7 +145,7 @@ mod tests {
 
     #[test]
     fn counts_cl100k_exactly_and_truncates_on_a_character_boundary() {
-        let c = Counter::for_model("text-embedding-3-small");
+        let c = Counter::for_model("text-embedding-3-small", ProviderKind::OpenAi);
         assert_eq!(c.count("hello world"), 2);
         let long = "é ".repeat(9000);
         let cut = c.truncate(&long, MAX_INPUT_TOKENS).expect("too long");
@@ -98,7 +153,7 @@ mod tests {
         assert!(long.starts_with(&cut));
         assert!(c.truncate("short", MAX_INPUT_TOKENS).is_none());
         assert!(matches!(
-            Counter::for_model("nomic-embed-text"),
+            Counter::for_model("nomic-embed-text", ProviderKind::Compatible),
             Counter::Estimate
         ));
     }

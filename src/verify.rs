@@ -5,8 +5,9 @@
 use crate::checks::{self, dimension_mismatch, Check};
 use crate::config::Config;
 use crate::db::{quote_ident, Counts, Db, Target};
-use crate::provider::{self, RequestStats, RetryOutcome, RetryPolicy};
+use crate::provider::{self, ProviderKind, RequestStats, RetryOutcome, RetryPolicy};
 use crate::signals::Stop;
+use crate::tokens::Counter;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -94,6 +95,9 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
     if let (Some(t), crate::db::TableLookup::Found(facts)) = (&target, &facts.table) {
         report.checks.extend(setup_checks(t, facts));
     }
+    if cfg.provider.kind == ProviderKind::Local {
+        report.checks.push(local_model_check(cfg));
+    }
     if let Some(target) = &target {
         if !report.checks.iter().any(|c| c.name == "dimensions") {
             report.checks.push(probe_dimensions(cfg, target, stop));
@@ -110,7 +114,7 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
 
 /// For a model autoembed doesn't know: one tiny request, unless --offline.
 fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
-    if cfg.offline {
+    if cfg.offline && cfg.provider.kind != ProviderKind::Local {
         return Check::pass(
             "dimensions",
             format!(
@@ -119,7 +123,12 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
             ),
         );
     }
-    let embedder = provider::build(&cfg.provider);
+    let embedder = match Counter::for_provider(&cfg.provider)
+        .and_then(|counter| provider::build(&cfg.provider, &counter))
+    {
+        Ok(e) => e,
+        Err(e) => return Check::fail("dimensions", e.to_string()),
+    };
     let policy = RetryPolicy {
         transient_retries: 1,
         rate_limit_retries: 1,
@@ -163,6 +172,36 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
             Check::fail("dimensions", format!("could not ask the provider: {e}"))
         }
         Err(RetryOutcome::Stopped) => Check::fail("dimensions", "interrupted"),
+    }
+}
+
+/// The local model loads and embeds: the smoke check of `--provider local`,
+/// which needs no network, so it runs even with `--offline`.
+fn local_model_check(cfg: &Config) -> Check {
+    let started = std::time::Instant::now();
+    let built = Counter::for_provider(&cfg.provider)
+        .and_then(|counter| provider::build(&cfg.provider, &counter));
+    let model = match built {
+        Ok(m) => m,
+        Err(e) => return Check::fail("model", e.to_string()),
+    };
+    let path = cfg
+        .provider
+        .model_path
+        .as_deref()
+        .unwrap_or(std::path::Path::new(""));
+    match model.embed(&["autoembed verify"]) {
+        Ok(e) => Check::pass(
+            "model",
+            format!(
+                "{} from {}: loaded and embedded in {} ms, {} dimensions",
+                cfg.provider.model,
+                path.display(),
+                started.elapsed().as_millis(),
+                e.vectors.first().map_or(0, Vec::len)
+            ),
+        ),
+        Err(e) => Check::fail("model", e.to_string()),
     }
 }
 

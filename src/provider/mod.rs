@@ -6,6 +6,8 @@
 //! provider gets the same policy (429s wait as told, transient faults back
 //! off with jitter, credential and quota errors stop at once).
 
+#[cfg(feature = "local")]
+pub mod local;
 mod openai;
 
 pub use openai::OpenAiClient;
@@ -16,6 +18,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_MODEL: &str = "text-embedding-3-small";
+/// The model `--provider local` runs unless `--model` names another.
+pub const DEFAULT_LOCAL_MODEL: &str = "all-MiniLM-L6-v2";
 
 /// Which API dialect and defaults to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +27,8 @@ pub enum ProviderKind {
     OpenAi,
     OpenRouter,
     Compatible,
+    /// The built-in model, in this process (feature `local`).
+    Local,
 }
 
 impl ProviderKind {
@@ -31,6 +37,7 @@ impl ProviderKind {
             "openai" => Some(Self::OpenAi),
             "openrouter" => Some(Self::OpenRouter),
             "openai-compatible" | "compatible" => Some(Self::Compatible),
+            "local" => Some(Self::Local),
             _ => None,
         }
     }
@@ -40,6 +47,7 @@ impl ProviderKind {
             Self::OpenAi => "openai",
             Self::OpenRouter => "openrouter",
             Self::Compatible => "openai-compatible",
+            Self::Local => "local",
         }
     }
 
@@ -47,7 +55,7 @@ impl ProviderKind {
         match self {
             Self::OpenAi => Some("https://api.openai.com/v1"),
             Self::OpenRouter => Some("https://openrouter.ai/api/v1"),
-            Self::Compatible => None,
+            Self::Compatible | Self::Local => None,
         }
     }
 
@@ -56,7 +64,7 @@ impl ProviderKind {
         match self {
             Self::OpenAi => Some("OPENAI_API_KEY"),
             Self::OpenRouter => Some("OPENROUTER_API_KEY"),
-            Self::Compatible => None,
+            Self::Compatible | Self::Local => None,
         }
     }
 
@@ -77,6 +85,8 @@ pub struct ModelInfo {
     pub dimensions: u32,
     pub accepts_dimensions: bool,
     pub usd_per_million_tokens: f64,
+    /// Counted with OpenAI's `cl100k_base` encoding.
+    pub cl100k: bool,
 }
 
 const MODELS: &[ModelInfo] = &[
@@ -85,18 +95,28 @@ const MODELS: &[ModelInfo] = &[
         dimensions: 1536,
         accepts_dimensions: true,
         usd_per_million_tokens: 0.02,
+        cl100k: true,
     },
     ModelInfo {
         name: "text-embedding-3-large",
         dimensions: 3072,
         accepts_dimensions: true,
         usd_per_million_tokens: 0.13,
+        cl100k: true,
     },
     ModelInfo {
         name: "text-embedding-ada-002",
         dimensions: 1536,
         accepts_dimensions: false,
         usd_per_million_tokens: 0.10,
+        cl100k: true,
+    },
+    ModelInfo {
+        name: DEFAULT_LOCAL_MODEL,
+        dimensions: 384,
+        accepts_dimensions: false,
+        usd_per_million_tokens: 0.0,
+        cl100k: false,
     },
 ];
 
@@ -152,9 +172,31 @@ pub trait Embedder: Send + Sync {
     fn embed(&self, inputs: &[&str]) -> Result<Embeddings, ProviderError>;
 }
 
-/// Build the configured provider.
-pub fn build(cfg: &ProviderConfig) -> Arc<dyn Embedder> {
-    Arc::new(OpenAiClient::new(cfg))
+/// Build the configured provider; `counter` carries the local model's
+/// tokenizer, loaded once for counting and embedding alike.
+pub fn build(
+    cfg: &ProviderConfig,
+    counter: &crate::tokens::Counter,
+) -> crate::error::Result<Arc<dyn Embedder>> {
+    #[cfg(feature = "local")]
+    if let crate::tokens::Counter::Local(tokenizer) = counter {
+        let path = cfg
+            .model_path
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""));
+        let started = Instant::now();
+        let model = local::LocalModel::load(path, tokenizer.clone())
+            .map_err(|e| crate::error::Error::Config(e.to_string()))?;
+        crate::debug!(
+            "local model {} loaded in {} ms ({} dimensions)",
+            path.display(),
+            started.elapsed().as_millis(),
+            model.dimensions()
+        );
+        return Ok(Arc::new(model));
+    }
+    let _ = counter;
+    Ok(Arc::new(OpenAiClient::new(cfg)))
 }
 
 /// How the retry loop behaves; the defaults are what runs in production.

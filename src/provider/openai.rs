@@ -463,6 +463,7 @@ mod tests {
             vault_secret: None,
             price_per_million: None,
             model: "text-embedding-3-small".into(),
+            model_path: None,
             dimensions: None,
             request_timeout: Duration::from_secs(1),
         })
