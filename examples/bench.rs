@@ -15,11 +15,15 @@
 //!   looped as cron would run it) on `--ref-rows` rows;
 //! - `tick`: a run-once with 100 pending rows on a 1,000,000-row table and on
 //!   a 10,000-row table, with and without the partial index on pending rows;
-//! - `memory`: peak RSS of a backfill of 10,000 and of 200,000 pending rows.
+//! - `memory`: peak RSS of a backfill of 10,000 and of 200,000 pending rows;
+//! - `local`: `--provider local` (all-MiniLM-L6-v2 in process) on
+//!   `--local-rows` product descriptions from `examples/products.csv` into
+//!   `vector(384)`: rows/s, tokens per text, peak RSS and the model's load
+//!   time, at concurrency 1 and 2 (the default).
 //!
 //! ```text
 //! cargo run --release --example bench -- [--rows N] [--runs N] [--ref-rows N]
-//!     [--python PATH] [--skip throughput,latency,tick,memory]
+//!     [--local-rows N] [--python PATH] [--skip throughput,latency,tick,memory,local]
 //! ```
 
 #[path = "../tests/support/mock.rs"]
@@ -35,6 +39,7 @@ struct Opts {
     rows: i64,
     runs: usize,
     ref_rows: i64,
+    local_rows: i64,
     python: Option<String>,
     skip: Vec<String>,
     url: String,
@@ -69,6 +74,9 @@ fn main() {
     if !opts.skip.iter().any(|s| s == "memory") {
         memory(&opts, &mut db);
     }
+    if !opts.skip.iter().any(|s| s == "local") {
+        local(&opts, &mut db);
+    }
 }
 
 fn parse_args() -> Opts {
@@ -76,6 +84,7 @@ fn parse_args() -> Opts {
         rows: 20_000,
         runs: 3,
         ref_rows: 2_000,
+        local_rows: 2_000,
         python: None,
         skip: Vec::new(),
         url: std::env::var("AUTOEMBED_BENCH_DATABASE_URL")
@@ -92,6 +101,7 @@ fn parse_args() -> Opts {
             "--rows" => o.rows = val().parse().unwrap_or_else(|_| fail("--rows")),
             "--runs" => o.runs = val().parse().unwrap_or_else(|_| fail("--runs")),
             "--ref-rows" => o.ref_rows = val().parse().unwrap_or_else(|_| fail("--ref-rows")),
+            "--local-rows" => o.local_rows = val().parse().unwrap_or_else(|_| fail("--local-rows")),
             "--python" => o.python = Some(val()),
             "--skip" => o.skip = val().split(',').map(str::to_string).collect(),
             "--bin" => o.bin = val(),
@@ -214,8 +224,18 @@ struct Measured {
     max_rss_kb: u64,
 }
 
-/// Run autoembed under /usr/bin/time -v.
+/// Run autoembed under /usr/bin/time -v against the mock server.
 fn autoembed(opts: &Opts, mock: &mock::Mock, table: &str, args: &[&str]) -> Measured {
+    let provider = [
+        ("AUTOEMBED_PROVIDER", "openai".to_string()),
+        ("AUTOEMBED_API_BASE", mock.base.clone()),
+        ("OPENAI_API_KEY", "sk-bench".to_string()),
+    ];
+    measure(opts, &provider, table, args)
+}
+
+/// Run autoembed under /usr/bin/time -v with this provider environment.
+fn measure(opts: &Opts, provider: &[(&str, String)], table: &str, args: &[&str]) -> Measured {
     let started = Instant::now();
     let out = Command::new("/usr/bin/time")
         .arg("-v")
@@ -227,9 +247,7 @@ fn autoembed(opts: &Opts, mock: &mock::Mock, table: &str, args: &[&str]) -> Meas
         .env("DATABASE_URL", &opts.url)
         .env("AUTOEMBED_TABLE", table)
         .env("AUTOEMBED_STATE_SCHEMA", format!("{SCHEMA}_state"))
-        .env("AUTOEMBED_PROVIDER", "openai")
-        .env("AUTOEMBED_API_BASE", &mock.base)
-        .env("OPENAI_API_KEY", "sk-bench")
+        .envs(provider.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap_or_else(|e| fail(&format!("run autoembed (is /usr/bin/time installed?): {e}")));
     let seconds = started.elapsed().as_secs_f64();
@@ -467,6 +485,88 @@ fn memory(opts: &Opts, db: &mut Client) {
     println!(
         "\n200,000 vs 10,000 pending: {:+.1}% peak RSS.\n",
         100.0 * (rss[1] / rss[0] - 1.0)
+    );
+}
+
+/// The local model on product descriptions: texts from examples/products.csv,
+/// each followed by two other products' names, about 57 tokens as in the
+/// issue's PyTorch figure (130 texts/s, batch 32, 1.15 GB on this kind of machine).
+fn local(opts: &Opts, db: &mut Client) {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let model = std::env::var("AUTOEMBED_MODEL_PATH").unwrap_or_else(|_| {
+        let data =
+            std::env::var("XDG_DATA_HOME").unwrap_or_else(|_| format!("{home}/.local/share"));
+        format!("{data}/autoembed/models/all-MiniLM-L6-v2")
+    });
+    let provider = [
+        ("AUTOEMBED_PROVIDER", "local".to_string()),
+        ("AUTOEMBED_MODEL_PATH", model.clone()),
+    ];
+    let n = opts.local_rows;
+    let t = format!("{SCHEMA}.local_products");
+    let csv = std::fs::read_to_string("examples/products.csv")
+        .unwrap_or_else(|e| fail(&format!("examples/products.csv: {e}")));
+    exec(
+        db,
+        &format!(
+            "DROP TABLE IF EXISTS {t}; DROP TABLE IF EXISTS {t}_csv;
+             CREATE TABLE {t}_csv (id int, name text, embedding_text text);
+             CREATE TABLE {t} (id bigint PRIMARY KEY, embedding_text text, embedding vector(384));"
+        ),
+    );
+    let mut copy = db
+        .copy_in(&format!(
+            "COPY {t}_csv FROM STDIN WITH (FORMAT csv, HEADER true)"
+        ))
+        .unwrap_or_else(|e| fail(&format!("copy: {e}")));
+    std::io::Write::write_all(&mut copy, csv.as_bytes()).unwrap_or_else(|e| fail(&e.to_string()));
+    copy.finish()
+        .unwrap_or_else(|e| fail(&format!("copy: {e}")));
+    exec(
+        db,
+        &format!(
+            "INSERT INTO {t} (id, embedding_text)
+             SELECT g, a.embedding_text || ' Goes well with the ' || b.name || ' and the ' || c.name || '.'
+             FROM generate_series(1, {n}) g
+             JOIN {t}_csv a ON a.id = 1 + g % 300
+             JOIN {t}_csv b ON b.id = 1 + (g * 7 + 3) % 300
+             JOIN {t}_csv c ON c.id = 1 + (g * 13 + 5) % 300"
+        ),
+    );
+    exec(db, &format!("VACUUM ANALYZE {t}"));
+    println!("## The local model (all-MiniLM-L6-v2, in process)\n");
+    let loaded = measure(opts, &provider, &t, &["verify"]);
+    let load = loaded.json["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "model"))
+        .map(|c| c["detail"].to_string())
+        .unwrap_or_else(|| fail(&format!("verify found no model: {}", loaded.json)));
+    println!(
+        "| concurrency | rows/s (median of {}) | tokens per text | peak RSS (MB) |",
+        opts.runs
+    );
+    println!("|---|---|---|---|");
+    for conc in ["1", "2"] {
+        let (mut rates, mut peaks, mut tokens) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..opts.runs {
+            reset(db, &t);
+            let m = measure(opts, &provider, &t, &["backfill", "--concurrency", conc]);
+            assert_done(&m, n);
+            rates.push(n as f64 / m.seconds);
+            peaks.push(m.max_rss_kb as f64 / 1024.0);
+            tokens = m.json["tokens"].as_u64().unwrap_or(0);
+        }
+        println!(
+            "| {conc} | {:.0} | {:.1} | {:.0} |",
+            median(rates),
+            tokens as f64 / n as f64,
+            median(peaks)
+        );
+    }
+    println!(
+        "\nTokens include [CLS] and [SEP]. verify's model check (load + one text): {load}.\n\
+         For comparison, the issue's figures on this kind of machine: sentence-transformers on PyTorch \
+         about 130 texts/s (~57 tokens, batch 32) with 1.15 GB RSS; candle's stock BertModel about 48/s.\n"
     );
 }
 
