@@ -10,7 +10,7 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
-use support::{run, Run, TestDb};
+use support::{finish, run, Run, SpawnPiped, TestDb};
 
 /// Where `scripts/fetch-model.sh` put the model.
 fn model_dir() -> PathBuf {
@@ -48,6 +48,10 @@ fn wheel() -> PathBuf {
 
 /// The binary, clean environment, local model from `model_path`.
 fn local(db: &TestDb, model_path: &std::path::Path, args: &[&str]) -> Run {
+    run(&mut local_cmd(db, model_path, args))
+}
+
+fn local_cmd(db: &TestDb, model_path: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_autoembed"));
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -58,7 +62,7 @@ fn local(db: &TestDb, model_path: &std::path::Path, args: &[&str]) -> Run {
         .env("AUTOEMBED_MODEL_PATH", model_path)
         .current_dir(&db.dir)
         .args(args);
-    run(&mut c)
+    c
 }
 
 struct Reference {
@@ -254,4 +258,32 @@ fn verify_loads_the_model_and_checks_its_384_dimensions_against_the_column() {
     );
     let r = local(&wide, &model_dir(), &["run-once"]);
     assert_eq!(r.code, 2, "{r:?}");
+}
+
+#[test]
+fn two_workers_share_the_rows_and_embed_each_once() {
+    let r = reference();
+    let texts: Vec<String> = (0..240)
+        .map(|i| format!("{} (item {i})", r.texts[i % r.texts.len()]))
+        .collect();
+    let mut db = reference_table("localtwo", 384, &texts);
+    let args = ["backfill", "--json", "--batch-size", "16"];
+    let a = local_cmd(&db, &model_dir(), &args).spawn_piped();
+    let b = local_cmd(&db, &model_dir(), &args).spawn_piped();
+    let (a, b) = (finish(a), finish(b));
+    assert_eq!((a.code, b.code), (0, 0), "{a:?} {b:?}");
+    let embedded = |r: &Run| r.json()["embedded"].as_u64().unwrap_or(0);
+    // Each row embedded by exactly one of them, and all of them embedded.
+    assert_eq!(embedded(&a) + embedded(&b), 240, "{a:?} {b:?}");
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {}.products WHERE vector_dims(embedding) = 384",
+            db.schema
+        )),
+        240
+    );
+    // Row 1's vector is the one its text gives alone.
+    let mut alone = reference_table("localalone", 384, &texts[..1]);
+    assert_eq!(local(&alone, &model_dir(), &["run-once"]).code, 0);
+    assert_eq!(stored(&mut db, 0), stored(&mut alone, 0));
 }
