@@ -124,9 +124,15 @@ pub struct Budget {
     /// What to do with a text over the model's input limit: truncate or skip [env: AUTOEMBED_ON_TOO_LONG] [default: truncate]
     #[arg(long, value_name = "WHAT")]
     pub on_too_long: Option<String>,
-    /// Requests in flight at once, each batch on its own connection, 1 to 64 [env: AUTOEMBED_CONCURRENCY] [default: 8]
+    /// Requests in flight at once, each batch on its own connection, 1 to 64 [env: AUTOEMBED_CONCURRENCY] [default: 8; local: 2]
     #[arg(long, value_name = "N")]
     pub concurrency: Option<String>,
+    /// Send at most this many tokens a minute (your provider's limit) [env: AUTOEMBED_TOKENS_PER_MINUTE] [default: as the provider's x-ratelimit headers say]
+    #[arg(long, value_name = "N")]
+    pub tokens_per_minute: Option<String>,
+    /// Send at most this many requests a minute [env: AUTOEMBED_REQUESTS_PER_MINUTE] [default: as the provider's x-ratelimit headers say]
+    #[arg(long, value_name = "N")]
+    pub requests_per_minute: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -129,6 +129,8 @@ pub struct Budget {
     pub max_attempts: u32,
     pub max_tokens: Option<u64>,
     pub max_cost_usd: Option<f64>,
+    pub tokens_per_minute: Option<u64>,
+    pub requests_per_minute: Option<u64>,
 }
 
 /// Batches in flight at once unless `--concurrency` says otherwise.
@@ -228,6 +230,23 @@ impl Config {
                 provider.model
             )));
         }
+        let tokens_per_minute = parse_num(
+            env.pick(budget_args.tokens_per_minute, "AUTOEMBED_TOKENS_PER_MINUTE"),
+            "--tokens-per-minute",
+            "AUTOEMBED_TOKENS_PER_MINUTE",
+            1,
+            u64::MAX >> 12,
+        )?;
+        let requests_per_minute = parse_num(
+            env.pick(
+                budget_args.requests_per_minute,
+                "AUTOEMBED_REQUESTS_PER_MINUTE",
+            ),
+            "--requests-per-minute",
+            "AUTOEMBED_REQUESTS_PER_MINUTE",
+            1,
+            u64::MAX >> 12,
+        )?;
         let on_too_long = match env.pick(budget_args.on_too_long, "AUTOEMBED_ON_TOO_LONG").as_deref() {
             None | Some("truncate") => TooLong::Truncate,
             Some("skip") => TooLong::Skip,
@@ -269,6 +288,8 @@ impl Config {
                 max_attempts,
                 max_tokens,
                 max_cost_usd,
+                tokens_per_minute,
+                requests_per_minute,
             },
             retry_failed,
             offline,

@@ -12,6 +12,7 @@ use crate::config::{Config, Mode, TooLong};
 use crate::db::{self, quote_ident, Claimed, Db, Eligibility, Target};
 use crate::error::{Error, Result};
 use crate::output;
+use crate::pacing::Pacer;
 use crate::provider::{
     self, Embedder, Embeddings, ProviderError, RequestStats, RetryOutcome, RetryPolicy,
 };
@@ -228,6 +229,7 @@ fn embed_loop(
         more_work: (Mutex::new(None), Condvar::new()),
         progress: Progress::new(cfg, db, target),
         budget: token_budget(cfg),
+        pacer: Pacer::new(cfg.budget.tokens_per_minute, cfg.budget.requests_per_minute),
     };
     std::thread::scope(|scope| {
         for n in 1..cfg.concurrency {
@@ -313,6 +315,8 @@ struct Shared<'a> {
     more_work: (Mutex<Option<bool>>, Condvar),
     progress: Progress,
     budget: Option<TokenBudget>,
+    /// Keeps all workers under the provider's per-minute limits.
+    pacer: Pacer,
 }
 
 /// Where the next claim starts and why the run stops; claims are taken one
@@ -434,6 +438,7 @@ fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: 
         counter: shared.counter.clone(),
         on_too_long: shared.cfg.on_too_long,
         budget: shared.budget.as_ref(),
+        pacer: &shared.pacer,
         requester: provider::Requester::new(embedder),
         policy: RetryPolicy::default(),
         deadline: shared.deadline,
@@ -578,6 +583,7 @@ struct Batcher<'a> {
     counter: Counter,
     on_too_long: TooLong,
     budget: Option<&'a TokenBudget>,
+    pacer: &'a Pacer,
     requester: provider::Requester,
     policy: RetryPolicy,
     deadline: Option<Instant>,
@@ -601,8 +607,9 @@ impl Batcher<'_> {
         }
         // No request over the provider's token limit: split before sending.
         let bytes: usize = items.iter().map(|(_, t)| t.len()).sum();
-        let needs_count =
-            self.budget.is_some() || (bytes > MAX_REQUEST_TOKENS && self.counter.limits_requests());
+        let needs_count = self.budget.is_some()
+            || self.pacer.paces_tokens()
+            || (bytes > MAX_REQUEST_TOKENS && self.counter.limits_requests());
         let tokens = if needs_count {
             items.iter().map(|(_, t)| self.counter.count(t)).sum()
         } else {
@@ -619,9 +626,14 @@ impl Batcher<'_> {
             }
         }
         let inputs = Arc::new(items.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>());
+        let request = provider::Request {
+            inputs: &inputs,
+            tokens: tokens as u64,
+            pacer: self.pacer,
+        };
         let reply = provider::embed_with_retry(
             &self.requester,
-            &inputs,
+            request,
             &self.policy,
             self.deadline,
             self.stop,
@@ -631,6 +643,7 @@ impl Batcher<'_> {
             Ok(Embeddings {
                 vectors: vs,
                 tokens,
+                ..
             }) => {
                 self.tokens += tokens.unwrap_or(0);
                 vectors.extend(vs.into_iter().zip(items).map(|(v, (i, _))| (*i, v)));

@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod job;
 pub mod output;
+pub mod pacing;
 pub mod provider;
 pub mod setup;
 pub mod signals;

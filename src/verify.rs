@@ -137,7 +137,11 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
     let mut stats = RequestStats::default();
     let reply = provider::embed_with_retry(
         &crate::provider::Requester::new(embedder),
-        &std::sync::Arc::new(vec!["autoembed verify".to_string()]),
+        provider::Request {
+            inputs: &std::sync::Arc::new(vec!["autoembed verify".to_string()]),
+            tokens: 2,
+            pacer: &crate::pacing::Pacer::new(None, None),
+        },
         &policy,
         None,
         stop.flag(),

@@ -262,6 +262,7 @@ impl Embedder for LocalModel {
         Ok(Embeddings {
             vectors,
             tokens: Some(tokens),
+            ..Embeddings::default()
         })
     }
 }

@@ -13,6 +13,7 @@ mod openai;
 pub use openai::OpenAiClient;
 
 use crate::config::ProviderConfig;
+use crate::pacing::{NotAdmitted, Pacer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -133,11 +134,13 @@ pub fn expected_dimensions(cfg: &ProviderConfig) -> Option<u32> {
 }
 
 /// A successful reply: one vector per input, in input order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Embeddings {
     pub vectors: Vec<Vec<f32>>,
     /// Tokens the provider reports; `None` when it sent no usage.
     pub tokens: Option<u64>,
+    /// What the reply's headers said about the provider's rate limits.
+    pub limits: crate::pacing::Limits,
 }
 
 /// Why one request failed, by what the caller should do about it.
@@ -240,11 +243,19 @@ pub struct RequestStats {
     pub rate_limited: u64,
 }
 
-/// Call `embedder` until it answers, retrying as `policy` says, never
-/// sleeping past `deadline` and returning early when `stop` is set.
+/// One request's inputs and its tokens (0 when not counted), paced by `pacer`.
+pub struct Request<'a> {
+    pub inputs: &'a Arc<Vec<String>>,
+    pub tokens: u64,
+    pub pacer: &'a Pacer,
+}
+
+/// Call `embedder` until it answers, retrying as `policy` says and pacing
+/// every attempt, never sleeping past `deadline` and returning early when
+/// `stop` is set.
 pub fn embed_with_retry(
     requester: &Requester,
-    inputs: &Arc<Vec<String>>,
+    req: Request<'_>,
     policy: &RetryPolicy,
     deadline: Option<Instant>,
     stop: &AtomicBool,
@@ -253,10 +264,25 @@ pub fn embed_with_retry(
     let mut transient = 0u32;
     let mut limited = 0u32;
     loop {
+        match req.pacer.admit(req.tokens, deadline, stop) {
+            Ok(()) => {}
+            Err(NotAdmitted::Stopped) => return Err(RetryOutcome::Stopped),
+            Err(NotAdmitted::OutOfTime) => {
+                return Err(RetryOutcome::OutOfTime(ProviderError::RateLimited {
+                    retry_after: None,
+                    message:
+                        "the rate limit leaves no room for another request before the deadline"
+                            .into(),
+                }))
+            }
+        }
         stats.requests += 1;
-        let err = match requester.call(inputs, stop) {
+        let err = match requester.call(req.inputs, stop) {
             None => return Err(RetryOutcome::Stopped),
-            Some(Ok(e)) => return Ok(e),
+            Some(Ok(e)) => {
+                req.pacer.observe(&e.limits, req.tokens);
+                return Ok(e);
+            }
             Some(Err(e)) => e,
         };
         let wait = match &err {
@@ -269,7 +295,9 @@ pub fn embed_with_retry(
                 if limited > policy.rate_limit_retries {
                     return Err(RetryOutcome::Failed(err));
                 }
-                retry_after.unwrap_or_else(|| backoff(policy, limited))
+                let wait = retry_after.unwrap_or_else(|| backoff(policy, limited));
+                req.pacer.penalize(wait.min(policy.max_delay));
+                wait
             }
             ProviderError::Transient { retry_after, .. } => {
                 transient += 1;
@@ -405,6 +433,15 @@ mod tests {
         Arc::new(vec!["a".to_string()])
     }
 
+    /// A request with a pacer of its own: a 429 in one test must not hold another.
+    fn req(inputs: &Arc<Vec<String>>) -> Request<'_> {
+        Request {
+            inputs,
+            tokens: 1,
+            pacer: Box::leak(Box::new(Pacer::new(None, None))),
+        }
+    }
+
     impl Embedder for Scripted {
         fn embed(&self, _inputs: &[&str]) -> Result<Embeddings, ProviderError> {
             self.0.lock().unwrap().remove(0)
@@ -423,6 +460,7 @@ mod tests {
         Ok(Embeddings {
             vectors: vec![vec![1.0]],
             tokens: Some(1),
+            ..Embeddings::default()
         })
     }
 
@@ -442,7 +480,7 @@ mod tests {
         let mut stats = RequestStats::default();
         let r = embed_with_retry(
             &p,
-            &input(),
+            req(&input()),
             &fast(),
             None,
             &AtomicBool::new(false),
@@ -470,7 +508,7 @@ mod tests {
             let mut stats = RequestStats::default();
             let r = embed_with_retry(
                 &p,
-                &input(),
+                req(&input()),
                 &fast(),
                 None,
                 &AtomicBool::new(false),
@@ -495,7 +533,7 @@ mod tests {
         let mut stats = RequestStats::default();
         let r = embed_with_retry(
             &p,
-            &input(),
+            req(&input()),
             &fast(),
             None,
             &AtomicBool::new(false),
@@ -519,7 +557,7 @@ mod tests {
         let mut stats = RequestStats::default();
         let r = embed_with_retry(
             &p,
-            &input(),
+            req(&input()),
             &policy,
             deadline,
             &AtomicBool::new(false),

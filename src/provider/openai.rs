@@ -9,6 +9,7 @@
 
 use super::{Embedder, Embeddings, ProviderError, ProviderKind};
 use crate::config::ProviderConfig;
+use crate::pacing::Limits;
 use base64::Engine;
 use serde_json::Value;
 use std::io::Read;
@@ -165,7 +166,11 @@ impl OpenAiClient {
             return Err(garbage("vectors of different lengths"));
         }
         let tokens = reply.usage.and_then(|u| u.prompt_tokens.or(u.total_tokens));
-        Ok(Embeddings { vectors, tokens })
+        Ok(Embeddings {
+            vectors,
+            tokens,
+            ..Embeddings::default()
+        })
     }
 }
 
@@ -233,8 +238,8 @@ impl Embedder for OpenAiClient {
     fn embed(&self, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
         if inputs.is_empty() {
             return Ok(Embeddings {
-                vectors: Vec::new(),
                 tokens: Some(0),
+                ..Embeddings::default()
             });
         }
         let mut req = self
@@ -248,10 +253,15 @@ impl Embedder for OpenAiClient {
             req = req.set("x-title", "autoembed");
         }
         match req.send_string(&self.request_body(inputs)) {
-            Ok(resp) => with_body_buffer(|buf| {
-                read_body(resp, buf)?;
-                self.parse_reply(buf, inputs.len())
-            }),
+            Ok(resp) => {
+                let limits = Limits::from_headers(|name| resp.header(name));
+                let mut reply = with_body_buffer(|buf| {
+                    read_body(resp, buf)?;
+                    self.parse_reply(buf, inputs.len())
+                })?;
+                reply.limits = limits;
+                Ok(reply)
+            }
             Err(ureq::Error::Status(status, resp)) => {
                 let retry_after = retry_after(&resp);
                 let mut body = Vec::new();

@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The vector the mock returns for `text`: 24-bit values in [-1, 1), exactly
 /// representable as f32, so they survive JSON, base64 and pgvector unchanged.
@@ -44,6 +44,60 @@ pub fn tokens_for(text: &str) -> u64 {
     tiktoken_rs::cl100k_base_singleton()
         .encode_ordinary(text)
         .len() as u64
+}
+
+/// A per-minute limit the mock enforces as OpenAI does: a bucket that refills
+/// continuously at `per_minute / 60` a second and holds `burst` worth of it
+/// (OpenAI may enforce a minute's limit over shorter periods).
+#[derive(Debug, Clone)]
+struct Limit {
+    per_minute: u64,
+    cap: f64,
+    level: f64,
+    at: Instant,
+}
+
+impl Limit {
+    fn new(per_minute: u64, burst: Duration) -> Limit {
+        let cap = per_minute as f64 / 60.0 * burst.as_secs_f64();
+        Limit {
+            per_minute,
+            cap,
+            level: cap,
+            at: Instant::now(),
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.per_minute as f64 / 60.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        self.level = (self.level + self.rate() * (now - self.at).as_secs_f64()).min(self.cap);
+        self.at = now;
+    }
+
+    /// How long until `n` fits, when it does not fit now.
+    fn short(&self, n: f64) -> Option<Duration> {
+        (self.level < n.min(self.cap))
+            .then(|| Duration::from_secs_f64((n.min(self.cap) - self.level) / self.rate()))
+    }
+
+    /// `x-ratelimit-{limit,remaining,reset}-{what}`.
+    fn headers(&self, what: &str) -> Vec<(String, String)> {
+        let reset = ((self.cap - self.level).max(0.0) / self.rate() * 1000.0).ceil();
+        vec![
+            (
+                format!("x-ratelimit-limit-{what}"),
+                self.per_minute.to_string(),
+            ),
+            (
+                format!("x-ratelimit-remaining-{what}"),
+                (self.level.max(0.0) as u64).to_string(),
+            ),
+            (format!("x-ratelimit-reset-{what}"), format!("{reset}ms")),
+        ]
+    }
 }
 
 /// What to do with one request instead of answering it normally.
@@ -133,6 +187,14 @@ struct State {
     seen: Vec<Seen>,
     /// How many requests got a fault instead of a normal answer.
     faults_served: usize,
+    /// Per-minute limits on tokens and on requests, answered with 429.
+    tokens_limit: Option<Limit>,
+    requests_limit: Option<Limit>,
+    /// Send the `x-ratelimit-*` headers of those limits.
+    limit_headers: bool,
+    /// 429s the limits caused, and the tokens the mock accepted.
+    rate_limited: usize,
+    tokens_accepted: u64,
     hold: Option<Gate>,
 }
 
@@ -220,6 +282,28 @@ impl Mock {
         self.with(|s| s.faults_served)
     }
 
+    /// Enforce OpenAI-style per-minute limits (tokens, requests), each
+    /// allowing `burst` worth at once; with `headers`, every reply says how
+    /// much is left (`x-ratelimit-*`), as OpenAI's do.
+    pub fn rate_limits(
+        &self,
+        tokens_per_minute: Option<u64>,
+        requests_per_minute: Option<u64>,
+        burst: Duration,
+        headers: bool,
+    ) {
+        self.with(|s| {
+            s.tokens_limit = tokens_per_minute.map(|n| Limit::new(n, burst));
+            s.requests_limit = requests_per_minute.map(|n| Limit::new(n, burst));
+            s.limit_headers = headers;
+        });
+    }
+
+    /// 429s answered because of [`Mock::rate_limits`], and tokens accepted.
+    pub fn rate_limited(&self) -> (usize, u64) {
+        self.with(|s| (s.rate_limited, s.tokens_accepted))
+    }
+
     pub fn requests(&self) -> Vec<Seen> {
         self.with(|s| s.seen.clone())
     }
@@ -300,6 +384,75 @@ fn respond(
             .collect(),
         _ => Vec::new(),
     };
+    let limited = {
+        let limits = {
+            let s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.tokens_limit.is_some() || s.requests_limit.is_some()
+        };
+        let tokens: u64 = if limits {
+            inputs.iter().map(|t| tokens_for(t)).sum()
+        } else {
+            0
+        };
+        let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        let now = Instant::now();
+        let mut wait = None;
+        for (limit, n) in [
+            (&mut s.tokens_limit, tokens as f64),
+            (&mut s.requests_limit, 1.0),
+        ] {
+            if let Some(l) = limit {
+                l.refill(now);
+                wait = wait.max(l.short(n));
+            }
+        }
+        if wait.is_none() {
+            for (limit, n) in [
+                (&mut s.tokens_limit, tokens as f64),
+                (&mut s.requests_limit, 1.0),
+            ] {
+                if let Some(l) = limit {
+                    l.level -= n;
+                }
+            }
+            if limits {
+                s.tokens_accepted += tokens;
+            }
+        } else {
+            s.rate_limited += 1;
+        }
+        let mut hs = Vec::new();
+        if s.limit_headers {
+            if let Some(l) = &s.tokens_limit {
+                hs.extend(l.headers("tokens"));
+            }
+            if let Some(l) = &s.requests_limit {
+                hs.extend(l.headers("requests"));
+            }
+        }
+        if s.requests_limit.is_none() {
+            hs.push(("x-ratelimit-remaining-requests".into(), "4999".into()));
+        }
+        (wait, tokens, hs)
+    };
+    let (rate_wait, rate_tokens, rate_headers) = limited;
+    let rate_headers: Vec<(&str, &str)> = rate_headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if let Some(wait) = rate_wait {
+        let msg = format!(
+            "Rate limit reached for text-embedding-3-small in organization org-mock on tokens per min (TPM): Requested {rate_tokens}. Please try again in {:.3}s. Visit https://platform.openai.com/account/rate-limits to learn more.",
+            wait.as_secs_f64()
+        );
+        return send(
+            out,
+            429,
+            &json!({"error": {"message": msg, "type": "tokens", "param": null, "code": "rate_limit_exceeded"}}).to_string(),
+            &rate_headers,
+        );
+    }
     let (fault, dims, ignore_base64, latency, hold, reject, too_many) = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         let fault = s
@@ -369,7 +522,7 @@ fn respond(
             out,
             200,
             &fast_reply(&inputs, dims, &body["model"]),
-            &[("x-ratelimit-remaining-requests", "4999")],
+            &rate_headers,
         );
     }
     let mut vectors: Vec<Vec<f32>> = inputs.iter().map(|t| vector_for(t, dims)).collect();
@@ -453,12 +606,7 @@ fn respond(
         "model": body["model"],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     });
-    send(
-        out,
-        200,
-        &reply.to_string(),
-        &[("x-ratelimit-remaining-requests", "4999")],
-    )
+    send(out, 200, &reply.to_string(), &rate_headers)
 }
 
 /// Base64 vectors by (text, dimensions).

@@ -1,0 +1,103 @@
+//! Pacing: a backfill against a provider that enforces a per-minute limit
+//! finishes with at most a handful of 429s and at no less than 80% of the
+//! allowed rate, whether the limit comes from the provider's
+//! `x-ratelimit-*` headers or from `--tokens-per-minute` /
+//! `--requests-per-minute`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::mock::Mock;
+use support::{autoembed, TestDb};
+
+/// 6,000 tokens a second, one second's worth at once.
+const TPM: u64 = 360_000;
+
+/// Backfill `rows` rows; the run's JSON, the 429s the mock sent, and the
+/// tokens it accepted per second of the run.
+fn paced_backfill(
+    name: &str,
+    rows: i64,
+    mock: &Mock,
+    args: &[&str],
+) -> (serde_json::Value, usize, f64) {
+    let mut db = TestDb::new(name);
+    db.products(rows, 1536);
+    let mut all = vec!["backfill", "--json"];
+    all.extend_from_slice(args);
+    let started = Instant::now();
+    let r = autoembed(&db, mock, &all);
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(r.code, 0, "{r:?}");
+    let json = r.json();
+    assert_eq!(json["embedded"].as_i64(), Some(rows), "{json}");
+    assert_eq!(db.correct_rows(1536), (rows, 0));
+    let (limited, tokens) = mock.rate_limited();
+    (json, limited, tokens as f64 / seconds)
+}
+
+#[test]
+fn the_provider_headers_pace_a_20000_row_backfill_under_its_token_limit() {
+    let mock = Mock::start(1536);
+    mock.rate_limits(Some(TPM), None, Duration::from_secs(1), true);
+    let (json, limited, rate) = paced_backfill("pacehdr", 20_000, &mock, &[]);
+    let allowed = TPM as f64 / 60.0;
+    eprintln!(
+        "headers: {limited} 429s, {rate:.0} tokens/s of {allowed:.0} allowed ({:.0}%), {json}",
+        100.0 * rate / allowed
+    );
+    assert!(limited <= 5, "{limited} 429s: {json}");
+    assert!(rate >= 0.8 * allowed, "{rate:.0} tokens/s: {json}");
+}
+
+#[test]
+fn tokens_per_minute_paces_a_provider_that_sends_no_headers() {
+    let mock = Mock::start(1536);
+    mock.rate_limits(Some(TPM), None, Duration::from_secs(1), false);
+    let tpm = TPM.to_string();
+    let (json, limited, rate) =
+        paced_backfill("pacetpm", 20_000, &mock, &["--tokens-per-minute", &tpm]);
+    let allowed = TPM as f64 / 60.0;
+    eprintln!(
+        "--tokens-per-minute: {limited} 429s, {rate:.0} tokens/s of {allowed:.0} allowed ({:.0}%), {json}",
+        100.0 * rate / allowed
+    );
+    assert!(limited <= 5, "{limited} 429s: {json}");
+    assert!(rate >= 0.8 * allowed, "{rate:.0} tokens/s: {json}");
+}
+
+#[test]
+fn requests_per_minute_paces_requests() {
+    let mock = Mock::start(1536);
+    // 10 requests a second; 30 requests of 100 rows.
+    mock.rate_limits(None, Some(600), Duration::from_secs(1), false);
+    let (json, limited, _) =
+        paced_backfill("pacerpm", 3_000, &mock, &["--requests-per-minute", "600"]);
+    assert!(limited <= 2, "{limited} 429s: {json}");
+    assert_eq!(json["requests"], 30, "{json}");
+    // At no less than 80% of 10 requests a second.
+    let seconds = json["elapsed_ms"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+    assert!(seconds <= 30.0 / 8.0, "{seconds:.1} s: {json}");
+}
+
+#[test]
+fn a_limit_nobody_states_is_learned_from_its_first_429s() {
+    // No headers, no flag: the limit bites (so the tests above test
+    // something), then the 429s teach the pacer a request rate.
+    let mock = Mock::start(1536);
+    mock.rate_limits(Some(TPM), None, Duration::from_secs(1), false);
+    let (json, limited, rate) = paced_backfill("pacenone", 20_000, &mock, &[]);
+    let allowed = TPM as f64 / 60.0;
+    eprintln!(
+        "unstated: {limited} 429s, {rate:.0} tokens/s of {allowed:.0} allowed ({:.0}%), {json}",
+        100.0 * rate / allowed
+    );
+    assert!(limited >= 1, "the limit never bit: {json}");
+    assert!(limited <= 10, "{limited} 429s: {json}");
+    assert_eq!(
+        json["rate_limited"].as_u64(),
+        Some(limited as u64),
+        "{json}"
+    );
+    assert!(rate >= 0.8 * allowed, "{rate:.0} tokens/s: {json}");
+}
