@@ -12,6 +12,8 @@ use crate::provider::{self, ProviderKind};
 pub struct Check {
     pub name: &'static str,
     pub ok: bool,
+    /// Passed, but something deserves a look (shown as `warn`).
+    pub warning: bool,
     pub detail: String,
 }
 
@@ -20,6 +22,7 @@ impl Check {
         Check {
             name,
             ok: true,
+            warning: false,
             detail: detail.into(),
         }
     }
@@ -27,6 +30,15 @@ impl Check {
         Check {
             name,
             ok: false,
+            warning: false,
+            detail: detail.into(),
+        }
+    }
+    pub fn warn(name: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            ok: true,
+            warning: true,
             detail: detail.into(),
         }
     }

@@ -142,6 +142,9 @@ pub struct BackfillArgs {
     /// Retry failed rows now, ignoring their next-try time and attempt limit
     #[arg(long)]
     pub retry_failed: bool,
+    /// Embed again the rows another model (or size) embedded; with "all", every row
+    #[arg(long, value_name = "all", num_args = 0..=1, default_missing_value = "changed")]
+    pub reembed: Option<String>,
 }
 
 #[derive(Debug, Args)]

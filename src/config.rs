@@ -50,6 +50,8 @@ pub struct Config {
     pub provider: ProviderConfig,
     pub budget: Budget,
     pub retry_failed: bool,
+    /// `backfill --reembed`.
+    pub reembed: Option<crate::db::Reembed>,
     pub offline: bool,
     pub on_too_long: TooLong,
     pub setup: Setup,
@@ -152,9 +154,22 @@ impl Config {
     fn resolve_with(cli: Cli, env: &Env) -> Result<Config> {
         let c = cli.common;
         let mut setup = Setup::default();
+        let mut reembed = None;
         let (mode, budget_args, retry_failed, offline) = match cli.command {
             cli::Command::RunOnce(b) => (Mode::RunOnce, b, false, false),
-            cli::Command::Backfill(a) => (Mode::Backfill, a.budget, a.retry_failed, false),
+            cli::Command::Backfill(a) => {
+                reembed = match a.reembed.as_deref() {
+                    None => None,
+                    Some("changed") => Some(crate::db::Reembed::Changed),
+                    Some("all") => Some(crate::db::Reembed::All),
+                    Some(other) => {
+                        return Err(Error::config(format!(
+                            "invalid --reembed {other:?}: expected nothing (rows another model embedded) or all"
+                        )))
+                    }
+                };
+                (Mode::Backfill, a.budget, a.retry_failed, false)
+            }
             cli::Command::DryRun(b) => (Mode::DryRun, b, false, false),
             cli::Command::Verify(v) => (Mode::Verify, cli::Budget::default(), false, v.offline),
             cli::Command::Setup(a) => {
@@ -292,6 +307,7 @@ impl Config {
                 requests_per_minute,
             },
             retry_failed,
+            reembed,
             offline,
             on_too_long,
             setup,

@@ -45,8 +45,71 @@ CREATE TABLE IF NOT EXISTS {s}.failures (
     PRIMARY KEY (table_name, row_id)
 );
 COMMENT ON TABLE {s}.failures IS
-    'autoembed: rows the provider rejected, with their next try; delete a row to retry it now';"
+    'autoembed: rows the provider rejected, with their next try; delete a row to retry it now';
+CREATE TABLE IF NOT EXISTS {s}.models (
+    table_name  text        PRIMARY KEY,
+    model       text        NOT NULL,
+    dimensions  integer     NOT NULL,
+    since       timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE {s}.models IS
+    'autoembed: the model that made each table''s vectors, except the rows listed in vectors';
+CREATE TABLE IF NOT EXISTS {s}.vectors (
+    table_name  text        NOT NULL,
+    row_id      text        NOT NULL,
+    model       text        NOT NULL,
+    dimensions  integer     NOT NULL,
+    embedded_at timestamptz NOT NULL,
+    PRIMARY KEY (table_name, row_id)
+);
+COMMENT ON TABLE {s}.vectors IS
+    'autoembed: rows whose vector another model made than the one in models';"
     )
+}
+
+/// Which model made a vector: its name (without `openai/`) and size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Stamp {
+    pub model: String,
+    pub dimensions: i32,
+}
+
+impl std::fmt::Display for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} dimensions)", self.model, self.dimensions)
+    }
+}
+
+/// What a run knows, from its start, about which models made the table's
+/// vectors. The table has a baseline model (the first autoembed ran with);
+/// only rows another model made are listed, so a table that keeps its
+/// model costs no bookkeeping per row.
+#[derive(Debug, Clone)]
+pub struct Models {
+    /// The model of this run.
+    pub current: Stamp,
+    /// The current model is the baseline: its rows need no record.
+    pub is_baseline: bool,
+    /// Some rows are listed (another model than the baseline made them).
+    pub listed: bool,
+}
+
+/// How many of a table's vectors each model made.
+#[derive(Debug, Clone)]
+pub struct ModelCounts {
+    /// The model of the rows without a record of their own.
+    pub baseline: Stamp,
+    /// Vectors by model, most first.
+    pub counts: Vec<(Stamp, i64)>,
+}
+
+/// `backfill --reembed`: which rows that have a vector are embedded again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reembed {
+    /// Those another model (or size) made.
+    Changed,
+    /// All of them.
+    All,
 }
 
 /// Text that is never sent: empty or only whitespace (the API rejects empty
@@ -248,7 +311,8 @@ impl TableFacts {
 fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
     let state_exists = client
         .query_typed_one(
-            "SELECT to_regclass(format('%I.failures', $1::text)) IS NOT NULL",
+            // The newest of the state tables: an older schema gets the rest on first use.
+            "SELECT to_regclass(format('%I.vectors', $1::text)) IS NOT NULL",
             &[(&cfg.state_schema, Type::TEXT)],
         )?
         .get(0);
@@ -405,9 +469,12 @@ pub struct Counts {
 /// Which pending rows a claim may take.
 #[derive(Debug, Clone, Copy)]
 pub struct Eligibility {
-    /// Skip rows that failed and are not due, or gave up (`--max-attempts`).
+    /// Skip rows that failed and are not due, or gave up (`--max-attempts`);
+    /// false when the state schema does not exist yet.
     pub skip_failed: bool,
     pub max_attempts: u32,
+    /// Also rows that have a vector (`backfill --reembed`).
+    pub reembed: Option<Reembed>,
 }
 
 impl Target {
@@ -456,6 +523,150 @@ impl Target {
         format!("t.{e} IS NULL AND t.{x} IS NOT NULL")
     }
 
+    /// What a claim selects on: [`Target::unembedded`], and with
+    /// `--reembed` rows that have a vector too: all of them, or those not
+    /// made by the current model (`$2` table key, `${m}` model, `${m}+1`
+    /// dimensions).
+    fn claimable(&self, reembed: Option<Reembed>, models: &Models, m: usize) -> String {
+        let Names { e, x, i, state, .. } = &self.names;
+        let listed = |cond: &str| {
+            format!(
+                "EXISTS (SELECT 1 FROM {state}.vectors r WHERE r.table_name = $2 \
+                 AND r.row_id = t.{i}::text AND {cond})",
+            )
+        };
+        match reembed {
+            None => self.unembedded(),
+            Some(Reembed::All) => format!("t.{x} IS NOT NULL"),
+            Some(Reembed::Changed) => {
+                let made_by_other = if models.is_baseline {
+                    listed(&format!("(r.model <> ${m} OR r.dimensions <> ${})", m + 1))
+                } else {
+                    format!(
+                        "NOT {}",
+                        listed(&format!("r.model = ${m} AND r.dimensions = ${}", m + 1))
+                    )
+                };
+                format!("t.{x} IS NOT NULL AND (t.{e} IS NULL OR {made_by_other})")
+            }
+        }
+    }
+
+    /// The models of the table's vectors as this run starts; records the
+    /// current model as the table's baseline when it has none yet.
+    pub fn models(&self, c: &mut impl GenericClient, current: Stamp) -> Result<Models> {
+        let state = &self.names.state;
+        c.query_typed(
+            &format!(
+                "INSERT INTO {state}.models (table_name, model, dimensions) VALUES ($1, $2, $3) \
+                 ON CONFLICT (table_name) DO NOTHING"
+            ),
+            &[
+                (&self.table, Type::TEXT),
+                (&current.model, Type::TEXT),
+                (&current.dimensions, Type::INT4),
+            ],
+        )?;
+        let row = c.query_typed_one(
+            &format!(
+                "SELECT m.model, m.dimensions, \
+                        EXISTS (SELECT 1 FROM {state}.vectors r WHERE r.table_name = $1) \
+                 FROM {state}.models m WHERE m.table_name = $1"
+            ),
+            &[(&self.table, Type::TEXT)],
+        )?;
+        let baseline = Stamp {
+            model: row.get(0),
+            dimensions: row.get(1),
+        };
+        Ok(Models {
+            is_baseline: baseline == current,
+            current,
+            listed: row.get(2),
+        })
+    }
+
+    /// How many of the table's vectors each model made: the baseline (`None`
+    /// before autoembed's first run) and the count by model.
+    pub fn model_counts(&self, c: &mut impl GenericClient) -> Result<Option<ModelCounts>> {
+        let Names { t, i, e, state, .. } = &self.names;
+        let Some(base) = c.query_typed_opt(
+            &format!("SELECT model, dimensions FROM {state}.models WHERE table_name = $1"),
+            &[(&self.table, Type::TEXT)],
+        )?
+        else {
+            return Ok(None);
+        };
+        let baseline = Stamp {
+            model: base.get(0),
+            dimensions: base.get(1),
+        };
+        let rows = c.query_typed(
+            &format!(
+                "SELECT coalesce(r.model, $2), coalesce(r.dimensions, $3), count(*) \
+                 FROM {t} t LEFT JOIN {state}.vectors r ON r.table_name = $1 AND r.row_id = t.{i}::text \
+                 WHERE t.{e} IS NOT NULL GROUP BY 1, 2 ORDER BY 3 DESC, 1"
+            ),
+            &[
+                (&self.table, Type::TEXT),
+                (&baseline.model, Type::TEXT),
+                (&baseline.dimensions, Type::INT4),
+            ],
+        )?;
+        let counts = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    Stamp {
+                        model: r.get(0),
+                        dimensions: r.get(1),
+                    },
+                    r.get(2),
+                )
+            })
+            .collect();
+        Ok(Some(ModelCounts { baseline, counts }))
+    }
+
+    /// After a `--reembed` that left no vector of another model: the current
+    /// model becomes the baseline, and the list of rows is emptied.
+    pub fn settle_models(&self, c: &mut impl GenericClient, models: &Models) -> Result<bool> {
+        if models.is_baseline {
+            return Ok(false);
+        }
+        let Names { t, i, e, state, .. } = &self.names;
+        let others: i64 = c
+            .query_typed_one(
+                &format!(
+                    "SELECT count(*) FROM {t} t WHERE t.{e} IS NOT NULL AND NOT EXISTS (\
+                       SELECT 1 FROM {state}.vectors r WHERE r.table_name = $1 \
+                       AND r.row_id = t.{i}::text AND r.model = $2 AND r.dimensions = $3)"
+                ),
+                &[
+                    (&self.table, Type::TEXT),
+                    (&models.current.model, Type::TEXT),
+                    (&models.current.dimensions, Type::INT4),
+                ],
+            )?
+            .get(0);
+        if others > 0 {
+            return Ok(false);
+        }
+        c.query_typed(
+            &format!(
+                "WITH m AS (UPDATE {state}.models SET model = $2, dimensions = $3, since = now() \
+                            WHERE table_name = $1) \
+                 DELETE FROM {state}.vectors WHERE table_name = $1"
+            ),
+            &[
+                (&self.table, Type::TEXT),
+                (&models.current.model, Type::TEXT),
+                (&models.current.dimensions, Type::INT4),
+            ],
+        )?;
+        Ok(true)
+    }
+
     /// Rows not held back by a recorded failure ($2 table key, $3 max
     /// attempts); `true` when failures are not consulted.
     fn not_failed(&self, consult: bool) -> String {
@@ -496,22 +707,29 @@ impl Target {
         cursor: Option<&str>,
         limit: usize,
         eligibility: Eligibility,
-        state_exists: bool,
         lock: bool,
+        models: Option<&Models>,
     ) -> Result<Claim> {
-        let consult = eligibility.skip_failed && state_exists;
-        let key: Option<&str> = consult.then_some(self.table.as_str());
+        let consult = eligibility.skip_failed;
+        let key: &str = &self.table;
         let max_attempts = eligibility.max_attempts as i32;
         let limit = limit as i64;
         let Names { t, i, idt, .. } = &self.names;
-        let (pending, not_failed) = (self.unembedded(), self.not_failed(consult));
+        let (model, dims) = models.map_or((None, None), |m| {
+            (Some(m.current.model.as_str()), Some(m.current.dimensions))
+        });
+        let claimable = |m: usize| match models {
+            Some(models) => self.claimable(eligibility.reembed, models, m),
+            None => self.unembedded(),
+        };
+        let (pending, not_failed) = (claimable(7), self.not_failed(consult));
         let after = if cursor.is_some() {
             format!("AND t.{i} > $1::text::{idt}")
         } else {
             String::new()
         };
         // $1 cursor, $2 table key, $3 max attempts, $4 limit, $5 lock class,
-        // $6 take locks. The candidates are fixed (ordered, limited,
+        // $6 take locks, $7 and $8 the current model and size. The candidates are fixed (ordered, limited,
         // materialised) before any lock is tried, so a worker never locks
         // more rows than it asked for. One candidate more than the limit is
         // read, not locked: it says whether more work follows.
@@ -534,6 +752,8 @@ impl Target {
                 (&limit, Type::INT8),
                 (&self.lock_class, Type::INT4),
                 (&lock, Type::BOOL),
+                (&model, Type::TEXT),
+                (&dims, Type::INT4),
             ],
         )?;
         let more = cand.len() as i64 > limit;
@@ -562,7 +782,8 @@ impl Target {
         let Names { x, .. } = &self.names;
         let read = format!(
             "SELECT t.{i}::text, t.{x}::text FROM {t} t \
-             WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}"
+             WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}",
+            pending = claimable(4)
         );
         let rows = tx.query_typed(
             &read,
@@ -570,6 +791,8 @@ impl Target {
                 (&ids, Type::TEXT_ARRAY),
                 (&key, Type::TEXT),
                 (&max_attempts, Type::INT4),
+                (&model, Type::TEXT),
+                (&dims, Type::INT4),
             ],
         )?;
         let claimed = rows
@@ -587,12 +810,15 @@ impl Target {
         })
     }
 
-    /// Write vectors whose row still holds the text that was embedded.
-    /// Returns the ids that were written; the others changed meanwhile.
+    /// Write vectors whose row still holds the text that was embedded (and,
+    /// unless re-embedding, still has no vector), and note which model made
+    /// them. Returns the ids that were written; the others changed meanwhile.
     pub fn write(
         &self,
         tx: &mut Transaction<'_>,
         done: Vec<(&Claimed, Vec<f32>)>,
+        models: &Models,
+        reembed: bool,
     ) -> Result<Vec<String>> {
         if done.is_empty() {
             return Ok(Vec::new());
@@ -608,13 +834,32 @@ impl Target {
             idt,
             state,
         } = &self.names;
+        let still_null = if reembed {
+            String::new()
+        } else {
+            format!("AND t.{e} IS NULL")
+        };
+        // Rows the baseline model made need no record (and lose an old one);
+        // rows another model made are listed.
+        let note = match (models.is_baseline, models.listed) {
+            (true, false) => String::new(),
+            (true, true) => format!(
+                ", vec AS (DELETE FROM {state}.vectors r USING upd \
+                 WHERE r.table_name = $4 AND r.row_id = upd.id)"
+            ),
+            (false, _) => format!(
+                ", vec AS (INSERT INTO {state}.vectors (table_name, row_id, model, dimensions, embedded_at) \
+                 SELECT $4, id, $5, $6, now() FROM upd ON CONFLICT (table_name, row_id) DO UPDATE \
+                 SET model = excluded.model, dimensions = excluded.dimensions, embedded_at = excluded.embedded_at)"
+            ),
+        };
         let sql = format!(
             "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3) AS v(id, x, e)), \
              upd AS (UPDATE {t} t SET {e} = v.e FROM v \
-                     WHERE t.{i} = v.id::{idt} AND t.{e} IS NULL AND t.{x}::text = v.x \
+                     WHERE t.{i} = v.id::{idt} {still_null} AND t.{x}::text = v.x \
                      RETURNING t.{i}::text AS id), \
              del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = $4 AND f.row_id = upd.id) \
-             SELECT id FROM upd"
+             {note} SELECT id FROM upd"
         );
         let rows = tx.query_typed(
             &sql,
@@ -623,6 +868,8 @@ impl Target {
                 (&texts, Type::TEXT_ARRAY),
                 (&vectors, self.vector.array.clone()),
                 (&self.table, Type::TEXT),
+                (&models.current.model, Type::TEXT),
+                (&models.current.dimensions, Type::INT4),
             ],
         )?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())

@@ -197,10 +197,40 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
     }
     let embedder = provider::build(&cfg.provider, &counter)?;
     target.ensure_state(&mut db, state_exists)?;
+    let models = target.models(db.client(), stamp(cfg, &target))?;
+    if !models.is_baseline && cfg.reembed.is_none() {
+        crate::debug!(
+            "the table's vectors were first made by another model than {}; `backfill --reembed` replaces them",
+            models.current
+        );
+    }
     let guarded: Arc<dyn Embedder> = Arc::new(DimensionGuard::new(cfg, &target, embedder));
-    Ok(Report::Run(embed_loop(
-        cfg, &mut db, &target, guarded, counter, stop,
-    )))
+    let report = embed_loop(cfg, &mut db, &target, guarded, counter, &models, stop);
+    if cfg.reembed.is_some() && report.stop_reason == StopReason::Drained {
+        // Every vector is the current model's now: it becomes the baseline.
+        if target.settle_models(db.client(), &models)? {
+            crate::info!(
+                "all vectors of {} are from {} now",
+                target.table,
+                models.current
+            );
+        }
+    }
+    Ok(Report::Run(report))
+}
+
+/// The model this run embeds with, as the state tables record it.
+pub(crate) fn stamp(cfg: &Config, target: &Target) -> db::Stamp {
+    let model =
+        provider::known_model(&cfg.provider.model).map_or(cfg.provider.model.as_str(), |m| m.name);
+    let dimensions = target
+        .dimensions
+        .or_else(|| provider::expected_dimensions(&cfg.provider))
+        .unwrap_or(0);
+    db::Stamp {
+        model: model.to_string(),
+        dimensions: dimensions as i32,
+    }
 }
 
 fn embed_loop(
@@ -209,18 +239,21 @@ fn embed_loop(
     target: &Target,
     embedder: Arc<dyn Embedder>,
     counter: Counter,
+    models: &db::Models,
     stop: &Stop,
 ) -> RunReport {
     let started = Instant::now();
     let shared = Shared {
         cfg,
         counter,
+        models,
         target,
         stop,
         deadline: cfg.budget.max_seconds.map(|d| started + d),
         eligibility: Eligibility {
             skip_failed: !cfg.retry_failed,
             max_attempts: cfg.budget.max_attempts,
+            reembed: cfg.reembed,
         },
         // Keep the server from ending a transaction that waits on the provider.
         idle_limit: cfg.provider.request_timeout * 6 + Duration::from_secs(600),
@@ -304,6 +337,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Shared<'a> {
     cfg: &'a Config,
     counter: Counter,
+    models: &'a db::Models,
     target: &'a Target,
     stop: &'a Stop,
     deadline: Option<Instant>,
@@ -405,7 +439,7 @@ impl Shared<'_> {
                 limit,
                 self.eligibility,
                 true,
-                true,
+                Some(self.models),
             )?;
             Ok((tx, c))
         });
@@ -466,7 +500,7 @@ fn worker(shared: &Shared<'_>, db: &mut Db, embedder: Arc<dyn Embedder>, first: 
             shared.decide_more_work(more);
             decided = true;
         }
-        match one_batch(shared.target, &mut batcher, tx, &rows) {
+        match one_batch(shared, &mut batcher, tx, &rows) {
             Ok(batch) => {
                 {
                     let mut t = lock(&shared.tally);
@@ -530,7 +564,7 @@ enum Halt {
 
 /// Embed the claimed rows, write what came back, record what was rejected, commit.
 fn one_batch(
-    target: &Target,
+    shared: &Shared<'_>,
     batcher: &mut Batcher<'_>,
     mut tx: Transaction<'_>,
     rows: &[Claimed],
@@ -555,7 +589,8 @@ fn one_batch(
         .map(|(i, e)| (&rows[i], e))
         .collect();
     let sent = done.len();
-    let written = target.write(&mut tx, done)?;
+    let target = shared.target;
+    let written = target.write(&mut tx, done, shared.models, shared.cfg.reembed.is_some())?;
     target.record_failures(&mut tx, &failed)?;
     tx.commit()?;
     for (row, err) in &failed {
@@ -966,8 +1001,9 @@ fn dry_run(
     counter: &Counter,
 ) -> Result<DryRunReport> {
     let eligibility = Eligibility {
-        skip_failed: !cfg.retry_failed,
+        skip_failed: !cfg.retry_failed && state_exists,
         max_attempts: cfg.budget.max_attempts,
+        reembed: None,
     };
     let pending = target.count_pending(db.client())?;
     let failed = target.count_failed(db.client(), state_exists)?;
@@ -982,14 +1018,8 @@ fn dry_run(
             Some(max) => cfg.budget.batch_size.min((max - would_embed) as usize),
             None => cfg.budget.batch_size,
         };
-        let db::Claim { rows, next, .. } = target.claim(
-            &mut tx,
-            cursor.as_deref(),
-            limit,
-            eligibility,
-            state_exists,
-            false,
-        )?;
+        let db::Claim { rows, next, .. } =
+            target.claim(&mut tx, cursor.as_deref(), limit, eligibility, false, None)?;
         let Some(next) = next else { break };
         cursor = Some(next);
         let mut seen = std::collections::HashSet::new();

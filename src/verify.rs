@@ -33,7 +33,11 @@ impl VerifyReport {
         for c in &self.checks {
             s += &format!(
                 "  {:<4}  {:<16}  {}\n",
-                if c.ok { "ok" } else { "FAIL" },
+                match (c.ok, c.warning) {
+                    (false, _) => "FAIL",
+                    (true, true) => "warn",
+                    (true, false) => "ok",
+                },
                 c.name,
                 c.detail
             );
@@ -101,6 +105,9 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
     if let Some(target) = &target {
         if !report.checks.iter().any(|c| c.name == "dimensions") {
             report.checks.push(probe_dimensions(cfg, target, stop));
+        }
+        if facts.state_exists {
+            report.checks.push(models_check(cfg, target, &mut db));
         }
         match target.counts(db.client(), facts.state_exists) {
             Ok(c) => report.counts = Some(c),
@@ -176,6 +183,35 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
             Check::fail("dimensions", format!("could not ask the provider: {e}"))
         }
         Err(RetryOutcome::Stopped) => Check::fail("dimensions", "interrupted"),
+    }
+}
+
+/// Which models made the table's vectors: a warning when some are not the
+/// configured model's, with the command that replaces them.
+fn models_check(cfg: &Config, target: &Target, db: &mut Db) -> Check {
+    let current = crate::job::stamp(cfg, target);
+    match target.model_counts(db.client()) {
+        Err(e) => Check::fail("models", e.to_string()),
+        Ok(None) => Check::pass("models", "no vectors recorded yet"),
+        Ok(Some(crate::db::ModelCounts { counts, .. })) => {
+            let total: i64 = counts.iter().map(|(_, n)| n).sum();
+            let others: Vec<String> = counts
+                .iter()
+                .filter(|(s, _)| *s != current)
+                .map(|(s, n)| format!("{n} from {s}"))
+                .collect();
+            if others.is_empty() {
+                Check::pass("models", format!("all {total} vectors from {current}"))
+            } else {
+                Check::warn(
+                    "models",
+                    format!(
+                        "{} of {total} vectors are not from {current}: run `autoembed backfill --reembed` to replace them",
+                        others.join(", ")
+                    ),
+                )
+            }
+        }
     }
 }
 
