@@ -19,7 +19,7 @@
 use crate::config::Config;
 use crate::error::{describe_pg, Error, Result};
 use pgvector::Vector;
-use postgres::types::{Kind, Type};
+use postgres::types::{Kind, ToSql, Type};
 use postgres::{Client, GenericClient, Transaction};
 use std::time::Duration;
 
@@ -826,6 +826,52 @@ impl Target {
         let ids: Vec<&str> = done.iter().map(|(c, _)| c.id.as_str()).collect();
         let texts: Vec<&str> = done.iter().map(|(c, _)| c.text.as_str()).collect();
         let vectors: Vec<Vector> = done.into_iter().map(|(_, v)| Vector::from(v)).collect();
+        let source = "SELECT * FROM unnest($1::text[], $2::text[], $3) AS v(id, x, e)";
+        let third: (&(dyn ToSql + Sync), Type) = (&vectors, self.vector.array.clone());
+        self.store(tx, source, &ids, &texts, third, models, reembed)
+    }
+
+    /// Give rows the vector another row got earlier in this run for the
+    /// same text (`(row, its text, the other row's id)`), as long as both
+    /// still hold that text. Returns the ids that were written.
+    pub fn copy(
+        &self,
+        tx: &mut Transaction<'_>,
+        copies: &[(&Claimed, String)],
+        models: &Models,
+        reembed: bool,
+    ) -> Result<Vec<String>> {
+        if copies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = copies.iter().map(|(c, _)| c.id.as_str()).collect();
+        let texts: Vec<&str> = copies.iter().map(|(c, _)| c.text.as_str()).collect();
+        let sources: Vec<&str> = copies.iter().map(|(_, s)| s.as_str()).collect();
+        let Names {
+            t, i, x, e, idt, ..
+        } = &self.names;
+        let source = format!(
+            "SELECT c.id, c.x, s.{e} AS e FROM unnest($1::text[], $2::text[], $3::text[]) AS c(id, x, src) \
+             JOIN {t} s ON s.{i} = c.src::{idt} AND s.{x}::text = c.x AND s.{e} IS NOT NULL"
+        );
+        let third: (&(dyn ToSql + Sync), Type) = (&sources, Type::TEXT_ARRAY);
+        self.store(tx, &source, &ids, &texts, third, models, reembed)
+    }
+
+    /// The one write statement: vectors from `source` (`id`, `x` the text
+    /// they are for, `e`) into the rows that still hold that text, their
+    /// failures forgotten, their model noted.
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        tx: &mut Transaction<'_>,
+        source: &str,
+        ids: &[&str],
+        texts: &[&str],
+        third: (&(dyn ToSql + Sync), Type),
+        models: &Models,
+        reembed: bool,
+    ) -> Result<Vec<String>> {
         let Names {
             t,
             i,
@@ -854,7 +900,7 @@ impl Target {
             ),
         };
         let sql = format!(
-            "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3) AS v(id, x, e)), \
+            "WITH v AS ({source}), \
              upd AS (UPDATE {t} t SET {e} = v.e FROM v \
                      WHERE t.{i} = v.id::{idt} {still_null} AND t.{x}::text = v.x \
                      RETURNING t.{i}::text AS id), \
@@ -866,7 +912,7 @@ impl Target {
             &[
                 (&ids, Type::TEXT_ARRAY),
                 (&texts, Type::TEXT_ARRAY),
-                (&vectors, self.vector.array.clone()),
+                third,
                 (&self.table, Type::TEXT),
                 (&models.current.model, Type::TEXT),
                 (&models.current.dimensions, Type::INT4),

@@ -262,6 +262,7 @@ fn embed_loop(
         more_work: (Mutex::new(None), Condvar::new()),
         progress: Progress::new(cfg, db, target),
         budget: token_budget(cfg),
+        earlier: Earlier::default(),
         pacer: Pacer::new(cfg.budget.tokens_per_minute, cfg.budget.requests_per_minute),
     };
     std::thread::scope(|scope| {
@@ -351,6 +352,8 @@ struct Shared<'a> {
     budget: Option<TokenBudget>,
     /// Keeps all workers under the provider's per-minute limits.
     pacer: Pacer,
+    /// Texts written earlier in the run, to copy rather than send.
+    earlier: Earlier,
 }
 
 /// Where the next claim starts and why the run stops; claims are taken one
@@ -581,6 +584,9 @@ fn one_batch(
     );
     // Identical texts in a batch are sent once; every row gets the vector.
     let (unique, copies) = dedupe(items);
+    // A text an earlier batch of this run wrote is not sent again: its
+    // vector is copied from that row.
+    let (unique, earlier) = shared.earlier.split(unique, rows);
     let halt = batcher.embed(&unique, &mut vectors, &mut rejected).err();
     let done: Vec<(&Claimed, Vec<f32>)> = fan_out(vectors, &copies)
         .map(|(i, v)| (&rows[i], v))
@@ -588,11 +594,16 @@ fn one_batch(
     let failed: Vec<(&Claimed, String)> = fan_out(rejected, &copies)
         .map(|(i, e)| (&rows[i], e))
         .collect();
-    let sent = done.len();
-    let target = shared.target;
-    let written = target.write(&mut tx, done, shared.models, shared.cfg.reembed.is_some())?;
+    let from_earlier: Vec<(&Claimed, String)> = fan_out(earlier, &copies)
+        .map(|(i, src)| (&rows[i], src))
+        .collect();
+    let sent = done.len() + from_earlier.len();
+    let (target, models, reembed) = (shared.target, shared.models, shared.cfg.reembed.is_some());
+    let mut written = target.write(&mut tx, done, models, reembed)?;
+    written.extend(target.copy(&mut tx, &from_earlier, models, reembed)?);
     target.record_failures(&mut tx, &failed)?;
     tx.commit()?;
+    shared.earlier.remember(rows, &written);
     for (row, err) in &failed {
         crate::warn!("row {} failed: {err}", row.id);
     }
@@ -762,6 +773,66 @@ fn token_budget(cfg: &Config) -> Option<TokenBudget> {
         reason,
         spent: Mutex::new(0),
     })
+}
+
+/// The texts this run has written, each with one row that holds its vector:
+/// a text met again in a later batch is copied, not sent. Texts are kept as
+/// 64-bit hashes (the copy itself compares the texts), and at most
+/// [`EARLIER_TEXTS`] of them, so memory stays flat however long the backfill.
+#[derive(Default)]
+struct Earlier {
+    rows: Mutex<HashMap<u64, Box<str>>>,
+}
+
+/// Texts (or messages, or source rows) by batch index.
+type Items = Vec<(usize, String)>;
+
+/// Texts remembered by [`Earlier`] (a few megabytes).
+const EARLIER_TEXTS: usize = 100_000;
+
+impl Earlier {
+    fn key(text: &str) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(text)
+    }
+
+    /// Split `items` into those to send and, by batch index, the row to copy from.
+    fn split(
+        &self,
+        items: Vec<(usize, String)>,
+        rows: &[Claimed],
+    ) -> (Items, Vec<(usize, String)>) {
+        let known = lock(&self.rows);
+        if known.is_empty() {
+            return (items, Vec::new());
+        }
+        let mut send = Vec::with_capacity(items.len());
+        let mut copy = Vec::new();
+        for (i, text) in items {
+            match known.get(&Self::key(&rows[i].text)) {
+                Some(src) => copy.push((i, src.to_string())),
+                None => send.push((i, text)),
+            }
+        }
+        (send, copy)
+    }
+
+    /// Note the texts of the rows written in this batch.
+    fn remember(&self, rows: &[Claimed], written: &[String]) {
+        if written.is_empty() {
+            return;
+        }
+        let written: std::collections::HashSet<&str> = written.iter().map(String::as_str).collect();
+        let mut known = lock(&self.rows);
+        for row in rows.iter().filter(|r| written.contains(r.id.as_str())) {
+            if known.len() >= EARLIER_TEXTS {
+                break;
+            }
+            known
+                .entry(Self::key(&row.text))
+                .or_insert_with(|| row.id.as_str().into());
+        }
+    }
 }
 
 /// For the batch index of each text sent, the other rows that share it.
@@ -1011,6 +1082,8 @@ fn dry_run(
     let mut tx = db.client().build_transaction().read_only(true).start()?;
     let mut cursor: Option<String> = None;
     let (mut would_embed, mut tokens, mut truncated, mut too_long) = (0u64, 0u64, 0u64, 0u64);
+    // As in a run: a text written by an earlier batch is copied, not sent.
+    let mut earlier = std::collections::HashSet::new();
     let mut sample_ids = Vec::new();
     'claims: loop {
         let limit = match cfg.budget.max_rows {
@@ -1023,6 +1096,7 @@ fn dry_run(
         let Some(next) = next else { break };
         cursor = Some(next);
         let mut seen = std::collections::HashSet::new();
+        let mut written_now = Vec::new();
         for row in &rows {
             // The same decisions as a run: what would be sent, each distinct
             // text of a batch counted once.
@@ -1037,12 +1111,14 @@ fn dry_run(
                     continue;
                 }
             };
-            let n = if seen.contains(&text) {
+            let key = Earlier::key(&row.text);
+            let n = if earlier.contains(&key) || seen.contains(&text) {
                 0
             } else {
                 counter.count(&text) as u64
             };
             seen.insert(text);
+            written_now.push(key);
             if let Some(b) = &budget {
                 if b.reserve(n).is_err() {
                     break 'claims;
@@ -1053,6 +1129,11 @@ fn dry_run(
             }
             tokens += n;
             would_embed += 1;
+        }
+        for key in written_now {
+            if earlier.len() < EARLIER_TEXTS {
+                earlier.insert(key);
+            }
         }
     }
     tx.rollback()?;

@@ -219,3 +219,37 @@ fn identical_texts_in_a_batch_are_sent_once_and_written_to_every_row() {
     assert_eq!(sent.iter().filter(|t| t.as_str() == "same text").count(), 1);
     assert_eq!(db.correct_rows(1536), (30, 0));
 }
+
+#[test]
+fn identical_texts_across_the_batches_of_a_run_are_sent_once() {
+    // 60 rows, 12 distinct texts, batches of 5 over 4 workers: each text
+    // turns up in many batches.
+    let mut db = TestDb::new("dupesrun");
+    db.products(60, 1536);
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "UPDATE {s}.products SET embedding_text = 'colour ' || (product_id_internal % 12)"
+    ));
+    let mock = Mock::start(1536);
+    let args = ["--json", "--batch-size", "5", "--concurrency", "4"];
+    let r = autoembed(&db, &mock, &[&["backfill"][..], &args].concat());
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["embedded"], 60, "{r:?}");
+    assert_eq!(db.correct_rows(1536), (60, 0));
+    let mut sent = mock.embedded_inputs();
+    sent.sort();
+    let mut distinct = sent.clone();
+    distinct.dedup();
+    // Workers in flight at once may each send a text the other has not
+    // written yet; with one worker, each text goes exactly once.
+    assert!(sent.len() < 60 && distinct.len() == 12, "{sent:?}");
+    let mock = Mock::start(1536);
+    db.exec(&format!("UPDATE {s}.products SET embedding = NULL"));
+    let one = ["--json", "--batch-size", "5", "--concurrency", "1"];
+    let dry = autoembed(&db, &mock, &[&["dry-run"][..], &one].concat()).json();
+    let r = autoembed(&db, &mock, &[&["backfill"][..], &one].concat());
+    assert_eq!(r.json()["embedded"], 60, "{r:?}");
+    assert_eq!(mock.embedded_inputs().len(), 12);
+    assert_eq!(dry["estimated_tokens"], r.json()["tokens"], "{dry} {r:?}");
+    assert_eq!(db.correct_rows(1536), (60, 0));
+}
