@@ -287,3 +287,32 @@ fn two_workers_share_the_rows_and_embed_each_once() {
     assert_eq!(local(&alone, &model_dir(), &["run-once"]).code, 0);
     assert_eq!(stored(&mut db, 0), stored(&mut alone, 0));
 }
+
+#[test]
+fn budgets_count_the_local_model_tokens() {
+    let r = reference();
+    let texts: Vec<String> = r.texts[..8].to_vec();
+    let db = reference_table("localbudget", 384, &texts);
+    // "running shoes" is 4 tokens with [CLS] and [SEP]; batches of 2 rows.
+    let run = local(
+        &db,
+        &model_dir(),
+        &[
+            "backfill",
+            "--json",
+            "--batch-size",
+            "2",
+            "--max-tokens",
+            "20",
+        ],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["stop_reason"], "max_tokens", "{j}");
+    let tokens = j["tokens"].as_u64().unwrap_or(u64::MAX);
+    assert!(tokens <= 20 && tokens > 0, "{j}");
+    assert!(
+        j["embedded"].as_u64().is_some_and(|n| (2..8).contains(&n)),
+        "{j}"
+    );
+}
