@@ -454,6 +454,9 @@ pub struct Claimed {
     pub id: String,
     /// The text as read; the vector is written only if the row still holds it.
     pub text: String,
+    /// `hashtextextended(text, 0)`, as the database computed it: what the
+    /// write compares, so that texts need not travel back.
+    pub text_hash: i64,
 }
 
 /// The counts `verify` prints.
@@ -781,7 +784,7 @@ impl Target {
         // another worker finished just before we locked it drops out here.
         let Names { x, .. } = &self.names;
         let read = format!(
-            "SELECT t.{i}::text, t.{x}::text FROM {t} t \
+            "SELECT t.{i}::text, t.{x}::text, hashtextextended(t.{x}::text, 0) FROM {t} t \
              WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}",
             pending = claimable(4)
         );
@@ -800,6 +803,7 @@ impl Target {
             .map(|r| Claimed {
                 id: r.get(0),
                 text: r.get(1),
+                text_hash: r.get(2),
             })
             .filter(|c| !is_blank(&c.text))
             .collect();
@@ -824,11 +828,11 @@ impl Target {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = done.iter().map(|(c, _)| c.id.as_str()).collect();
-        let texts: Vec<&str> = done.iter().map(|(c, _)| c.text.as_str()).collect();
+        let hashes: Vec<i64> = done.iter().map(|(c, _)| c.text_hash).collect();
         let vectors: Vec<Vector> = done.into_iter().map(|(_, v)| Vector::from(v)).collect();
-        let source = "SELECT * FROM unnest($1::text[], $2::text[], $3) AS v(id, x, e)";
+        let source = "SELECT * FROM unnest($1::text[], $2::int8[], $3) AS v(id, h, e)";
         let third: (&(dyn ToSql + Sync), Type) = (&vectors, self.vector.array.clone());
-        self.store(tx, source, &ids, &texts, third, models, reembed)
+        self.store(tx, source, &ids, &hashes, third, models, reembed)
     }
 
     /// Give rows the vector another row got earlier in this run for the
@@ -845,29 +849,30 @@ impl Target {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = copies.iter().map(|(c, _)| c.id.as_str()).collect();
-        let texts: Vec<&str> = copies.iter().map(|(c, _)| c.text.as_str()).collect();
+        let hashes: Vec<i64> = copies.iter().map(|(c, _)| c.text_hash).collect();
         let sources: Vec<&str> = copies.iter().map(|(_, s)| s.as_str()).collect();
         let Names {
             t, i, x, e, idt, ..
         } = &self.names;
         let source = format!(
-            "SELECT c.id, c.x, s.{e} AS e FROM unnest($1::text[], $2::text[], $3::text[]) AS c(id, x, src) \
-             JOIN {t} s ON s.{i} = c.src::{idt} AND s.{x}::text = c.x AND s.{e} IS NOT NULL"
+            "SELECT c.id, c.h, s.{e} AS e FROM unnest($1::text[], $2::int8[], $3::text[]) AS c(id, h, src) \
+             JOIN {t} s ON s.{i} = c.src::{idt} AND hashtextextended(s.{x}::text, 0) = c.h \
+             AND s.{e} IS NOT NULL"
         );
         let third: (&(dyn ToSql + Sync), Type) = (&sources, Type::TEXT_ARRAY);
-        self.store(tx, &source, &ids, &texts, third, models, reembed)
+        self.store(tx, &source, &ids, &hashes, third, models, reembed)
     }
 
-    /// The one write statement: vectors from `source` (`id`, `x` the text
-    /// they are for, `e`) into the rows that still hold that text, their
-    /// failures forgotten, their model noted.
+    /// The one write statement: vectors from `source` (`id`, `h` the hash
+    /// of the text they are for, `e`) into the rows that still hold that
+    /// text, their failures forgotten, their model noted.
     #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
         tx: &mut Transaction<'_>,
         source: &str,
         ids: &[&str],
-        texts: &[&str],
+        hashes: &[i64],
         third: (&(dyn ToSql + Sync), Type),
         models: &Models,
         reembed: bool,
@@ -902,7 +907,7 @@ impl Target {
         let sql = format!(
             "WITH v AS ({source}), \
              upd AS (UPDATE {t} t SET {e} = v.e FROM v \
-                     WHERE t.{i} = v.id::{idt} {still_null} AND t.{x}::text = v.x \
+                     WHERE t.{i} = v.id::{idt} {still_null} AND hashtextextended(t.{x}::text, 0) = v.h \
                      RETURNING t.{i}::text AS id), \
              del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = $4 AND f.row_id = upd.id) \
              {note} SELECT id FROM upd"
@@ -911,7 +916,7 @@ impl Target {
             &sql,
             &[
                 (&ids, Type::TEXT_ARRAY),
-                (&texts, Type::TEXT_ARRAY),
+                (&hashes, Type::INT8_ARRAY),
                 third,
                 (&self.table, Type::TEXT),
                 (&models.current.model, Type::TEXT),
