@@ -787,8 +787,8 @@ struct Earlier {
 /// Texts (or messages, or source rows) by batch index.
 type Items = Vec<(usize, String)>;
 
-/// Texts remembered by [`Earlier`] (a few megabytes).
-const EARLIER_TEXTS: usize = 100_000;
+/// Texts remembered by [`Earlier`]: about a megabyte and a half.
+const EARLIER_TEXTS: usize = 20_000;
 
 impl Earlier {
     fn key(text: &str) -> u64 {
