@@ -777,14 +777,15 @@ fn token_budget(cfg: &Config) -> Option<TokenBudget> {
 
 /// The texts this run has written, each with one row that holds its vector:
 /// a text met again in a later batch is copied, not sent. Texts are kept as
-/// 64-bit hashes (the copy itself compares the texts), and at most
+/// 64-bit hashes (the copy itself checks, in the database, that both rows
+/// still hold the same text), and at most
 /// [`EARLIER_TEXTS`] of them, so memory stays flat however long the backfill.
 #[derive(Default)]
 struct Earlier {
     rows: Mutex<HashMap<u64, Box<str>>>,
 }
 
-/// Texts (or messages, or source rows) by batch index.
+/// Texts (or the ids of rows to copy from) by batch index.
 type Items = Vec<(usize, String)>;
 
 /// Texts remembered by [`Earlier`]: about a megabyte and a half.
@@ -797,11 +798,7 @@ impl Earlier {
     }
 
     /// Split `items` into those to send and, by batch index, the row to copy from.
-    fn split(
-        &self,
-        items: Vec<(usize, String)>,
-        rows: &[Claimed],
-    ) -> (Items, Vec<(usize, String)>) {
+    fn split(&self, items: Vec<(usize, String)>, rows: &[Claimed]) -> (Items, Items) {
         let known = lock(&self.rows);
         if known.is_empty() {
             return (items, Vec::new());
