@@ -710,7 +710,7 @@ impl Batcher<'_> {
                 rejected.push((items[0].0, format!("{status}: {message}")));
                 Ok(())
             }
-            Err(RetryOutcome::Failed(ProviderError::Mismatch { message })) => {
+            Err(RetryOutcome::Failed(ProviderError::Misconfigured { message })) => {
                 Err(Halt::Error(Error::Config(message)))
             }
             Err(RetryOutcome::Failed(e @ ProviderError::Fatal { .. })) => {
@@ -969,7 +969,7 @@ impl Embedder for DimensionGuard {
                     self.known,
                     self.any_good.load(Ordering::SeqCst),
                 ) {
-                    return Err(ProviderError::Mismatch {
+                    return Err(ProviderError::Misconfigured {
                         message: dimension_mismatch(
                             &self.model,
                             got as u32,

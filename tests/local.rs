@@ -316,3 +316,18 @@ fn budgets_count_the_local_model_tokens() {
         "{j}"
     );
 }
+
+#[test]
+fn a_tick_with_nothing_to_do_does_not_load_the_model() {
+    // Weights cut short: loading them would fail, so exit 0 shows they were never read.
+    let db = reference_table("localidle", 384, &[]);
+    let broken = db.dir.join("weights-cut-short");
+    std::fs::create_dir_all(&broken).expect("mkdir");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(model_dir().join(f), broken.join(f)).expect("copy");
+    }
+    std::fs::write(broken.join("model.safetensors"), b"12345678").expect("write");
+    let r = local(&db, &broken, &["run-once", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["requests"], 0, "{r:?}");
+}

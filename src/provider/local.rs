@@ -200,6 +200,49 @@ impl WordPiece {
     }
 }
 
+/// The model, loaded on the first request: a cron tick with nothing to do
+/// never reads its 90 MB. (Its tokenizer is loaded before the run starts,
+/// so a missing model stops the run before anything happens.)
+pub struct Lazy {
+    path: PathBuf,
+    tokenizer: Arc<WordPiece>,
+    model: std::sync::OnceLock<Result<LocalModel, String>>,
+}
+
+impl Lazy {
+    pub fn new(path: PathBuf, tokenizer: Arc<WordPiece>) -> Lazy {
+        Lazy {
+            path,
+            tokenizer,
+            model: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Embedder for Lazy {
+    fn embed(&self, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+        let model = self.model.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let model = LocalModel::load(&self.path, self.tokenizer.clone());
+            if let Ok(m) = &model {
+                crate::debug!(
+                    "local model {} loaded in {} ms ({} dimensions)",
+                    self.path.display(),
+                    started.elapsed().as_millis(),
+                    m.dimensions()
+                );
+            }
+            model.map_err(|e| e.to_string())
+        });
+        match model {
+            Ok(m) => m.embed(inputs),
+            Err(message) => Err(ProviderError::Misconfigured {
+                message: message.clone(),
+            }),
+        }
+    }
+}
+
 /// The sentence-transformers model, ready to embed.
 pub struct LocalModel {
     tokenizer: Arc<WordPiece>,

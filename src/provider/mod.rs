@@ -165,9 +165,10 @@ pub enum ProviderError {
     /// Bad key, no credit, unknown model or endpoint: stop the run.
     #[error("{message}")]
     Fatal { message: String },
-    /// The vectors don't fit the column: a configuration error (exit 2).
+    /// The configuration cannot work (vectors that don't fit the column, a
+    /// local model that does not load): a configuration error (exit 2).
     #[error("{message}")]
-    Mismatch { message: String },
+    Misconfigured { message: String },
 }
 
 /// Something that turns texts into vectors, one attempt per call.
@@ -183,20 +184,8 @@ pub fn build(
 ) -> crate::error::Result<Arc<dyn Embedder>> {
     #[cfg(feature = "local")]
     if let crate::tokens::Counter::Local(tokenizer) = counter {
-        let path = cfg
-            .model_path
-            .as_deref()
-            .unwrap_or(std::path::Path::new(""));
-        let started = Instant::now();
-        let model = local::LocalModel::load(path, tokenizer.clone())
-            .map_err(|e| crate::error::Error::Config(e.to_string()))?;
-        crate::debug!(
-            "local model {} loaded in {} ms ({} dimensions)",
-            path.display(),
-            started.elapsed().as_millis(),
-            model.dimensions()
-        );
-        return Ok(Arc::new(model));
+        let path = cfg.model_path.clone().unwrap_or_default();
+        return Ok(Arc::new(local::Lazy::new(path, tokenizer.clone())));
     }
     let _ = counter;
     Ok(Arc::new(OpenAiClient::new(cfg)))
@@ -288,7 +277,7 @@ pub fn embed_with_retry(
         let wait = match &err {
             ProviderError::Rejected { .. }
             | ProviderError::Fatal { .. }
-            | ProviderError::Mismatch { .. } => return Err(RetryOutcome::Failed(err)),
+            | ProviderError::Misconfigured { .. } => return Err(RetryOutcome::Failed(err)),
             ProviderError::RateLimited { retry_after, .. } => {
                 stats.rate_limited += 1;
                 limited += 1;
