@@ -397,14 +397,19 @@ fn respond(
         let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *guard;
         let now = Instant::now();
-        let mut wait = None;
-        for (limit, n) in [
-            (&mut s.tokens_limit, tokens as f64),
-            (&mut s.requests_limit, 1.0),
+        // The longest wait, and which limit asks for it.
+        let mut wait: Option<(Duration, &str)> = None;
+        for (limit, n, what) in [
+            (&mut s.tokens_limit, tokens as f64, "tokens per min (TPM)"),
+            (&mut s.requests_limit, 1.0, "requests per min (RPM)"),
         ] {
             if let Some(l) = limit {
                 l.refill(now);
-                wait = wait.max(l.short(n));
+                if let Some(w) = l.short(n) {
+                    if wait.is_none_or(|(longest, _)| w > longest) {
+                        wait = Some((w, what));
+                    }
+                }
             }
         }
         if wait.is_none() {
@@ -441,9 +446,14 @@ fn respond(
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    if let Some(wait) = rate_wait {
+    if let Some((wait, what)) = rate_wait {
+        let requested = if what.starts_with("tokens") {
+            rate_tokens
+        } else {
+            1
+        };
         let msg = format!(
-            "Rate limit reached for text-embedding-3-small in organization org-mock on tokens per min (TPM): Requested {rate_tokens}. Please try again in {:.3}s. Visit https://platform.openai.com/account/rate-limits to learn more.",
+            "Rate limit reached for text-embedding-3-small in organization org-mock on {what}: Requested {requested}. Please try again in {:.3}s. Visit https://platform.openai.com/account/rate-limits to learn more.",
             wait.as_secs_f64()
         );
         return send(
