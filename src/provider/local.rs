@@ -342,7 +342,7 @@ impl Shape {
             intermediate: num("intermediate_size")?,
             eps: c["layer_norm_eps"].as_f64().unwrap_or(1e-12),
         };
-        if shape.heads == 0 || shape.hidden % shape.heads != 0 {
+        if shape.heads == 0 || !shape.hidden.is_multiple_of(shape.heads) {
             return Err("hidden_size is not a multiple of num_attention_heads".into());
         }
         Ok(shape)
