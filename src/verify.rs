@@ -9,6 +9,7 @@ use crate::provider::{self, ProviderKind, RequestStats, RetryOutcome, RetryPolic
 use crate::signals::Stop;
 use crate::tokens::Counter;
 use serde::Serialize;
+use std::sync::Arc;
 
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
@@ -99,12 +100,17 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
     if let (Some(t), crate::db::TableLookup::Found(facts)) = (&target, &facts.table) {
         report.checks.extend(setup_checks(t, facts));
     }
+    // The provider, built once for the checks that call it (so the local
+    // model loads once), and only if one does.
+    let embedder = Embedder::default();
     if cfg.provider.kind == ProviderKind::Local {
-        report.checks.push(local_model_check(cfg));
+        report.checks.push(local_model_check(cfg, &embedder));
     }
     if let Some(target) = &target {
         if !report.checks.iter().any(|c| c.name == "dimensions") {
-            report.checks.push(probe_dimensions(cfg, target, stop));
+            report
+                .checks
+                .push(probe_dimensions(cfg, target, stop, &embedder));
         }
         if facts.state_exists {
             report.checks.push(models_check(cfg, target, &mut db));
@@ -119,8 +125,22 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
     report
 }
 
+/// The configured provider, built on first use.
+type Embedder = std::cell::OnceCell<Result<Arc<dyn provider::Embedder>, String>>;
+
+fn embedder<'a>(
+    cell: &'a Embedder,
+    cfg: &Config,
+) -> &'a Result<Arc<dyn provider::Embedder>, String> {
+    cell.get_or_init(|| {
+        Counter::for_provider(&cfg.provider)
+            .and_then(|counter| provider::build(&cfg.provider, &counter))
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// For a model autoembed doesn't know: one tiny request, unless --offline.
-fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
+fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop, cell: &Embedder) -> Check {
     if cfg.offline && cfg.provider.kind != ProviderKind::Local {
         return Check::pass(
             "dimensions",
@@ -130,11 +150,9 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop) -> Check {
             ),
         );
     }
-    let embedder = match Counter::for_provider(&cfg.provider)
-        .and_then(|counter| provider::build(&cfg.provider, &counter))
-    {
-        Ok(e) => e,
-        Err(e) => return Check::fail("dimensions", e.to_string()),
+    let embedder = match embedder(cell, cfg) {
+        Ok(e) => e.clone(),
+        Err(e) => return Check::fail("dimensions", e.clone()),
     };
     let policy = RetryPolicy {
         transient_retries: 1,
@@ -217,13 +235,11 @@ fn models_check(cfg: &Config, target: &Target, db: &mut Db) -> Check {
 
 /// The local model loads and embeds: the smoke check of `--provider local`,
 /// which needs no network, so it runs even with `--offline`.
-fn local_model_check(cfg: &Config) -> Check {
+fn local_model_check(cfg: &Config, cell: &Embedder) -> Check {
     let started = std::time::Instant::now();
-    let built = Counter::for_provider(&cfg.provider)
-        .and_then(|counter| provider::build(&cfg.provider, &counter));
-    let model = match built {
+    let model = match embedder(cell, cfg) {
         Ok(m) => m,
-        Err(e) => return Check::fail("model", e.to_string()),
+        Err(e) => return Check::fail("model", e.clone()),
     };
     let path = cfg
         .provider
