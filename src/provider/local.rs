@@ -171,8 +171,8 @@ impl WordPiece {
         }
         // Position of the last content token kept: [CLS] + max-2 tokens.
         let last = self.max_tokens - 2;
-        let word = enc.get_word_ids().get(last).copied().flatten();
         let words = enc.get_word_ids();
+        let word = words.get(last).copied().flatten();
         let offsets = enc.get_offsets();
         let next = (last + 1..enc.len()).find(|&i| words[i].is_some() && words[i] != word)?;
         Some(text[..offsets[next].0].to_string())
