@@ -9,7 +9,8 @@
 //! - `throughput`: a `products` table of `--rows` rows with realistic texts
 //!   (50 to 2,000 characters) and `vector(1536)`; autoembed backfill at mock
 //!   latency 0 ms against the database's own ceiling for the same write (one
-//!   `UPDATE ... FROM` a table already holding the same vectors);
+//!   `UPDATE ... FROM` a table already holding the same vectors), taken in
+//!   turns, at least 5 rounds, each measured run after a checkpoint;
 //! - `latency`: the same at 200 ms per request, for several `--concurrency`
 //!   values, against the reference cron script (`../shared/bench/reference_cron.py`,
 //!   looped as cron would run it) on `--ref-rows` rows;
@@ -184,9 +185,14 @@ fn products(db: &mut Client, name: &str, n: i64, pending: i64) {
     );
 }
 
+/// Every row pending again, dead rows vacuumed, and a checkpoint, so that
+/// every measured run starts from the same state: no checkpoint falls into
+/// one run and not the next (it makes the first write of each page after it
+/// log the whole page).
 fn reset(db: &mut Client, t: &str) {
     exec(db, &format!("UPDATE {t} SET embedding = NULL"));
     exec(db, &format!("VACUUM ANALYZE {t}"));
+    exec(db, "CHECKPOINT");
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -271,28 +277,13 @@ fn measure(opts: &Opts, provider: &[(&str, String)], table: &str, args: &[&str])
     }
 }
 
+/// autoembed, over TLS too, and the database's ceiling, taken in turns
+/// (one of each per round) so that the machine's drift over the scenario
+/// falls on all three alike; the ratio is the median of each round's own.
 fn throughput(opts: &Opts, db: &mut Client) {
     let t = format!("{SCHEMA}.products");
     products(db, "products", opts.rows, opts.rows);
     let mock = mock::Mock::start(1536);
-    let mut ours = Vec::new();
-    let mut mock_cpu = Vec::new();
-    let mut rss = Vec::new();
-    let mut requests = 0;
-    for run in 0..opts.runs {
-        reset(db, &t);
-        let cpu = own_cpu_seconds();
-        let m = autoembed(opts, &mock, &t, &["backfill"]);
-        mock_cpu.push(own_cpu_seconds() - cpu);
-        assert_done(&m, opts.rows);
-        ours.push(opts.rows as f64 / m.seconds);
-        rss.push(m.max_rss_kb as f64 / 1024.0);
-        requests = m.json["requests"].as_u64().unwrap_or(0);
-        if run == 0 {
-            exec(db, &format!("DROP TABLE IF EXISTS {t}_vectors; CREATE TABLE {t}_vectors AS SELECT product_id_internal, embedding FROM {t}; ANALYZE {t}_vectors"));
-        }
-    }
-    // The same over TLS (sslmode=require), as to a hosted database.
     let tls_url = opts.url.replace("sslmode=disable", "sslmode=require");
     let tls_env = [
         ("AUTOEMBED_PROVIDER", "openai".to_string()),
@@ -300,33 +291,56 @@ fn throughput(opts: &Opts, db: &mut Client) {
         ("OPENAI_API_KEY", "sk-bench".to_string()),
         ("DATABASE_URL", tls_url),
     ];
-    let mut tls = Vec::new();
-    for _ in 0..opts.runs {
+    let rounds = opts.runs.max(5);
+    let (mut ours, mut tls, mut ceiling) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratios, mut tls_ratios) = (Vec::new(), Vec::new());
+    let (mut mock_cpu, mut rss) = (Vec::new(), Vec::new());
+    let mut requests = 0;
+    for round in 0..rounds {
+        reset(db, &t);
+        let cpu = own_cpu_seconds();
+        let m = autoembed(opts, &mock, &t, &["backfill"]);
+        mock_cpu.push(own_cpu_seconds() - cpu);
+        assert_done(&m, opts.rows);
+        let rate = opts.rows as f64 / m.seconds;
+        rss.push(m.max_rss_kb as f64 / 1024.0);
+        requests = m.json["requests"].as_u64().unwrap_or(0);
+        if round == 0 {
+            exec(db, &format!("DROP TABLE IF EXISTS {t}_vectors; CREATE TABLE {t}_vectors AS SELECT product_id_internal, embedding FROM {t}; ANALYZE {t}_vectors"));
+        }
+        // The same over TLS (sslmode=require), as to a hosted database.
         reset(db, &t);
         let m = measure(opts, &tls_env, &t, &["backfill"]);
         assert_done(&m, opts.rows);
-        tls.push(opts.rows as f64 / m.seconds);
-    }
-    let mut ceiling = Vec::new();
-    for _ in 0..opts.runs {
+        let tls_rate = opts.rows as f64 / m.seconds;
         reset(db, &t);
         let started = Instant::now();
         exec(db, &format!("UPDATE {t} p SET embedding = v.embedding FROM {t}_vectors v WHERE p.product_id_internal = v.product_id_internal"));
-        ceiling.push(opts.rows as f64 / started.elapsed().as_secs_f64());
+        let ceiling_rate = opts.rows as f64 / started.elapsed().as_secs_f64();
+        eprintln!(
+            "bench: round {}: autoembed {rate:.0}, over TLS {tls_rate:.0}, ceiling {ceiling_rate:.0} rows/s",
+            round + 1
+        );
+        ratios.push(rate / ceiling_rate);
+        tls_ratios.push(tls_rate / ceiling_rate);
+        ours.push(rate);
+        tls.push(tls_rate);
+        ceiling.push(ceiling_rate);
     }
     let (ours, ceiling, tls) = (median(ours), median(ceiling), median(tls));
+    let (ratio, tls_ratio) = (median(ratios), median(tls_ratios));
     println!("## Backfill of {} rows, mock latency 0 ms\n", opts.rows);
-    println!("| what | rows/s (median of {}) |", opts.runs);
+    println!("| what | rows/s (median of {rounds}) |");
     println!("|---|---|");
     println!("| autoembed backfill (default settings: batch 100, concurrency 8; loopback, no TLS) | {ours:.0} |");
     println!("| PostgreSQL ceiling: one `UPDATE ... FROM` a table holding the same vectors | {ceiling:.0} |");
     println!(
-        "| **ratio** | **{:.0}% of the ceiling** |",
-        100.0 * ours / ceiling
+        "| **ratio** (median of the rounds' ratios) | **{:.0}% of the ceiling** |",
+        100.0 * ratio
     );
     println!(
         "| autoembed backfill over TLS (`sslmode=require`, as to a hosted database) | {tls:.0} ({:.0}% of the ceiling) |",
-        100.0 * tls / ceiling
+        100.0 * tls_ratio
     );
     println!(
         "\nautoembed made {requests} requests; peak RSS {:.0} MB; the mock server used {:.2} CPU s per run (median).\n",
