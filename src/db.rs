@@ -448,6 +448,17 @@ pub struct Claim {
     pub more: bool,
 }
 
+/// The first half of a claim: the rows this transaction locked.
+#[derive(Debug)]
+pub struct Candidates {
+    /// The candidates this transaction locked (others hold the rest).
+    pub locked: Vec<String>,
+    /// Where the next claim starts; `None` when nothing was left to look at.
+    pub next: Option<String>,
+    /// Whether more candidates follow.
+    pub more: bool,
+}
+
 /// One row taken for embedding.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -703,7 +714,7 @@ impl Target {
     }
 
     /// Up to `limit` pending rows after `cursor`, in id order, locked for this
-    /// transaction (`lock = false` for dry-run: read only).
+    /// transaction (`lock = false` for dry-run: read only), with their texts.
     pub fn claim(
         &self,
         tx: &mut Transaction<'_>,
@@ -713,6 +724,28 @@ impl Target {
         lock: bool,
         models: Option<&Models>,
     ) -> Result<Claim> {
+        let c = self.candidates(tx, cursor, limit, eligibility, lock, models)?;
+        let rows = self.read(tx, &c.locked, eligibility, models)?;
+        Ok(Claim {
+            rows,
+            next: c.next,
+            more: c.more,
+        })
+    }
+
+    /// The first half of a claim, the only part that must not run beside
+    /// another worker's (it moves the cursor): up to `limit` pending rows
+    /// after `cursor`, in id order, and the advisory locks on those no other
+    /// run holds.
+    pub fn candidates(
+        &self,
+        tx: &mut Transaction<'_>,
+        cursor: Option<&str>,
+        limit: usize,
+        eligibility: Eligibility,
+        lock: bool,
+        models: Option<&Models>,
+    ) -> Result<Candidates> {
         let consult = eligibility.skip_failed;
         let key: &str = &self.table;
         let max_attempts = eligibility.max_attempts as i32;
@@ -721,11 +754,11 @@ impl Target {
         let (model, dims) = models.map_or((None, None), |m| {
             (Some(m.current.model.as_str()), Some(m.current.dimensions))
         });
-        let claimable = |m: usize| match models {
-            Some(models) => self.claimable(eligibility.reembed, models, m),
+        let pending = match models {
+            Some(models) => self.claimable(eligibility.reembed, models, 7),
             None => self.unembedded(),
         };
-        let (pending, not_failed) = (claimable(7), self.not_failed(consult));
+        let not_failed = self.not_failed(consult);
         let after = if cursor.is_some() {
             format!("AND t.{i} > $1::text::{idt}")
         } else {
@@ -761,32 +794,43 @@ impl Target {
         )?;
         let more = cand.len() as i64 > limit;
         let within = &cand[..cand.len().min(limit as usize)];
-        let Some(last) = within.last().map(|r| r.get::<_, String>(0)) else {
-            return Ok(Claim {
-                rows: Vec::new(),
-                next: None,
-                more: false,
-            });
-        };
-        let ids: Vec<String> = within
+        let next = within.last().map(|r| r.get::<_, String>(0));
+        let locked = within
             .iter()
             .filter(|r| r.get::<_, bool>(2))
             .map(|r| r.get(0))
             .collect();
+        Ok(Candidates { locked, next, more })
+    }
+
+    /// The second half of a claim: the locked rows that are still pending,
+    /// with their texts (blank ones left out). Read after locking, in a new
+    /// statement (a new snapshot): a row another worker finished just before
+    /// we locked it drops out here.
+    pub fn read(
+        &self,
+        tx: &mut Transaction<'_>,
+        ids: &[String],
+        eligibility: Eligibility,
+        models: Option<&Models>,
+    ) -> Result<Vec<Claimed>> {
         if ids.is_empty() {
-            return Ok(Claim {
-                rows: Vec::new(),
-                next: Some(last),
-                more,
-            });
+            return Ok(Vec::new());
         }
-        // Re-read after locking, in a new statement (a new snapshot): a row
-        // another worker finished just before we locked it drops out here.
-        let Names { x, .. } = &self.names;
+        let key: &str = &self.table;
+        let max_attempts = eligibility.max_attempts as i32;
+        let (model, dims) = models.map_or((None, None), |m| {
+            (Some(m.current.model.as_str()), Some(m.current.dimensions))
+        });
+        let pending = match models {
+            Some(models) => self.claimable(eligibility.reembed, models, 4),
+            None => self.unembedded(),
+        };
+        let not_failed = self.not_failed(eligibility.skip_failed);
+        let Names { t, i, x, idt, .. } = &self.names;
         let read = format!(
             "SELECT t.{i}::text, t.{x}::text, hashtextextended(t.{x}::text, 0) FROM {t} t \
-             WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}",
-            pending = claimable(4)
+             WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}"
         );
         let rows = tx.query_typed(
             &read,
@@ -798,7 +842,7 @@ impl Target {
                 (&dims, Type::INT4),
             ],
         )?;
-        let claimed = rows
+        Ok(rows
             .into_iter()
             .map(|r| Claimed {
                 id: r.get(0),
@@ -806,12 +850,7 @@ impl Target {
                 text_hash: r.get(2),
             })
             .filter(|c| !is_blank(&c.text))
-            .collect();
-        Ok(Claim {
-            rows: claimed,
-            next: Some(last),
-            more,
-        })
+            .collect())
     }
 
     /// Write vectors whose row still holds the text that was embedded (and,

@@ -413,59 +413,86 @@ impl Shared<'_> {
         }
     }
 
+    /// Claim the next batch. Only the choice of candidates (which moves the
+    /// cursor) happens under the queue's lock; the transaction is opened
+    /// before and the texts are read after, beside other workers.
     fn claim<'d>(&self, db: &'d mut Db) -> Next<'d> {
-        let mut q = lock(&self.queue);
-        if q.stop.is_some() {
+        if lock(&self.queue).stop.is_some() {
             return Next::Stop;
         }
-        let reason = if self.stop.requested() {
-            Some(StopReason::Signal)
-        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            Some(StopReason::MaxSeconds)
-        } else {
-            None
+        let mut tx = match db.begin(self.idle_limit) {
+            Ok(tx) => tx,
+            Err(e) => {
+                self.halt(StopReason::Error, Some(e));
+                return Next::Stop;
+            }
         };
-        let limit = match self.cfg.budget.max_rows {
-            Some(max) if q.taken >= max => 0,
-            Some(max) => self.cfg.budget.batch_size.min((max - q.taken) as usize),
-            None => self.cfg.budget.batch_size,
-        };
-        if let Some(reason) = reason.or((limit == 0).then_some(StopReason::MaxRows)) {
-            q.stop = Some(reason);
-            return Next::Stop;
-        }
-        let claimed = db.begin(self.idle_limit).and_then(|mut tx| {
+        let (locked, more) = {
+            let mut q = lock(&self.queue);
+            if q.stop.is_some() {
+                return Next::Stop;
+            }
+            let reason = if self.stop.requested() {
+                Some(StopReason::Signal)
+            } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(StopReason::MaxSeconds)
+            } else {
+                None
+            };
+            let limit = match self.cfg.budget.max_rows {
+                Some(max) if q.taken >= max => 0,
+                Some(max) => self.cfg.budget.batch_size.min((max - q.taken) as usize),
+                None => self.cfg.budget.batch_size,
+            };
+            if let Some(reason) = reason.or((limit == 0).then_some(StopReason::MaxRows)) {
+                q.stop = Some(reason);
+                return Next::Stop;
+            }
             // The state schema exists: run() created it before the loop.
-            let c = self.target.claim(
+            let candidates = self.target.candidates(
                 &mut tx,
                 q.cursor.as_deref(),
                 limit,
                 self.eligibility,
                 true,
                 Some(self.models),
-            )?;
-            Ok((tx, c))
-        });
-        match claimed {
+            );
+            match candidates {
+                Err(e) => {
+                    q.stop.get_or_insert(StopReason::Error);
+                    q.error.get_or_insert(e);
+                    return Next::Stop;
+                }
+                Ok(db::Candidates { next: None, .. }) => {
+                    q.stop = Some(StopReason::Drained);
+                    return Next::Stop;
+                }
+                Ok(db::Candidates { locked, next, more }) => {
+                    q.cursor = next;
+                    // Counted now, so that the next claim respects --max-rows;
+                    // rows that drop out on reading are given back below.
+                    q.taken += locked.len() as u64;
+                    (locked, more)
+                }
+            }
+        };
+        let rows = match self
+            .target
+            .read(&mut tx, &locked, self.eligibility, Some(self.models))
+        {
+            Ok(rows) => rows,
             Err(e) => {
-                q.stop.get_or_insert(StopReason::Error);
-                q.error.get_or_insert(e);
-                Next::Stop
+                self.halt(StopReason::Error, Some(e));
+                return Next::Stop;
             }
-            Ok((_, db::Claim { next: None, .. })) => {
-                q.stop = Some(StopReason::Drained);
-                Next::Stop
-            }
-            Ok((_, db::Claim { rows, next, .. })) if rows.is_empty() => {
-                q.cursor = next;
-                Next::Skipped
-            }
-            Ok((tx, db::Claim { rows, next, more })) => {
-                q.cursor = next;
-                q.taken += rows.len() as u64;
-                Next::Rows(tx, rows, more)
-            }
+        };
+        if rows.len() < locked.len() {
+            lock(&self.queue).taken -= (locked.len() - rows.len()) as u64;
         }
+        if rows.is_empty() {
+            return Next::Skipped;
+        }
+        Next::Rows(tx, rows, more)
     }
 }
 
@@ -583,7 +610,7 @@ fn one_batch(
         &mut rejected,
     );
     // Identical texts in a batch are sent once; every row gets the vector.
-    let (unique, copies) = dedupe(items);
+    let (unique, copies) = dedupe(items, rows);
     // A text an earlier batch of this run wrote is not sent again: its
     // vector is copied from that row.
     let (unique, earlier) = shared.earlier.split(unique, rows);
@@ -777,12 +804,12 @@ fn token_budget(cfg: &Config) -> Option<TokenBudget> {
 
 /// The texts this run has written, each with one row that holds its vector:
 /// a text met again in a later batch is copied, not sent. Texts are kept as
-/// 64-bit hashes (the copy itself checks, in the database, that both rows
-/// still hold the same text), and at most
+/// the 64-bit hash the database gave them (the copy itself checks, in the
+/// database, that both rows still hold a text of that hash), and at most
 /// [`EARLIER_TEXTS`] of them, so memory stays flat however long the backfill.
 #[derive(Default)]
 struct Earlier {
-    rows: Mutex<HashMap<u64, Box<str>>>,
+    rows: Mutex<HashMap<i64, Box<str>>>,
 }
 
 /// Texts (or the ids of rows to copy from) by batch index.
@@ -792,11 +819,6 @@ type Items = Vec<(usize, String)>;
 const EARLIER_TEXTS: usize = 20_000;
 
 impl Earlier {
-    fn key(text: &str) -> u64 {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        BuildHasherDefault::<DefaultHasher>::default().hash_one(text)
-    }
-
     /// Split `items` into those to send and, by batch index, the row to copy from.
     fn split(&self, items: Vec<(usize, String)>, rows: &[Claimed]) -> (Items, Items) {
         let known = lock(&self.rows);
@@ -806,7 +828,7 @@ impl Earlier {
         let mut send = Vec::with_capacity(items.len());
         let mut copy = Vec::new();
         for (i, text) in items {
-            match known.get(&Self::key(&rows[i].text)) {
+            match known.get(&rows[i].text_hash) {
                 Some(src) => copy.push((i, src.to_string())),
                 None => send.push((i, text)),
             }
@@ -826,7 +848,7 @@ impl Earlier {
                 break;
             }
             known
-                .entry(Self::key(&row.text))
+                .entry(row.text_hash)
                 .or_insert_with(|| row.id.as_str().into());
         }
     }
@@ -836,19 +858,21 @@ impl Earlier {
 type Copies = HashMap<usize, Vec<usize>>;
 
 /// The first item of each distinct text, and for each of those the batch
-/// indexes of the other rows with the same text.
-fn dedupe(items: Vec<(usize, String)>) -> (Vec<(usize, String)>, Copies) {
-    let mut first: HashMap<&str, usize> = HashMap::new();
+/// indexes of the other rows with the same text. Rows are matched by the
+/// hash the database gave their text, then by the text sent.
+fn dedupe(items: Vec<(usize, String)>, rows: &[Claimed]) -> (Vec<(usize, String)>, Copies) {
+    let mut first: HashMap<i64, usize> = HashMap::new();
     let mut copies: Copies = HashMap::new();
     let mut keep = vec![true; items.len()];
     for (pos, (i, text)) in items.iter().enumerate() {
-        match first.get(text.as_str()) {
-            Some(&owner) => {
-                copies.entry(owner).or_default().push(*i);
+        match first.get(&rows[*i].text_hash) {
+            Some(&owner) if items[owner].1 == *text => {
+                copies.entry(items[owner].0).or_default().push(*i);
                 keep[pos] = false;
             }
+            Some(_) => {}
             None => {
-                first.insert(text, *i);
+                first.insert(rows[*i].text_hash, pos);
             }
         }
     }
@@ -1108,7 +1132,7 @@ fn dry_run(
                     continue;
                 }
             };
-            let key = Earlier::key(&row.text);
+            let key = row.text_hash;
             let n = if earlier.contains(&key) || seen.contains(&text) {
                 0
             } else {
