@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use support::mock::Mock;
 use support::{autoembed, TestDb};
 
-/// 6,000 tokens a second, one second's worth at once.
-const TPM: u64 = 360_000;
+/// 3,000 tokens a second, one second's worth at once: about half of what
+/// a debug build reaches on a slow 2-core machine without a limit, so that
+/// the limit bites however fast the machine is.
+const TPM: u64 = 180_000;
 
 /// Backfill `rows` rows; the run's JSON, the 429s the mock sent, and the
 /// tokens it accepted per second of the run.
@@ -36,13 +38,13 @@ fn paced_backfill(
     (json, limited, tokens as f64 / seconds)
 }
 
-/// A 20,000-row backfill against a mock enforcing [`TPM`] (sending its
+/// A 10,000-row backfill against a mock enforcing [`TPM`] (sending its
 /// `x-ratelimit-*` headers or not) ends with at most `max_429s` 429s and
 /// at no less than 80% of the allowed rate.
 fn paced_under_tpm(name: &str, headers: bool, args: &[&str], max_429s: usize) -> usize {
     let mock = Mock::start(1536);
     mock.rate_limits(Some(TPM), None, Duration::from_secs(1), headers);
-    let (json, limited, rate) = paced_backfill(name, 20_000, &mock, args);
+    let (json, limited, rate) = paced_backfill(name, 10_000, &mock, args);
     let allowed = TPM as f64 / 60.0;
     eprintln!(
         "{name}: {limited} 429s, {rate:.0} tokens/s of {allowed:.0} allowed ({:.0}%), {json}",
@@ -59,7 +61,7 @@ fn paced_under_tpm(name: &str, headers: bool, args: &[&str], max_429s: usize) ->
 }
 
 #[test]
-fn the_provider_headers_pace_a_20000_row_backfill_under_its_token_limit() {
+fn the_provider_headers_pace_a_backfill_under_its_token_limit() {
     paced_under_tpm("pacehdr", true, &[], 5);
 }
 
@@ -83,15 +85,23 @@ fn requests_per_minute_paces_requests() {
     assert!(limited <= 2, "{limited} 429s: {json}");
     // 30 requests answered, and each refused one sent again.
     assert_eq!(json["requests"], 30 + limited as u64, "{json}");
-    // At no less than 80% of 10 requests a second.
-    let seconds = json["elapsed_ms"].as_f64().unwrap_or(f64::MAX) / 1000.0;
-    assert!(seconds <= 30.0 / 8.0, "{seconds:.1} s: {json}");
+    // Paced at no less than 80% of 10 requests a second, from the first
+    // request the mock answered to the last (the run's own start and end
+    // are the machine's speed, not the pacer's).
+    let seen = mock.requests();
+    let span = match (seen.first(), seen.last()) {
+        (Some(a), Some(b)) => b.at.duration_since(a.at).as_secs_f64(),
+        _ => f64::MAX,
+    };
+    let rate = (seen.len() - 1) as f64 / span;
+    eprintln!("requests_per_minute: {rate:.1} requests/s over {span:.2} s");
+    assert!(rate >= 8.0, "{rate:.1} requests/s: {json}");
 }
 
 #[test]
 fn a_limit_nobody_states_is_learned_from_its_first_429s() {
     // No headers, no flag: the limit bites (so the tests above test
     // something), then the 429s teach the pacer a request rate.
-    let limited = paced_under_tpm("pacenone", false, &[], 10);
+    let limited = paced_under_tpm("pacenone", false, &[], 12);
     assert!(limited >= 1, "the limit never bit");
 }

@@ -149,6 +149,8 @@ impl Fault {
 /// One request as the mock saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// When the mock answered it.
+    pub at: Instant,
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Value,
@@ -509,6 +511,7 @@ fn respond(
     }
     let record = |s: &Arc<Mutex<State>>| {
         s.lock().unwrap_or_else(|e| e.into_inner()).seen.push(Seen {
+            at: Instant::now(),
             path: path.clone(),
             headers: headers.clone(),
             body: body.clone(),
