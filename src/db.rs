@@ -733,6 +733,25 @@ impl Target {
         })
     }
 
+    /// What both halves of a claim select on (`$2` table key, `$3` max
+    /// attempts), and the model and size it binds as `${m}` and `${m}+1`.
+    fn eligible<'m>(
+        &self,
+        eligibility: Eligibility,
+        models: Option<&'m Models>,
+        m: usize,
+    ) -> (String, Option<&'m str>, Option<i32>) {
+        let pending = match models {
+            Some(models) => self.claimable(eligibility.reembed, models, m),
+            None => self.unembedded(),
+        };
+        let not_failed = self.not_failed(eligibility.skip_failed);
+        let (model, dims) = models.map_or((None, None), |m| {
+            (Some(m.current.model.as_str()), Some(m.current.dimensions))
+        });
+        (format!("{pending} AND {not_failed}"), model, dims)
+    }
+
     /// The first half of a claim, the only part that must not run beside
     /// another worker's (it moves the cursor): up to `limit` pending rows
     /// after `cursor`, in id order, and the advisory locks on those no other
@@ -746,19 +765,11 @@ impl Target {
         lock: bool,
         models: Option<&Models>,
     ) -> Result<Candidates> {
-        let consult = eligibility.skip_failed;
         let key: &str = &self.table;
         let max_attempts = eligibility.max_attempts as i32;
         let limit = limit as i64;
         let Names { t, i, idt, .. } = &self.names;
-        let (model, dims) = models.map_or((None, None), |m| {
-            (Some(m.current.model.as_str()), Some(m.current.dimensions))
-        });
-        let pending = match models {
-            Some(models) => self.claimable(eligibility.reembed, models, 7),
-            None => self.unembedded(),
-        };
-        let not_failed = self.not_failed(consult);
+        let (eligible, model, dims) = self.eligible(eligibility, models, 7);
         let after = if cursor.is_some() {
             format!("AND t.{i} > $1::text::{idt}")
         } else {
@@ -771,7 +782,7 @@ impl Target {
         // read, not locked: it says whether more work follows.
         let sql = format!(
             "WITH cand AS MATERIALIZED (\
-               SELECT t.{i} AS id FROM {t} t WHERE {pending} {after} AND {not_failed} \
+               SELECT t.{i} AS id FROM {t} t WHERE {eligible} {after} \
                ORDER BY t.{i} LIMIT $4 + 1), \
              numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM cand) \
              SELECT id::text AS id_text, rn, \
@@ -819,18 +830,11 @@ impl Target {
         }
         let key: &str = &self.table;
         let max_attempts = eligibility.max_attempts as i32;
-        let (model, dims) = models.map_or((None, None), |m| {
-            (Some(m.current.model.as_str()), Some(m.current.dimensions))
-        });
-        let pending = match models {
-            Some(models) => self.claimable(eligibility.reembed, models, 4),
-            None => self.unembedded(),
-        };
-        let not_failed = self.not_failed(eligibility.skip_failed);
+        let (eligible, model, dims) = self.eligible(eligibility, models, 4);
         let Names { t, i, x, idt, .. } = &self.names;
         let read = format!(
             "SELECT t.{i}::text, t.{x}::text, hashtextextended(t.{x}::text, 0) FROM {t} t \
-             WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {pending} AND {not_failed} ORDER BY t.{i}"
+             WHERE t.{i} = ANY($1::text[]::{idt}[]) AND {eligible} ORDER BY t.{i}"
         );
         let rows = tx.query_typed(
             &read,
