@@ -9,8 +9,7 @@
 //! cargo run --example mock_server -- [PORT] [DIMENSIONS]
 //! ```
 
-#[path = "../tests/support/mock.rs"]
-mod mock;
+use autoembed_mock as mock;
 
 fn main() {
     let mut args = std::env::args().skip(1);

@@ -3,8 +3,11 @@
 //! stops at the first one that fails (exit 2, before any API call).
 
 use crate::config::{Config, Mode};
-use crate::db::{quote_ident, Db, Facts, TableLookup, Target};
-use crate::provider::{self, ProviderKind};
+use crate::db::catalog::{Facts, TableLookup};
+use crate::db::state::StateSchema;
+use crate::db::target::Target;
+use crate::db::{quote_ident, Db, VectorTypes};
+use crate::models::ProviderKind;
 
 /// One named check and what it found; `detail` of a failed check is the
 /// one-line error that says what to fix.
@@ -50,14 +53,14 @@ pub struct Opened {
     pub cfg: Config,
     pub db: Db,
     pub target: Target,
-    pub state_exists: bool,
+    pub state: StateSchema,
 }
 
 /// Connect, read the key from Vault if asked, check the table; the first
 /// failed check is the error (exit 2), before any API call or write.
 pub fn open(cfg: &Config) -> crate::error::Result<Opened> {
     let mut db = Db::connect(cfg)?;
-    let cfg = cfg.with_vault_key(&mut db)?;
+    let cfg = with_vault_key(cfg, &mut db)?;
     let facts = db.inspect(&cfg)?;
     let (checks, target) = evaluate(&cfg, &db, &facts);
     if let Some(bad) = checks.iter().find(|c| !c.ok) {
@@ -77,8 +80,18 @@ pub fn open(cfg: &Config) -> crate::error::Result<Opened> {
         cfg,
         db,
         target,
-        state_exists: facts.state_exists,
+        state: facts.state,
     })
+}
+
+/// `cfg` with the API key read from Supabase Vault, when
+/// `--api-key-vault-secret` names one; unchanged otherwise.
+pub fn with_vault_key(cfg: &Config, db: &mut Db) -> crate::error::Result<Config> {
+    let mut cfg = cfg.clone();
+    if let Some(name) = &cfg.provider.vault_secret {
+        cfg.provider.api_key = Some(db.vault_secret(name)?);
+    }
+    Ok(cfg)
 }
 
 /// Check pgvector, the table and its columns, the model's dimensions (when
@@ -109,7 +122,7 @@ pub fn evaluate(cfg: &Config, db: &Db, facts: &Facts) -> (Vec<Check>, Option<Tar
 fn table_checks(
     cfg: &Config,
     facts: &Facts,
-    vector: Option<crate::db::VectorTypes>,
+    vector: Option<VectorTypes>,
     checks: &mut Vec<Check>,
 ) -> Option<Target> {
     let table = match &facts.table {
@@ -241,7 +254,7 @@ fn push<'a, T>(
 
 /// The model's output size against the column, when both are known offline.
 fn dimension_check(cfg: &Config, target: &Target) -> Option<Check> {
-    let expected = provider::expected_dimensions(&cfg.provider)?;
+    let expected = cfg.provider.expected_dimensions()?;
     let column = target.dimensions?;
     let col = quote_ident(&target.embedding_column);
     Some(if expected == column {

@@ -7,7 +7,7 @@
 
 use crate::cli::{self, Cli};
 use crate::error::{Error, Result};
-use crate::provider::{self, ProviderKind};
+use crate::models::{self, ProviderKind};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -51,12 +51,15 @@ pub struct Config {
     pub budget: Budget,
     pub retry_failed: bool,
     /// `backfill --reembed`.
-    pub reembed: Option<crate::db::Reembed>,
+    pub reembed: Option<Reembed>,
     pub offline: bool,
     pub on_too_long: TooLong,
     pub setup: Setup,
     /// Batches in flight at once, each with its own connection.
     pub concurrency: usize,
+    /// How long a claim holds its rows without being confirmed
+    /// (`--claim-lease`); what frees the rows of a killed run behind a pooler.
+    pub claim_lease: Duration,
     pub json: bool,
     pub verbosity: i8,
 }
@@ -68,6 +71,15 @@ pub enum TooLong {
     Truncate,
     /// Don't send it; record the row as failed.
     Skip,
+}
+
+/// `backfill --reembed`: which rows that have a vector are embedded again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reembed {
+    /// Those another model (or size) made.
+    Changed,
+    /// All of them.
+    All,
 }
 
 /// What `setup` does.
@@ -98,10 +110,16 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
+    /// The dimensions the configured model will return, when known without a call.
+    pub fn expected_dimensions(&self) -> Option<u32> {
+        self.dimensions
+            .or_else(|| models::known_model(&self.model).map(|m| m.dimensions))
+    }
+
     /// USD per 1M tokens: the override, else the built-in price of a known model.
     pub fn price(&self) -> Option<f64> {
         self.price_per_million
-            .or_else(|| provider::known_model(&self.model).map(|m| m.usd_per_million_tokens))
+            .or_else(|| models::known_model(&self.model).map(|m| m.usd_per_million_tokens))
     }
 }
 
@@ -141,43 +159,69 @@ pub const DEFAULT_CONCURRENCY: usize = 8;
 /// every core: a second worker claims and writes while the first computes.
 pub const DEFAULT_LOCAL_CONCURRENCY: usize = 2;
 
+/// How long a claim lasts unless `--claim-lease` says otherwise (or twice
+/// `--request-timeout`, when that is longer): a request and its write fit well inside it.
+pub const DEFAULT_CLAIM_LEASE: Duration = Duration::from_secs(120);
+/// A lease must outlast a request by this much (the write follows it).
+const MIN_LEASE_MARGIN: Duration = Duration::from_secs(2);
+
 /// Upper bound on inputs in one embeddings request (OpenAI's limit).
 pub const MAX_BATCH: usize = 2048;
 
 impl Config {
     /// Resolve `cli` against the process environment and the `.env` file.
     pub fn resolve(cli: Cli) -> Result<Config> {
-        let env = Env::load(cli.common.env_file.as_deref())?;
+        let env = Env::load(cli.command.output().env_file.as_deref())?;
         Self::resolve_with(cli, &env)
     }
 
     fn resolve_with(cli: Cli, env: &Env) -> Result<Config> {
-        let c = cli.common;
         let mut setup = Setup::default();
         let mut reembed = None;
-        let (mode, budget_args, retry_failed, offline) = match cli.command {
-            cli::Command::RunOnce(b) => (Mode::RunOnce, b, false, false),
+        let (mode, c, budget_args, out, retry_failed, offline) = match cli.command {
+            cli::Command::RunOnce(a) => (Mode::RunOnce, a.common, a.budget, a.output, false, false),
             cli::Command::Backfill(a) => {
                 reembed = match a.reembed.as_deref() {
                     None => None,
-                    Some("changed") => Some(crate::db::Reembed::Changed),
-                    Some("all") => Some(crate::db::Reembed::All),
+                    Some("changed") => Some(Reembed::Changed),
+                    Some("all") => Some(Reembed::All),
                     Some(other) => {
                         return Err(Error::config(format!(
                             "invalid --reembed {other:?}: expected nothing (rows another model embedded) or all"
                         )))
                     }
                 };
-                (Mode::Backfill, a.budget, a.retry_failed, false)
+                (
+                    Mode::Backfill,
+                    a.common,
+                    a.budget,
+                    a.output,
+                    a.retry_failed,
+                    false,
+                )
             }
-            cli::Command::DryRun(b) => (Mode::DryRun, b, false, false),
-            cli::Command::Verify(v) => (Mode::Verify, cli::Budget::default(), false, v.offline),
+            cli::Command::DryRun(a) => (Mode::DryRun, a.common, a.budget, a.output, false, false),
+            cli::Command::Verify(a) => (
+                Mode::Verify,
+                a.common,
+                cli::Budget::default(),
+                a.output,
+                false,
+                a.offline,
+            ),
             cli::Command::Setup(a) => {
                 setup = Setup {
                     print_sql: a.print_sql,
                     uninstall: a.uninstall,
                 };
-                (Mode::Setup, cli::Budget::default(), false, true)
+                (
+                    Mode::Setup,
+                    a.common,
+                    cli::Budget::default(),
+                    a.output,
+                    false,
+                    true,
+                )
             }
         };
 
@@ -285,7 +329,30 @@ impl Config {
             },
             |n| n as usize,
         );
-        let verbosity = if c.quiet { -1 } else { c.verbose.min(3) as i8 };
+        let claim_lease = parse_num(
+            env.pick(budget_args.claim_lease, "AUTOEMBED_CLAIM_LEASE"),
+            "--claim-lease",
+            "AUTOEMBED_CLAIM_LEASE",
+            1,
+            7 * 24 * 3600,
+        )?
+        .map_or(
+            DEFAULT_CLAIM_LEASE.max(provider.request_timeout * 2),
+            Duration::from_secs,
+        );
+        if claim_lease < provider.request_timeout + MIN_LEASE_MARGIN {
+            return Err(Error::config(format!(
+                "--claim-lease (AUTOEMBED_CLAIM_LEASE) must be at least {} seconds longer than \
+                 --request-timeout (AUTOEMBED_REQUEST_TIMEOUT, {} s): a request must end before its rows' claim does",
+                MIN_LEASE_MARGIN.as_secs(),
+                provider.request_timeout.as_secs()
+            )));
+        }
+        let verbosity = if out.quiet {
+            -1
+        } else {
+            out.verbose.min(3) as i8
+        };
         Ok(Config {
             mode,
             database,
@@ -312,19 +379,10 @@ impl Config {
             on_too_long,
             setup,
             concurrency,
-            json: c.json,
+            claim_lease,
+            json: out.json,
             verbosity,
         })
-    }
-
-    /// This configuration with the API key read from Supabase Vault, when
-    /// `--api-key-vault-secret` names one; unchanged otherwise.
-    pub fn with_vault_key(&self, db: &mut crate::db::Db) -> Result<Config> {
-        let mut cfg = self.clone();
-        if let Some(name) = &self.provider.vault_secret {
-            cfg.provider.api_key = Some(db.vault_secret(name)?);
-        }
-        Ok(cfg)
     }
 
     /// Strings that must never be printed: the API key and the database password.
@@ -426,36 +484,17 @@ fn passwords_in_url(url: &str) -> Vec<String> {
         if let Some((userinfo, _)) = authority.rsplit_once('@') {
             if let Some((_, pw)) = userinfo.split_once(':') {
                 out.push(pw.to_string());
-                out.push(percent_decode(pw));
+                out.push(crate::tls::percent_decode(pw));
             }
         }
     }
     for part in url.split(['?', '&', ' ']) {
         if let Some(pw) = part.strip_prefix("password=") {
             out.push(pw.trim_matches('\'').to_string());
-            out.push(percent_decode(pw));
+            out.push(crate::tls::percent_decode(pw));
         }
     }
     out
-}
-
-/// `%XX` escapes decoded, as in a URL; invalid escapes are kept as they are.
-pub(crate) fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
@@ -509,8 +548,8 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
     let model = env
         .pick(c.model.clone(), "AUTOEMBED_MODEL")
         .unwrap_or_else(|| match kind {
-            ProviderKind::Local => provider::DEFAULT_LOCAL_MODEL.into(),
-            _ => provider::DEFAULT_MODEL.into(),
+            ProviderKind::Local => models::DEFAULT_LOCAL_MODEL.into(),
+            _ => models::DEFAULT_MODEL.into(),
         });
     let model_path = match env.pick(c.model_path.clone(), "AUTOEMBED_MODEL_PATH") {
         _ if kind != ProviderKind::Local => None,
@@ -534,7 +573,7 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
             "--dimensions (AUTOEMBED_DIMENSIONS) is not accepted by --provider local; unset it",
         ));
     }
-    if let (Some(_), Some(info)) = (dimensions, provider::known_model(&model)) {
+    if let (Some(_), Some(info)) = (dimensions, models::known_model(&model)) {
         if !info.accepts_dimensions {
             return Err(Error::config(format!(
                 "--dimensions (AUTOEMBED_DIMENSIONS) is not accepted by {}; unset it",
@@ -578,7 +617,7 @@ fn default_model_path(env: &Env) -> Option<std::path::PathBuf> {
     };
     Some(
         data.join("autoembed/models")
-            .join(provider::DEFAULT_LOCAL_MODEL),
+            .join(models::DEFAULT_LOCAL_MODEL),
     )
 }
 

@@ -1,24 +1,30 @@
 //! autoembed keeps a PostgreSQL pgvector column filled with embeddings.
 //!
 //! The binary is a thin shell over [`run`]: parse ([`cli`]), resolve
-//! ([`config`]), check the table ([`checks`]), then either the batch loop
-//! ([`job`]) or the checks report ([`verify`]). All SQL lives in [`db`], all
-//! HTTP in [`provider`], and everything printed passes [`output`]'s redaction.
+//! ([`config`]), check the table ([`checks`]), then one subcommand: the
+//! batch loop ([`job`]: run-once, backfill, dry-run), the checks report
+//! ([`verify`]) or the DDL ([`setup`]). All SQL lives in [`db`], all HTTP
+//! and the local model in [`provider`], and everything printed passes
+//! [`output`]'s redaction. `docs/architecture.md` draws how a row travels.
+//!
+//! Modules import only modules below them; the leaves ([`error`],
+//! [`output`], [`signals`], [`models`], [`cli`]) import none of the others.
 
-pub mod checks;
+mod checks;
 pub mod cli;
 pub mod config;
-pub mod db;
+mod db;
 pub mod error;
-pub mod job;
+mod job;
+pub mod models;
 pub mod output;
-pub mod pacing;
-pub mod provider;
-pub mod setup;
+mod pacing;
+mod provider;
+mod setup;
 pub mod signals;
-pub mod tls;
-pub mod tokens;
-pub mod verify;
+mod tls;
+mod tokens;
+mod verify;
 
 use config::{Config, Mode};
 use signals::Stop;
@@ -27,17 +33,17 @@ use signals::Stop;
 pub fn run(cfg: &Config, stop: &Stop) -> i32 {
     output::set_secrets(cfg.secrets());
     output::set_level(cfg.verbosity);
-    if cfg.mode == Mode::Verify {
-        let report = verify::verify(cfg, stop);
-        emit(
-            cfg,
-            || serde_json::to_string(&report).unwrap_or_default(),
-            || report.human(),
-        );
-        return report.exit_code;
-    }
-    if cfg.mode == Mode::Setup {
-        return match setup::command(cfg) {
+    match cfg.mode {
+        Mode::Verify => {
+            let report = verify::verify(cfg, stop);
+            emit(
+                cfg,
+                || serde_json::to_string(&report).unwrap_or_default(),
+                || report.human(),
+            );
+            report.exit_code
+        }
+        Mode::Setup => match setup::command(cfg) {
             Ok(out) => {
                 emit(
                     cfg,
@@ -50,22 +56,22 @@ pub fn run(cfg: &Config, stop: &Stop) -> i32 {
                 report_error("setup", cfg.json, &e);
                 e.exit_code()
             }
-        };
-    }
-    match job::run(cfg, stop) {
-        Ok(report) => {
-            if let job::Report::Run(r) = &report {
-                if let Some(e) = &r.error {
-                    output::log(-2, &format!("error: {e}"));
+        },
+        Mode::RunOnce | Mode::Backfill | Mode::DryRun => match job::run(cfg, stop) {
+            Ok(report) => {
+                if let job::report::Report::Run(r) = &report {
+                    if let Some(e) = &r.error {
+                        output::log(-2, &format!("error: {e}"));
+                    }
                 }
+                emit(cfg, || report.json(), || report.human());
+                report.exit_code()
             }
-            emit(cfg, || report.json(), || report.human());
-            report.exit_code()
-        }
-        Err(e) => {
-            report_error(cfg.mode.name(), cfg.json, &e);
-            e.exit_code()
-        }
+            Err(e) => {
+                report_error(cfg.mode.name(), cfg.json, &e);
+                e.exit_code()
+            }
+        },
     }
 }
 

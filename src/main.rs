@@ -7,8 +7,8 @@ use clap::Parser;
 fn main() {
     output::install_panic_hook();
     let cli = Cli::parse();
-    let command = command_name(&cli);
-    let json = cli.common.json;
+    let command = cli.command.name();
+    let json = cli.command.output().json;
     let cfg = match Config::resolve(cli) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -16,7 +16,7 @@ fn main() {
             std::process::exit(e.exit_code());
         }
     };
-    tune_allocator(cfg.provider.kind == autoembed::provider::ProviderKind::Local);
+    tune_allocator(cfg.provider.kind == autoembed::models::ProviderKind::Local);
     let stop = match Stop::install() {
         Ok(stop) => stop,
         Err(e) => {
@@ -25,17 +25,6 @@ fn main() {
         }
     };
     std::process::exit(autoembed::run(&cfg, &stop));
-}
-
-fn command_name(cli: &Cli) -> &'static str {
-    use autoembed::cli::Command;
-    match cli.command {
-        Command::RunOnce(_) => "run-once",
-        Command::Backfill(_) => "backfill",
-        Command::DryRun(_) => "dry-run",
-        Command::Verify(_) => "verify",
-        Command::Setup(_) => "setup",
-    }
 }
 
 /// Keep peak memory flat however many batches a backfill runs: glibc would

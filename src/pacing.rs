@@ -281,7 +281,7 @@ impl Pacer {
             crate::trace!("pacing: waiting {} ms", wait.as_millis());
             // Wake up at most every 100 ms: another worker may have taken
             // what this one waits for, or a reply may have changed the rate.
-            if !crate::provider::sleep_unless_stopped(wait.min(Duration::from_millis(100)), stop) {
+            if !crate::signals::sleep_unless_stopped(wait.min(Duration::from_millis(100)), stop) {
                 return Err(NotAdmitted::Stopped);
             }
         }

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Default)]
 pub struct Stop {
@@ -54,5 +55,20 @@ impl Stop {
             15 => "SIGTERM",
             _ => "signal",
         }
+    }
+}
+
+/// Sleep `total` in short steps; false if `stop` was set meanwhile.
+pub fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + total;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= end {
+            return true;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
     }
 }

@@ -13,8 +13,8 @@
 //! at least one byte, so a text of at most N bytes has at most N tokens
 //! (N + 2 with the local model's two special tokens).
 
-use crate::config::ProviderConfig;
-use crate::provider::{known_model, ProviderKind};
+use crate::models::{known_model, ProviderKind};
+use std::sync::Arc;
 use tiktoken_rs::CoreBPE;
 
 /// The encoding, loaded on first use: it takes tens of milliseconds and
@@ -28,31 +28,28 @@ pub const MAX_INPUT_TOKENS: usize = 8192;
 /// The most tokens one request may carry in all (OpenAI).
 pub const MAX_REQUEST_TOKENS: usize = 300_000;
 
+/// A model's own tokenizer (the local model's WordPiece), as counting needs it.
+pub trait ModelTokenizer: Send + Sync {
+    /// Tokens of `text`, special tokens included, before any cut.
+    fn count(&self, text: &str) -> usize;
+    /// The most tokens the model reads; it cuts longer inputs itself.
+    fn max_tokens(&self) -> usize;
+    /// The text to send for a `text` over the limit, or `None` when no cut is needed.
+    fn truncate(&self, text: &str) -> Option<String>;
+}
+
 #[derive(Clone)]
 pub enum Counter {
     /// `cl100k_base`, as OpenAI counts.
     Exact,
     /// One token per four bytes, rounded up.
     Estimate,
-    /// The local model's tokenizer.
-    #[cfg(feature = "local")]
-    Local(std::sync::Arc<crate::provider::local::WordPiece>),
+    /// The model's own tokenizer (the local model).
+    #[cfg_attr(not(feature = "local"), allow(dead_code))]
+    Model(Arc<dyn ModelTokenizer>),
 }
 
 impl Counter {
-    /// The counter for the configured provider; for the local model this
-    /// loads its tokenizer (a missing model is a configuration error).
-    pub fn for_provider(p: &ProviderConfig) -> crate::error::Result<Counter> {
-        #[cfg(feature = "local")]
-        if p.kind == ProviderKind::Local {
-            let path = p.model_path.as_deref().unwrap_or(std::path::Path::new(""));
-            let wp = crate::provider::local::WordPiece::load(path)
-                .map_err(|e| crate::error::Error::Config(e.to_string()))?;
-            return Ok(Counter::Local(std::sync::Arc::new(wp)));
-        }
-        Ok(Counter::for_model(&p.model, p.kind))
-    }
-
     pub fn for_model(model: &str, kind: ProviderKind) -> Counter {
         match known_model(model) {
             Some(m) if m.cl100k && kind != ProviderKind::Local => Counter::Exact,
@@ -71,8 +68,7 @@ impl Counter {
         match self {
             Counter::Exact => cl100k().encode_ordinary(text).len(),
             Counter::Estimate => text.len().div_ceil(4).max(1),
-            #[cfg(feature = "local")]
-            Counter::Local(wp) => wp.count(text).min(wp.max_tokens()),
+            Counter::Model(wp) => wp.count(text).min(wp.max_tokens()),
         }
     }
 
@@ -81,8 +77,7 @@ impl Counter {
         match self {
             Counter::Exact => Some(MAX_INPUT_TOKENS),
             Counter::Estimate => None,
-            #[cfg(feature = "local")]
-            Counter::Local(wp) => Some(wp.max_tokens()),
+            Counter::Model(wp) => Some(wp.max_tokens()),
         }
     }
 
@@ -94,8 +89,7 @@ impl Counter {
     /// Tokens a text of `bytes` bytes can have at most.
     fn at_most(&self, bytes: usize) -> usize {
         match self {
-            #[cfg(feature = "local")]
-            Counter::Local(_) => bytes + 2,
+            Counter::Model(_) => bytes + 2,
             _ => bytes,
         }
     }
@@ -105,8 +99,7 @@ impl Counter {
         if self.at_most(text.len()) <= max {
             return None;
         }
-        #[cfg(feature = "local")]
-        if let Counter::Local(wp) = self {
+        if let Counter::Model(wp) = self {
             return wp.truncate(text);
         }
         if !matches!(self, Counter::Exact) {
@@ -131,8 +124,7 @@ impl Counter {
             return None;
         }
         let n = match self {
-            #[cfg(feature = "local")]
-            Counter::Local(wp) => wp.count(text),
+            Counter::Model(wp) => wp.count(text),
             _ => self.count(text),
         };
         Some(n).filter(|n| *n > limit)

@@ -4,10 +4,15 @@
 
 use crate::checks::{self, dimension_mismatch, Check};
 use crate::config::Config;
-use crate::db::{quote_ident, Counts, Db, Target};
-use crate::provider::{self, ProviderKind, RequestStats, RetryOutcome, RetryPolicy};
+use crate::db::catalog::{TableFacts, TableLookup};
+use crate::db::counts::Counts;
+use crate::db::model_records::{ModelCounts, Stamp};
+use crate::db::target::Target;
+use crate::db::{quote_ident, Db};
+use crate::models::ProviderKind;
+use crate::pacing::Pacer;
+use crate::provider::{self, RequestStats, Requester, RetryOutcome, RetryPolicy};
 use crate::signals::Stop;
-use crate::tokens::Counter;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -74,7 +79,7 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
         .push(Check::pass("database", cfg.database_label()));
     let keyed;
     let mut vault_error = None;
-    let cfg = match cfg.with_vault_key(&mut db) {
+    let cfg = match checks::with_vault_key(cfg, &mut db) {
         Ok(c) => {
             keyed = c;
             &keyed
@@ -97,7 +102,7 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
         *c = Check::fail("api_key", msg);
     }
     report.checks.extend(checks);
-    if let (Some(t), crate::db::TableLookup::Found(facts)) = (&target, &facts.table) {
+    if let (Some(t), TableLookup::Found(facts)) = (&target, &facts.table) {
         report.checks.extend(setup_checks(t, facts));
     }
     // The provider, built once for the checks that call it (so the local
@@ -112,10 +117,10 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
                 .checks
                 .push(probe_dimensions(cfg, target, stop, &embedder));
         }
-        if facts.state_exists {
+        if facts.state.exists {
             report.checks.push(models_check(cfg, target, &mut db));
         }
-        match target.counts(db.client(), facts.state_exists) {
+        match target.counts(db.client(), facts.state.exists) {
             Ok(c) => report.counts = Some(c),
             Err(e) => report.checks.push(Check::fail("counts", e.to_string())),
         }
@@ -133,8 +138,8 @@ fn embedder<'a>(
     cfg: &Config,
 ) -> &'a Result<Arc<dyn provider::Embedder>, String> {
     cell.get_or_init(|| {
-        Counter::for_provider(&cfg.provider)
-            .and_then(|counter| provider::build(&cfg.provider, &counter))
+        provider::build(&cfg.provider)
+            .map(|p| p.embedder)
             .map_err(|e| e.to_string())
     })
 }
@@ -161,11 +166,12 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop, cell: &Embedder)
     };
     let mut stats = RequestStats::default();
     let reply = provider::embed_with_retry(
-        &crate::provider::Requester::new(embedder),
+        &Requester::new(embedder),
         provider::Request {
-            inputs: &std::sync::Arc::new(vec!["autoembed verify".to_string()]),
+            inputs: &Arc::new(vec!["autoembed verify".to_string()]),
             tokens: 2,
-            pacer: &crate::pacing::Pacer::new(None, None),
+            pacer: &Pacer::new(None, None),
+            send_by: None,
         },
         &policy,
         None,
@@ -200,18 +206,20 @@ fn probe_dimensions(cfg: &Config, target: &Target, stop: &Stop, cell: &Embedder)
         Err(RetryOutcome::Failed(e) | RetryOutcome::OutOfTime(e)) => {
             Check::fail("dimensions", format!("could not ask the provider: {e}"))
         }
-        Err(RetryOutcome::Stopped) => Check::fail("dimensions", "interrupted"),
+        Err(RetryOutcome::Stopped | RetryOutcome::Unconfirmed) => {
+            Check::fail("dimensions", "interrupted")
+        }
     }
 }
 
 /// Which models made the table's vectors: a warning when some are not the
 /// configured model's, with the command that replaces them.
 fn models_check(cfg: &Config, target: &Target, db: &mut Db) -> Check {
-    let current = crate::job::stamp(cfg, target);
+    let current = Stamp::of(&cfg.provider, target);
     match target.model_counts(db.client()) {
         Err(e) => Check::fail("models", e.to_string()),
         Ok(None) => Check::pass("models", "no vectors recorded yet"),
-        Ok(Some(crate::db::ModelCounts { counts, .. })) => {
+        Ok(Some(ModelCounts { counts })) => {
             let total: i64 = counts.iter().map(|(_, n)| n).sum();
             let others: Vec<String> = counts
                 .iter()
@@ -263,7 +271,7 @@ fn local_model_check(cfg: &Config, cell: &Embedder) -> Check {
 
 /// Whether `autoembed setup`'s trigger and index are there, and what to run if not.
 /// A missing index fails only on a large table, where every run would scan it.
-fn setup_checks(target: &Target, facts: &crate::db::TableFacts) -> Vec<Check> {
+fn setup_checks(target: &Target, facts: &TableFacts) -> Vec<Check> {
     let objects = crate::setup::Objects::new(target);
     let index = if facts.has_pending_index {
         Check::pass("pending_index", "a partial index finds pending rows")

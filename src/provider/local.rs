@@ -17,6 +17,7 @@
 //! puts it where autoembed looks by default.
 
 use super::{Embedder, Embeddings, ProviderError};
+use crate::tokens::ModelTokenizer;
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear};
 use std::collections::HashMap;
@@ -150,34 +151,6 @@ impl WordPiece {
         Ok(WordPiece { inner, max_tokens })
     }
 
-    pub fn max_tokens(&self) -> usize {
-        self.max_tokens
-    }
-
-    /// Tokens of `text`, `[CLS]` and `[SEP]` included, before any cut.
-    pub fn count(&self, text: &str) -> usize {
-        self.inner
-            .encode_fast(text, true)
-            .map_or(text.len().div_ceil(4), |e| e.len())
-    }
-
-    /// The text to send for a `text` over the limit: cut at the first word
-    /// boundary after the last token that fits, so the model's own cut at
-    /// `max_tokens` sees exactly the tokens the whole text would have given.
-    pub fn truncate(&self, text: &str) -> Option<String> {
-        let enc = self.inner.encode_fast(text, true).ok()?;
-        if enc.len() <= self.max_tokens {
-            return None;
-        }
-        // Position of the last content token kept: [CLS] + max-2 tokens.
-        let last = self.max_tokens - 2;
-        let words = enc.get_word_ids();
-        let word = words.get(last).copied().flatten();
-        let offsets = enc.get_offsets();
-        let next = (last + 1..enc.len()).find(|&i| words[i].is_some() && words[i] != word)?;
-        Some(text[..offsets[next].0].to_string())
-    }
-
     /// Token ids of each text, cut at `max_tokens`.
     fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, String> {
         texts
@@ -197,6 +170,36 @@ impl WordPiece {
                 Ok(cut)
             })
             .collect()
+    }
+}
+
+impl ModelTokenizer for WordPiece {
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Tokens of `text`, `[CLS]` and `[SEP]` included, before any cut.
+    fn count(&self, text: &str) -> usize {
+        self.inner
+            .encode_fast(text, true)
+            .map_or(text.len().div_ceil(4), |e| e.len())
+    }
+
+    /// The text to send for a `text` over the limit: cut at the first word
+    /// boundary after the last token that fits, so the model's own cut at
+    /// `max_tokens` sees exactly the tokens the whole text would have given.
+    fn truncate(&self, text: &str) -> Option<String> {
+        let enc = self.inner.encode_fast(text, true).ok()?;
+        if enc.len() <= self.max_tokens {
+            return None;
+        }
+        // Position of the last content token kept: [CLS] + max-2 tokens.
+        let last = self.max_tokens - 2;
+        let words = enc.get_word_ids();
+        let word = words.get(last).copied().flatten();
+        let offsets = enc.get_offsets();
+        let next = (last + 1..enc.len()).find(|&i| words[i].is_some() && words[i] != word)?;
+        Some(text[..offsets[next].0].to_string())
     }
 }
 

@@ -13,125 +13,13 @@ mod openai;
 pub use openai::OpenAiClient;
 
 use crate::config::ProviderConfig;
+#[cfg(feature = "local")]
+use crate::models::ProviderKind;
 use crate::pacing::{NotAdmitted, Pacer};
+use crate::tokens::Counter;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-
-pub const DEFAULT_MODEL: &str = "text-embedding-3-small";
-/// The model `--provider local` runs unless `--model` names another.
-pub const DEFAULT_LOCAL_MODEL: &str = "all-MiniLM-L6-v2";
-
-/// Which API dialect and defaults to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    OpenAi,
-    OpenRouter,
-    Compatible,
-    /// The built-in model, in this process (feature `local`).
-    Local,
-}
-
-impl ProviderKind {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "openai" => Some(Self::OpenAi),
-            "openrouter" => Some(Self::OpenRouter),
-            "openai-compatible" | "compatible" => Some(Self::Compatible),
-            "local" => Some(Self::Local),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OpenAi => "openai",
-            Self::OpenRouter => "openrouter",
-            Self::Compatible => "openai-compatible",
-            Self::Local => "local",
-        }
-    }
-
-    pub fn default_base(self) -> Option<&'static str> {
-        match self {
-            Self::OpenAi => Some("https://api.openai.com/v1"),
-            Self::OpenRouter => Some("https://openrouter.ai/api/v1"),
-            Self::Compatible | Self::Local => None,
-        }
-    }
-
-    /// The provider-specific variable that holds the key, after `AUTOEMBED_API_KEY`.
-    pub fn key_var(self) -> Option<&'static str> {
-        match self {
-            Self::OpenAi => Some("OPENAI_API_KEY"),
-            Self::OpenRouter => Some("OPENROUTER_API_KEY"),
-            Self::Compatible | Self::Local => None,
-        }
-    }
-
-    /// The model name as this provider expects it on the wire.
-    pub fn wire_model(self, model: &str) -> String {
-        match self {
-            Self::OpenRouter if !model.contains('/') => format!("openai/{model}"),
-            Self::OpenAi => model.strip_prefix("openai/").unwrap_or(model).to_string(),
-            _ => model.to_string(),
-        }
-    }
-}
-
-/// What autoembed knows about a model without asking the API.
-#[derive(Debug, Clone, Copy)]
-pub struct ModelInfo {
-    pub name: &'static str,
-    pub dimensions: u32,
-    pub accepts_dimensions: bool,
-    pub usd_per_million_tokens: f64,
-    /// Counted with OpenAI's `cl100k_base` encoding.
-    pub cl100k: bool,
-}
-
-const MODELS: &[ModelInfo] = &[
-    ModelInfo {
-        name: "text-embedding-3-small",
-        dimensions: 1536,
-        accepts_dimensions: true,
-        usd_per_million_tokens: 0.02,
-        cl100k: true,
-    },
-    ModelInfo {
-        name: "text-embedding-3-large",
-        dimensions: 3072,
-        accepts_dimensions: true,
-        usd_per_million_tokens: 0.13,
-        cl100k: true,
-    },
-    ModelInfo {
-        name: "text-embedding-ada-002",
-        dimensions: 1536,
-        accepts_dimensions: false,
-        usd_per_million_tokens: 0.10,
-        cl100k: true,
-    },
-    ModelInfo {
-        name: DEFAULT_LOCAL_MODEL,
-        dimensions: 384,
-        accepts_dimensions: false,
-        usd_per_million_tokens: 0.0,
-        cl100k: false,
-    },
-];
-
-/// The known model `name` refers to, with or without the `openai/` prefix.
-pub fn known_model(name: &str) -> Option<&'static ModelInfo> {
-    let bare = name.strip_prefix("openai/").unwrap_or(name);
-    MODELS.iter().find(|m| m.name == bare)
-}
-
-/// The dimensions the configured model will return, when known without a call.
-pub fn expected_dimensions(cfg: &ProviderConfig) -> Option<u32> {
-    cfg.dimensions
-        .or_else(|| known_model(&cfg.model).map(|m| m.dimensions))
-}
 
 /// A successful reply: one vector per input, in input order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -176,19 +64,32 @@ pub trait Embedder: Send + Sync {
     fn embed(&self, inputs: &[&str]) -> Result<Embeddings, ProviderError>;
 }
 
-/// Build the configured provider; `counter` carries the local model's
-/// tokenizer, loaded once for counting and embedding alike.
-pub fn build(
-    cfg: &ProviderConfig,
-    counter: &crate::tokens::Counter,
-) -> crate::error::Result<Arc<dyn Embedder>> {
+/// The configured provider: how it counts tokens and how it embeds.
+pub struct Provider {
+    pub counter: Counter,
+    pub embedder: Arc<dyn Embedder>,
+}
+
+/// Build the configured provider. For the local model this reads its
+/// tokenizer (a missing model is a configuration error) but not its
+/// weights, which load on the first request.
+pub fn build(cfg: &ProviderConfig) -> crate::error::Result<Provider> {
     #[cfg(feature = "local")]
-    if let crate::tokens::Counter::Local(tokenizer) = counter {
+    if cfg.kind == ProviderKind::Local {
         let path = cfg.model_path.clone().unwrap_or_default();
-        return Ok(Arc::new(local::Lazy::new(path, tokenizer.clone())));
+        let tokenizer = Arc::new(
+            local::WordPiece::load(&path)
+                .map_err(|e| crate::error::Error::Config(e.to_string()))?,
+        );
+        return Ok(Provider {
+            counter: Counter::Model(tokenizer.clone()),
+            embedder: Arc::new(local::Lazy::new(path, tokenizer)),
+        });
     }
-    let _ = counter;
-    Ok(Arc::new(OpenAiClient::new(cfg)))
+    Ok(Provider {
+        counter: Counter::for_model(&cfg.model, cfg.kind),
+        embedder: Arc::new(OpenAiClient::new(cfg)),
+    })
 }
 
 /// How the retry loop behaves; the defaults are what runs in production.
@@ -222,6 +123,9 @@ pub enum RetryOutcome {
     OutOfTime(ProviderError),
     /// A stop signal arrived while waiting.
     Stopped,
+    /// The request's `send_by` has passed: its rows' claims must be
+    /// confirmed before it is sent (again).
+    Unconfirmed,
 }
 
 /// Counters the retry loop adds to.
@@ -232,11 +136,13 @@ pub struct RequestStats {
     pub rate_limited: u64,
 }
 
-/// One request's inputs and its tokens (0 when not counted), paced by `pacer`.
+/// One request's inputs and its tokens (0 when not counted), paced by
+/// `pacer`, not sent (nor sent again) after `send_by`.
 pub struct Request<'a> {
     pub inputs: &'a Arc<Vec<String>>,
     pub tokens: u64,
     pub pacer: &'a Pacer,
+    pub send_by: Option<Instant>,
 }
 
 /// Call `embedder` until it answers, retrying as `policy` says and pacing
@@ -253,6 +159,9 @@ pub fn embed_with_retry(
     let mut transient = 0u32;
     let mut limited = 0u32;
     loop {
+        if req.send_by.is_some_and(|t| Instant::now() >= t) {
+            return Err(RetryOutcome::Unconfirmed);
+        }
         match req.pacer.admit(req.tokens, deadline, stop) {
             Ok(()) => {}
             Err(NotAdmitted::Stopped) => return Err(RetryOutcome::Stopped),
@@ -264,6 +173,9 @@ pub fn embed_with_retry(
                             .into(),
                 }))
             }
+        }
+        if req.send_by.is_some_and(|t| Instant::now() >= t) {
+            return Err(RetryOutcome::Unconfirmed);
         }
         stats.requests += 1;
         let err = match requester.call(req.inputs, stop) {
@@ -306,7 +218,7 @@ pub fn embed_with_retry(
         }
         crate::debug!("{err}; retrying in {} ms", wait.as_millis());
         stats.retries += 1;
-        if !sleep_unless_stopped(wait, stop) {
+        if !crate::signals::sleep_unless_stopped(wait, stop) {
             return Err(RetryOutcome::Stopped);
         }
     }
@@ -392,21 +304,6 @@ fn jitter_fraction() -> f64 {
     (n % 10_000) as f64 / 10_000.0
 }
 
-/// Sleep `total` in short steps; false if `stop` was set meanwhile.
-pub fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) -> bool {
-    let end = Instant::now() + total;
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        let now = Instant::now();
-        if now >= end {
-            return true;
-        }
-        std::thread::sleep((end - now).min(Duration::from_millis(50)));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +325,7 @@ mod tests {
             inputs,
             tokens: 1,
             pacer: Box::leak(Box::new(Pacer::new(None, None))),
+            send_by: None,
         }
     }
 
@@ -553,21 +451,5 @@ mod tests {
             &mut stats,
         );
         assert!(matches!(r, Err(RetryOutcome::OutOfTime(_))));
-    }
-
-    #[test]
-    fn wire_model_names_follow_the_provider() {
-        assert_eq!(
-            ProviderKind::OpenRouter.wire_model("text-embedding-3-small"),
-            "openai/text-embedding-3-small"
-        );
-        assert_eq!(
-            ProviderKind::OpenAi.wire_model("openai/text-embedding-3-small"),
-            "text-embedding-3-small"
-        );
-        assert_eq!(
-            ProviderKind::Compatible.wire_model("nomic-embed-text"),
-            "nomic-embed-text"
-        );
     }
 }

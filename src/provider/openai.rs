@@ -7,8 +7,9 @@
 //! missing, errors may be nested (`{"error":{...}}`) or flat, and an HTTP 200
 //! may carry an error body (OpenRouter).
 
-use super::{Embedder, Embeddings, ProviderError, ProviderKind};
+use super::{Embedder, Embeddings, ProviderError};
 use crate::config::ProviderConfig;
+use crate::models::ProviderKind;
 use crate::pacing::Limits;
 use base64::Engine;
 use serde_json::Value;

@@ -2,11 +2,9 @@
 //! it at once (exit 3, rows still pending), rate limits and transient faults
 //! are waited out and retried, unusable replies are never written.
 
-mod support;
-
+use crate::support::mock::{Fault, Mock};
+use crate::support::{autoembed, TestDb};
 use std::time::Duration;
-use support::mock::{Fault, Mock};
-use support::{autoembed, TestDb};
 
 fn pending_and_unfailed(db: &mut TestDb, n: i64) {
     let s = db.schema.clone();
@@ -62,8 +60,10 @@ fn credential_and_quota_errors_stop_after_one_request_and_name_the_key_variable(
         ),
     ];
     for (fault, want) in cases {
+        // Three batches' worth at the default concurrency: only the first
+        // request goes out before its reply says stop.
         let mut db = TestDb::new("fatal");
-        db.products(50, 1536);
+        db.products(300, 1536);
         let mock = Mock::start(1536);
         mock.always(Some(fault.clone()));
         let r = autoembed(&db, &mock, &["run-once", "--json"]);
@@ -78,7 +78,9 @@ fn credential_and_quota_errors_stop_after_one_request_and_name_the_key_variable(
             (Some("error"), Some(1))
         );
         assert!(j["error"].as_str().unwrap_or("").contains(want));
-        pending_and_unfailed(&mut db, 50);
+        // The provider saw exactly one request, too.
+        assert_eq!(mock.faults_served(), 1, "{fault:?}: {j}");
+        pending_and_unfailed(&mut db, 300);
     }
 }
 
@@ -190,7 +192,7 @@ fn a_provider_that_stays_down_ends_the_run_with_exit_3_and_rows_pending() {
         .map(|a| a.port())
         .expect("port");
     let mock = Mock::start(1536);
-    let r = support::run(
+    let r = crate::support::run(
         db.cmd(&mock)
             .env("AUTOEMBED_API_BASE", format!("http://127.0.0.1:{port}/v1"))
             .args(["run-once", "--json", "--max-seconds", "3"]),

@@ -6,11 +6,9 @@
 //! The model comes from `scripts/fetch-model.sh` (run by `scripts/test.sh`).
 #![cfg(feature = "local")]
 
-mod support;
-
+use crate::support::{finish, run, Run, SpawnPiped, TestDb};
 use std::path::PathBuf;
 use std::process::Command;
-use support::{finish, run, Run, SpawnPiped, TestDb};
 
 /// Where `scripts/fetch-model.sh` put the model.
 fn model_dir() -> PathBuf {
@@ -55,7 +53,7 @@ fn local_cmd(db: &TestDb, model_path: &std::path::Path, args: &[&str]) -> Comman
     let mut c = Command::new(env!("CARGO_BIN_EXE_autoembed"));
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", support::url_with_password())
+        .env("DATABASE_URL", crate::support::url_with_password())
         .env("AUTOEMBED_TABLE", db.table())
         .env("AUTOEMBED_STATE_SCHEMA", db.state_schema())
         .env("AUTOEMBED_PROVIDER", "local")

@@ -2,10 +2,8 @@
 //! at the model's limit, requests kept under the per-request limit, and
 //! budgets that stop a run before a request would pass them.
 
-mod support;
-
-use support::mock::{tokens_for, Mock};
-use support::{autoembed, TestDb};
+use crate::support::mock::{tokens_for, Mock};
+use crate::support::{autoembed, TestDb};
 
 #[test]
 fn dry_run_counts_exactly_the_tokens_the_run_then_pays_for() {
@@ -86,7 +84,7 @@ fn too_long_texts_are_cut_by_default_or_skipped_and_recorded() {
     let cut = " word".repeat(8192);
     assert_eq!(
         db.vector(&db.table(), "product_id_internal", "2"),
-        Some(support::mock::vector_for(&cut, 1536))
+        Some(crate::support::mock::vector_for(&cut, 1536))
     );
     assert_eq!(dry["truncated"], 1);
     assert_eq!(dry["estimated_tokens"], j["tokens"]);
@@ -119,12 +117,23 @@ fn a_batch_over_300k_tokens_is_split_before_it_is_sent() {
 }
 
 #[test]
-fn token_and_cost_budgets_stop_the_run_before_a_request_would_pass_them() {
+fn token_and_cost_budgets_embed_the_rows_that_fit_and_stop_there() {
     let mut db = TestDb::new("budgets");
     db.products(100, 1536);
     let mock = Mock::start(1536);
     let per_batch: u64 = (1..=10).map(|i| tokens_for(&format!("product {i}"))).sum();
     let limit = per_batch * 3 + per_batch / 2;
+    // The rows, oldest first, whose tokens fit in the budget.
+    let mut fits = 0;
+    let mut spent = 0;
+    for i in 1..=100 {
+        let t = tokens_for(&format!("product {i}"));
+        if spent + t > limit {
+            break;
+        }
+        spent += t;
+        fits += 1;
+    }
     let r = autoembed(
         &db,
         &mock,
@@ -145,8 +154,9 @@ fn token_and_cost_budgets_stop_the_run_before_a_request_would_pass_them() {
     assert!(j["tokens"].as_u64().unwrap_or(u64::MAX) <= limit, "{j}");
     assert_eq!(
         (j["embedded"].as_u64(), j["pending_after"].as_i64()),
-        (Some(30), Some(70))
+        (Some(fits), Some(100 - fits as i64))
     );
+    assert_eq!(j["tokens"].as_u64(), Some(spent));
 
     // --max-cost-usd, priced at $1 a token here: the same budget in dollars.
     let mock = Mock::start(1536);
@@ -170,7 +180,7 @@ fn token_and_cost_budgets_stop_the_run_before_a_request_would_pass_them() {
     let j = r.json();
     assert_eq!(
         (j["stop_reason"].as_str(), j["embedded"].as_u64()),
-        (Some("max_cost"), Some(30)),
+        (Some("max_cost"), Some(fits)),
         "{j}"
     );
 

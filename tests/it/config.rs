@@ -2,10 +2,8 @@
 //! beats defaults; every mistake is one line naming what to fix, exit 2,
 //! nothing written; the API key and the database password never show.
 
-mod support;
-
-use support::mock::{Fault, Mock};
-use support::{autoembed, run, TestDb, API_KEY, DB_PASSWORD};
+use crate::support::mock::{Fault, Mock};
+use crate::support::{autoembed, run, TestDb, API_KEY, DB_PASSWORD};
 
 fn batch_sizes(mock: &Mock) -> Vec<usize> {
     mock.requests().iter().map(|r| r.inputs.len()).collect()
@@ -62,7 +60,7 @@ fn everything_can_come_from_a_dotenv_file_with_supabase_variables() {
     let mut db = TestDb::new("supabase_env");
     db.products(12, 1536);
     let mock = Mock::start(1536);
-    let host = support::admin_url()
+    let host = crate::support::admin_url()
         .split('@')
         .nth(1)
         .and_then(|h| h.split(':').next())

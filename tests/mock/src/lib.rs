@@ -7,9 +7,8 @@
 //! vector stored in the exact row. Faults are scripted per request, or
 //! injected at a rate, or triggered by a marker in an input.
 //!
-//! Shared by the integration tests, `examples/mock_server.rs` (the demo's
-//! stand-in for a real provider) and the benchmark.
-#![allow(dead_code)]
+//! Shared by the integration tests (`tests/it`), `examples/mock_server.rs`
+//! and the benchmark (`examples/bench.rs`), as a dev-dependency.
 
 use base64::Engine;
 use serde_json::{json, Value};
@@ -214,6 +213,9 @@ impl Mock {
     }
 
     pub fn start_on(addr: &str, dims: usize) -> Mock {
+        // Load the encoding the replies' usage is counted with now, not
+        // while the first requests wait (it takes a second in a debug build).
+        tokens_for("");
         let listener = TcpListener::bind(addr).expect("bind mock server");
         let port = listener.local_addr().expect("mock address").port();
         let state = Arc::new(Mutex::new(State {

@@ -1,9 +1,8 @@
 //! What every integration test needs: a schema of its own in the local
 //! PostgreSQL (with pgvector), a mock embeddings server, and a way to run the
 //! real `autoembed` binary against both with a clean environment.
-#![allow(dead_code)]
 
-pub mod mock;
+pub use autoembed_mock as mock;
 
 use mock::Mock;
 use postgres::{Client, NoTls};

@@ -2,14 +2,12 @@
 //! (scripts/dev-db.sh turns it on with a throwaway CA: a server certificate
 //! for `localhost` signed by `ca.crt`, and an unrelated `other-ca.crt`).
 
-mod support;
+use crate::support::SpawnPiped;
 
-use support::SpawnPiped;
-
+use crate::support::mock::Mock;
+use crate::support::{run, TestDb};
 use std::path::PathBuf;
 use std::time::Duration;
-use support::mock::Mock;
-use support::{run, TestDb};
 
 fn tls_dir() -> PathBuf {
     PathBuf::from(
@@ -21,7 +19,7 @@ fn tls_dir() -> PathBuf {
 fn url(host: &str, query: &str) -> String {
     format!(
         "postgresql://postgres:{}@{host}:5432/test?{query}",
-        support::DB_PASSWORD
+        crate::support::DB_PASSWORD
     )
 }
 
@@ -142,7 +140,7 @@ fn encrypted(db: &mut TestDb, mock: &Mock, query: &str) -> bool {
         .get(0);
     mock.unhold();
     held.release();
-    let out = support::finish(child);
+    let out = crate::support::finish(child);
     assert!(out.code == 0);
     ssl
 }

@@ -1,10 +1,8 @@
 //! Supabase-ready: `setup` (trigger, partial index, state schema; printed,
 //! run, reversed), the API key from Vault, and the examples that ship.
 
-mod support;
-
-use support::mock::{vector_for, Mock};
-use support::{autoembed, run, TestDb, API_KEY};
+use crate::support::mock::{vector_for, Mock};
+use crate::support::{autoembed, run, TestDb, API_KEY};
 
 #[test]
 fn setup_adds_a_trigger_that_re_embeds_edited_rows_only_and_an_index_and_uninstall_removes_them() {
@@ -219,7 +217,7 @@ fn the_api_key_can_come_from_supabase_vault() {
          GRANT USAGE ON SCHEMA {s} TO {role}; GRANT SELECT, UPDATE ON {s}.products TO {role};
          GRANT USAGE ON SCHEMA vault TO {role};"
     ));
-    let url = support::admin_url().replacen("postgres@", &format!("{role}@"), 1);
+    let url = crate::support::admin_url().replacen("postgres@", &format!("{role}@"), 1);
     let r = run(db.cmd(&mock).env("DATABASE_URL", &url).args([
         "run-once",
         "--api-key-vault-secret",
@@ -238,14 +236,14 @@ fn the_api_key_can_come_from_supabase_vault() {
 fn the_shipped_examples_work_as_written() {
     let db = TestDb::new("examples");
     let name = format!("{}_db", db.schema);
-    let mut admin = support::connect();
+    let mut admin = crate::support::connect();
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
         .expect("drop");
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .expect("create");
-    let url = support::admin_url().replace("/test", &format!("/{name}"));
+    let url = crate::support::admin_url().replace("/test", &format!("/{name}"));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut ex = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
         let read = |p: &str| {
@@ -349,7 +347,7 @@ fn the_crontab_example_line_runs_as_written() {
         db.dir.join(".env"),
         format!(
             "DATABASE_URL={}\nAUTOEMBED_TABLE={}\nAUTOEMBED_STATE_SCHEMA={}\nAUTOEMBED_API_BASE={}\nOPENAI_API_KEY={}\n",
-            support::url_with_password(),
+            crate::support::url_with_password(),
             db.table(),
             db.state_schema(),
             mock.base,
@@ -367,6 +365,6 @@ fn the_crontab_example_line_runs_as_written() {
     assert!(status.success());
     let logged = std::fs::read_to_string(&log).expect("log written");
     assert!(logged.contains("run-once: embedded 12 rows"), "{logged}");
-    assert!(!logged.contains(API_KEY) && !logged.contains(support::DB_PASSWORD));
+    assert!(!logged.contains(API_KEY) && !logged.contains(crate::support::DB_PASSWORD));
     assert_eq!(db.correct_rows(1536), (12, 0));
 }

@@ -2,13 +2,11 @@
 //! the exact vector lands in the exact row, budgets hold, edits win, workers
 //! never pay twice, bad rows are split out and recorded.
 
-mod support;
+use crate::support::SpawnPiped;
 
-use support::SpawnPiped;
-
+use crate::support::mock::{vector_for, Mock};
+use crate::support::{autoembed, run, TestDb};
 use std::time::Duration;
-use support::mock::{vector_for, Mock};
-use support::{autoembed, run, TestDb};
 
 #[test]
 fn embeds_every_pending_row_with_the_exact_vector_of_its_text() {
@@ -35,7 +33,7 @@ fn embeds_every_pending_row_with_the_exact_vector_of_its_text() {
     let expected_tokens: u64 = mock
         .embedded_inputs()
         .iter()
-        .map(|t| support::mock::tokens_for(t))
+        .map(|t| crate::support::mock::tokens_for(t))
         .sum();
     assert_eq!(j["tokens"], expected_tokens);
 
@@ -62,7 +60,7 @@ fn embeds_every_pending_row_with_the_exact_vector_of_its_text() {
     let req = &mock.requests()[0];
     assert_eq!(
         req.header("authorization"),
-        Some(format!("Bearer {}", support::API_KEY).as_str())
+        Some(format!("Bearer {}", crate::support::API_KEY).as_str())
     );
     assert_eq!(req.body["encoding_format"], "base64");
     assert_eq!(req.body["model"], "text-embedding-3-small");
@@ -174,7 +172,7 @@ fn text_edited_while_its_request_is_in_flight_is_not_overwritten_and_the_app_is_
          RESET statement_timeout;"
     ));
     held.release();
-    let out = support::finish(child);
+    let out = crate::support::finish(child);
     let j = out.json();
     assert_eq!(Some(out.code), Some(0));
     assert_eq!(
@@ -218,7 +216,7 @@ fn concurrent_workers_embed_every_row_once_and_never_pay_twice() {
     let mut total = 0;
     let mut busy_workers = 0;
     for c in children {
-        let out = support::finish(c);
+        let out = crate::support::finish(c);
         assert_eq!(Some(out.code), Some(0), "{}", out.stderr);
         let j = out.json();
         let embedded = j["embedded"].as_u64().unwrap_or(0);
@@ -233,26 +231,6 @@ fn concurrent_workers_embed_every_row_once_and_never_pay_twice() {
     assert_eq!(inputs.len(), distinct.len(), "some text was sent twice");
     assert_eq!((inputs.len(), total), (10_000, 10_000));
     assert_eq!(db.correct_rows(1536), (10_000, 0));
-}
-
-#[test]
-fn a_killed_run_leaves_nothing_claimed() {
-    let mut db = TestDb::new("sigkill");
-    db.products(30, 1536);
-    let mock = Mock::start(1536);
-    let held = mock.hold();
-    let mut child = db.cmd(&mock).args(["run-once"]).spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("request arrived");
-    child.kill().expect("SIGKILL");
-    let _ = child.wait();
-    mock.unhold();
-    held.release();
-    let r = autoembed(&db, &mock, &["run-once", "--json"]);
-    assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(r.json()["embedded"], 30);
-    assert_eq!(db.correct_rows(1536), (30, 0));
 }
 
 #[test]
@@ -414,7 +392,7 @@ fn dry_run_calls_no_api_and_writes_nothing() {
         (Some(1200), Some(1000))
     );
     let tokens: u64 = (1..=1000)
-        .map(|i| support::mock::tokens_for(&format!("product {i}")))
+        .map(|i| crate::support::mock::tokens_for(&format!("product {i}")))
         .sum();
     assert_eq!(j["estimated_tokens"], tokens);
     let cost = j["estimated_cost_usd"].as_f64().unwrap_or(-1.0);
@@ -443,7 +421,7 @@ fn dry_run_calls_no_api_and_writes_nothing() {
         "dry-run created the state schema"
     );
     // dry-run needs no key.
-    let r = support::run(db.cmd(&mock).env_remove("OPENAI_API_KEY").args([
+    let r = crate::support::run(db.cmd(&mock).env_remove("OPENAI_API_KEY").args([
         "dry-run",
         "--max-rows",
         "unlimited",
@@ -565,11 +543,11 @@ fn openrouter_gets_vendor_model_names_and_its_key() {
     db.products(5, 1536);
     let mock = Mock::start(1536);
     mock.ignore_base64();
-    let r = support::run(
+    let r = crate::support::run(
         db.cmd(&mock)
             .env_remove("AUTOEMBED_PROVIDER")
             .env_remove("OPENAI_API_KEY")
-            .env("OPENROUTER_API_KEY", support::API_KEY)
+            .env("OPENROUTER_API_KEY", crate::support::API_KEY)
             .args(["run-once", "--json"]),
     );
     assert_eq!(r.code, 0, "{r:?}");
@@ -577,7 +555,7 @@ fn openrouter_gets_vendor_model_names_and_its_key() {
     assert_eq!(req.body["model"], "openai/text-embedding-3-small");
     assert_eq!(
         req.header("authorization"),
-        Some(format!("Bearer {}", support::API_KEY).as_str())
+        Some(format!("Bearer {}", crate::support::API_KEY).as_str())
     );
     // Floats came back although base64 was asked for: accepted all the same.
     assert_eq!(db.correct_rows(1536), (5, 0));
@@ -669,14 +647,14 @@ fn a_table_without_pgvector_or_with_the_wrong_shape_is_refused_before_any_call()
 fn a_database_without_pgvector_is_a_clear_error() {
     let db = TestDb::new("nopgvector");
     let name = format!("{}_db", db.schema);
-    let mut admin = support::connect();
+    let mut admin = crate::support::connect();
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
         .expect("drop db");
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .expect("create db");
-    let url = support::url_with_password().replace("/test", &format!("/{name}"));
+    let url = crate::support::url_with_password().replace("/test", &format!("/{name}"));
     let mock = Mock::start(1536);
     let r = run(db.cmd(&mock).env("DATABASE_URL", &url).args(["run-once"]));
     let v = run(db
@@ -733,7 +711,7 @@ fn sigterm_and_sigint_commit_what_is_done_abandon_the_request_in_flight_and_exit
             .status()
             .expect("kill");
         assert!(sent.success());
-        let out = support::finish(child);
+        let out = crate::support::finish(child);
         let took = started.elapsed();
         held.release();
         assert_eq!(Some(out.code), Some(code), "{}", out.stderr);

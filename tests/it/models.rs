@@ -3,10 +3,8 @@
 //! `backfill --reembed` replaces exactly those (or all with `--reembed all`),
 //! within the usual budgets, so a model switch is one command.
 
-mod support;
-
-use support::mock::Mock;
-use support::{autoembed, TestDb};
+use crate::support::mock::Mock;
+use crate::support::{autoembed, TestDb};
 
 const SMALL: &str = "text-embedding-3-small";
 const ADA: &str = "text-embedding-ada-002";

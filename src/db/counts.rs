@@ -1,0 +1,76 @@
+//! The counts verify, dry-run and the summary report: rows, embedded,
+//! pending, blank, failed.
+
+use super::sql::{has_text, text_hash};
+use super::target::{Quoted, Target};
+use crate::error::Result;
+use postgres::types::Type;
+use postgres::GenericClient;
+
+/// The counts `verify` prints.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Counts {
+    pub rows: i64,
+    pub embedded: i64,
+    pub pending: i64,
+    pub blank: i64,
+    pub failed: i64,
+}
+
+impl Target {
+    pub fn count_pending(&self, c: &mut impl GenericClient) -> Result<i64> {
+        let sql = format!(
+            "SELECT count(*) FROM {} t WHERE {}",
+            self.sql.table,
+            self.pending()
+        );
+        Ok(c.query_typed_one(&sql, &[])?.get(0))
+    }
+
+    /// Failed rows whose text has not changed since they failed.
+    pub fn count_failed(&self, c: &mut impl GenericClient, state_exists: bool) -> Result<i64> {
+        if !state_exists {
+            return Ok(0);
+        }
+        let Quoted {
+            table,
+            id,
+            text,
+            embedding,
+            id_type,
+            state,
+        } = &self.sql;
+        let sql = format!(
+            "SELECT count(*) FROM {state}.failures f JOIN {table} t ON t.{id} = f.row_id::{id_type} \
+             WHERE f.table_name = $1 AND t.{embedding} IS NULL AND {hash} = f.text_hash",
+            hash = text_hash(&format!("t.{text}"))
+        );
+        Ok(c.query_typed_one(&sql, &[(&self.table, Type::TEXT)])?
+            .get(0))
+    }
+
+    pub fn counts(&self, c: &mut impl GenericClient, state_exists: bool) -> Result<Counts> {
+        let Quoted {
+            table,
+            text,
+            embedding,
+            ..
+        } = &self.sql;
+        let sql = format!(
+            "SELECT count(*), count(*) FILTER (WHERE t.{embedding} IS NOT NULL), \
+                    count(*) FILTER (WHERE {pending}), \
+                    count(*) FILTER (WHERE t.{embedding} IS NULL AND NOT {with_text}) \
+             FROM {table} t",
+            pending = self.pending(),
+            with_text = has_text(&format!("t.{text}")),
+        );
+        let r = c.query_typed_one(&sql, &[])?;
+        Ok(Counts {
+            rows: r.get(0),
+            embedded: r.get(1),
+            pending: r.get(2),
+            blank: r.get(3),
+            failed: self.count_failed(c, state_exists)?,
+        })
+    }
+}

@@ -1,0 +1,183 @@
+//! A table autoembed has checked and can work on, with every identifier
+//! quoted once, and the conditions that select its rows (pending, not held
+//! back by a failure, not claimed by another run), each written once and
+//! shared by the claim, dry-run and the counts.
+
+use super::catalog::{ColumnFacts, TableFacts};
+use super::sql::{has_text, quote_ident, text_hash, Params};
+use super::VectorTypes;
+use crate::config::Reembed;
+use postgres::types::Type;
+
+/// The table, its three columns and the state schema, checked and quoted.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `"schema"."table"`, also the key of this table's rows in the state tables.
+    pub table: String,
+    /// The table's schema and name as the catalog stores them.
+    pub schema_name: String,
+    pub table_name: String,
+    pub id_column: String,
+    pub text_column: String,
+    pub embedding_column: String,
+    /// N of `vector(N)`, when the column fixes it.
+    pub dimensions: Option<u32>,
+    pub(super) vector: VectorTypes,
+    pub(super) sql: Quoted,
+}
+
+/// The quoted pieces every statement is built from.
+#[derive(Debug, Clone)]
+pub(super) struct Quoted {
+    pub table: String,
+    pub id: String,
+    pub text: String,
+    pub embedding: String,
+    /// The id column's type, as `format_type` writes it, for casts from text.
+    pub id_type: String,
+    pub state: String,
+}
+
+/// Which rows a claim (or dry-run, or a count) selects.
+#[derive(Debug, Clone, Copy)]
+pub struct Selection<'m> {
+    /// Leave out rows that failed and are not due, or gave up
+    /// (`--max-attempts`); false when there is no state schema yet.
+    pub skip_failed: bool,
+    pub max_attempts: i32,
+    /// Leave out rows another worker holds; false when there is no claims table yet.
+    pub skip_claimed: bool,
+    /// Also rows that have a vector (`backfill --reembed`).
+    pub reembed: Option<Reembedding<'m>>,
+}
+
+/// `backfill --reembed`: which rows with a vector are embedded again, and
+/// the run's model they are judged against.
+#[derive(Debug, Clone, Copy)]
+pub struct Reembedding<'m> {
+    pub which: Reembed,
+    pub model: &'m str,
+    pub dimensions: i32,
+    /// The run's model made the rows without a record of their own.
+    pub model_is_baseline: bool,
+}
+
+impl Target {
+    /// Build the target for `table`. The caller has checked the columns.
+    pub fn new(
+        table: &TableFacts,
+        id: &ColumnFacts,
+        text: &str,
+        embedding: &ColumnFacts,
+        vector: VectorTypes,
+        state_schema: &str,
+    ) -> Target {
+        let sql = Quoted {
+            table: table.qualified(),
+            id: quote_ident(&id.name),
+            text: quote_ident(text),
+            embedding: quote_ident(&embedding.name),
+            id_type: id.type_sql.clone(),
+            state: quote_ident(state_schema),
+        };
+        Target {
+            table: sql.table.clone(),
+            schema_name: table.schema.clone(),
+            table_name: table.name.clone(),
+            id_column: id.name.clone(),
+            text_column: text.to_string(),
+            embedding_column: embedding.name.clone(),
+            dimensions: u32::try_from(embedding.typmod).ok().filter(|d| *d > 0),
+            vector,
+            sql,
+        }
+    }
+
+    /// Rows of `t` that need an embedding: none yet, and some text.
+    pub(super) fn pending(&self) -> String {
+        let Quoted {
+            text, embedding, ..
+        } = &self.sql;
+        format!(
+            "t.{embedding} IS NULL AND {}",
+            has_text(&format!("t.{text}"))
+        )
+    }
+
+    /// The rows of `t` that `sel` selects; `key` is the bound table key.
+    pub(super) fn selected<'a>(
+        &'a self,
+        sel: &'a Selection<'a>,
+        key: &str,
+        p: &mut Params<'a>,
+    ) -> String {
+        let Quoted {
+            id,
+            text,
+            embedding,
+            state,
+            ..
+        } = &self.sql;
+        let with_text = has_text(&format!("t.{text}"));
+        let mut cond = match &sel.reembed {
+            None => self.pending(),
+            Some(Reembedding {
+                which: Reembed::All,
+                ..
+            }) => with_text,
+            Some(r) => {
+                let model = p.bind(&r.model, Type::TEXT);
+                let dims = p.bind(&r.dimensions, Type::INT4);
+                let listed = |cond: &str| {
+                    format!(
+                        "EXISTS (SELECT 1 FROM {state}.vectors r WHERE r.table_name = {key} \
+                         AND r.row_id = t.{id}::text AND {cond})"
+                    )
+                };
+                let made_by_other = if r.model_is_baseline {
+                    listed(&format!("(r.model <> {model} OR r.dimensions <> {dims})"))
+                } else {
+                    format!(
+                        "NOT {}",
+                        listed(&format!("r.model = {model} AND r.dimensions = {dims}"))
+                    )
+                };
+                format!("{with_text} AND (t.{embedding} IS NULL OR {made_by_other})")
+            }
+        };
+        if sel.skip_failed {
+            let max_attempts = p.bind(&sel.max_attempts, Type::INT4);
+            cond += &format!(
+                " AND NOT EXISTS (SELECT 1 FROM {state}.failures f WHERE f.table_name = {key} \
+                 AND f.row_id = t.{id}::text AND f.text_hash = {hash} \
+                 AND (f.attempts >= {max_attempts} OR f.next_try_at > now()))",
+                hash = text_hash(&format!("t.{text}"))
+            );
+        }
+        if sel.skip_claimed {
+            // `OFFSET 0` keeps this a probe of the claims index for each
+            // candidate row. As a join, PostgreSQL reads every claim of the
+            // table, dead ones included: a backfill inserts and deletes one
+            // per row, faster than autovacuum clears them, and each claim
+            // got slower than the last (38 ms a batch after 20,000 rows).
+            cond += &format!(
+                " AND NOT EXISTS (SELECT 1 FROM {state}.claims c WHERE c.table_name = {key} \
+                 AND c.row_id = t.{id}::text AND NOT {} OFFSET 0)",
+                lapsed("c")
+            );
+        }
+        cond
+    }
+}
+
+/// A claim (alias `c`) that no longer holds its row: its lease has expired,
+/// or it names a backend that is gone. A backend of another role shows no
+/// `backend_start` (it counts as alive); a pid reused by a new backend has
+/// another `backend_start` (the old holder is gone).
+pub(super) fn lapsed(c: &str) -> String {
+    format!(
+        "({c}.expires_at < now() OR ({c}.backend_pid IS NOT NULL AND NOT EXISTS (\
+           SELECT 1 FROM pg_stat_get_activity({c}.backend_pid) a \
+           WHERE a.backend_start IS NULL OR a.backend_start = {c}.backend_start)))"
+    )
+}

@@ -1,0 +1,249 @@
+//! Storing a batch's outcome in one short transaction: the vectors (only
+//! into rows that still hold the text that was embedded), the copies of
+//! vectors written earlier in the run, the rows the provider rejected, and
+//! the release of the batch's claims. A deadlock, a serialization failure
+//! or a connection lost before the commit is retried (on a new connection
+//! if need be): these vectors were paid for.
+
+use super::claims::{Claimed, Holder};
+use super::model_records::Models;
+use super::sql::{text_hash, Params};
+use super::target::{Quoted, Target};
+use super::{is_retryable, Db};
+use crate::error::Result;
+use pgvector::Vector;
+use postgres::types::Type;
+use postgres::Transaction;
+use std::time::Duration;
+
+/// What one batch brings back to the database.
+#[derive(Debug, Default)]
+pub struct BatchWrite<'a> {
+    /// Rows and the vectors of their texts.
+    pub vectors: Vec<(&'a Claimed, Vec<f32>)>,
+    /// Rows and the row, written earlier in the run, whose vector they copy.
+    pub copies: Vec<(&'a Claimed, String)>,
+    /// Rows the provider rejected, and why.
+    pub failures: Vec<(&'a Claimed, String)>,
+    /// Every row of the batch whose claim ends now.
+    pub release: Vec<&'a str>,
+}
+
+/// Claims a write ends: `holder`'s on `ids`.
+#[derive(Clone, Copy)]
+struct Release<'a> {
+    holder: &'a Holder,
+    ids: &'a Vec<&'a str>,
+}
+
+/// How many tries a write gets before the run gives up on it.
+const WRITE_TRIES: u32 = 6;
+
+impl Target {
+    /// Write `batch` in one transaction, retrying what may pass; returns
+    /// the ids whose vector was written (the others changed meanwhile).
+    pub fn write_batch(
+        &self,
+        db: &mut Db,
+        batch: &BatchWrite<'_>,
+        models: &Models,
+        reembed: bool,
+        holder: &Holder,
+    ) -> Result<Vec<String>> {
+        let vectors: Vec<Vector> = batch
+            .vectors
+            .iter()
+            .map(|(_, v)| Vector::from(v.clone()))
+            .collect();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let attempt = match db.reconnect_if_closed() {
+                Ok(()) => self
+                    .try_write(db, batch, &vectors, models, reembed, holder)
+                    .map_err(|e| (is_retryable(&e), e.into())),
+                Err(e) => Err((true, e)),
+            };
+            match attempt {
+                Ok(written) => return Ok(written),
+                Err((true, e)) if tries < WRITE_TRIES => {
+                    let wait = Duration::from_millis(100 << tries);
+                    crate::warn!(
+                        "writing a batch failed ({e}); trying again in {} ms",
+                        wait.as_millis()
+                    );
+                    std::thread::sleep(wait);
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
+    }
+
+    fn try_write(
+        &self,
+        db: &mut Db,
+        batch: &BatchWrite<'_>,
+        vectors: &[Vector],
+        models: &Models,
+        reembed: bool,
+        holder: &Holder,
+    ) -> Result<Vec<String>, postgres::Error> {
+        let mut tx = db.begin()?;
+        let mut written = Vec::new();
+        // The batch's claims end in the first statement that stores
+        // something (one statement fewer a batch), else on their own.
+        let mut release = Some(Release {
+            holder,
+            ids: &batch.release,
+        })
+        .filter(|r| !r.ids.is_empty());
+        if !batch.vectors.is_empty() {
+            let ids: Vec<&str> = batch.vectors.iter().map(|(c, _)| c.id.as_str()).collect();
+            let hashes: Vec<i64> = batch.vectors.iter().map(|(c, _)| c.text_hash).collect();
+            let mut p = Params::default();
+            let source = format!(
+                "SELECT * FROM unnest({}, {}, {}) AS v(id, h, e)",
+                p.bind(&ids, Type::TEXT_ARRAY),
+                p.bind(&hashes, Type::INT8_ARRAY),
+                p.bind(&vectors, self.vector.array.clone()),
+            );
+            written.extend(self.store(&mut tx, p, &source, models, reembed, release.take())?);
+        }
+        if !batch.copies.is_empty() {
+            let ids: Vec<&str> = batch.copies.iter().map(|(c, _)| c.id.as_str()).collect();
+            let hashes: Vec<i64> = batch.copies.iter().map(|(c, _)| c.text_hash).collect();
+            let sources: Vec<&str> = batch.copies.iter().map(|(_, s)| s.as_str()).collect();
+            let Quoted {
+                table,
+                id,
+                text,
+                embedding,
+                id_type,
+                ..
+            } = &self.sql;
+            let mut p = Params::default();
+            let source = format!(
+                "SELECT c.id, c.h, s.{embedding} AS e FROM unnest({ids}, {hashes}, {sources}) AS c(id, h, src) \
+                 JOIN {table} s ON s.{id} = c.src::{id_type} AND {hash} = c.h AND s.{embedding} IS NOT NULL",
+                ids = p.bind(&ids, Type::TEXT_ARRAY),
+                hashes = p.bind(&hashes, Type::INT8_ARRAY),
+                sources = p.bind(&sources, Type::TEXT_ARRAY),
+                hash = text_hash(&format!("s.{text}")),
+            );
+            written.extend(self.store(&mut tx, p, &source, models, reembed, release.take())?);
+        }
+        self.record_failures(&mut tx, &batch.failures)?;
+        if let Some(r) = release {
+            self.release(&mut tx, r.holder, r.ids)?;
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+
+    /// The one statement that stores vectors: from `source` (`id`, `h` the
+    /// hash of the text they are for, `e`) into the rows that still hold
+    /// that text, their failures forgotten, their model noted, and the
+    /// claims in `release` ended.
+    fn store<'a>(
+        &'a self,
+        tx: &mut Transaction<'_>,
+        mut p: Params<'a>,
+        source: &str,
+        models: &'a Models,
+        reembed: bool,
+        release: Option<Release<'a>>,
+    ) -> Result<Vec<String>, postgres::Error> {
+        let Quoted {
+            table,
+            id,
+            text,
+            embedding,
+            id_type,
+            state,
+        } = &self.sql;
+        let key = p.bind(&self.table, Type::TEXT);
+        let still_null = if reembed {
+            String::new()
+        } else {
+            format!("AND t.{embedding} IS NULL")
+        };
+        // Rows the baseline model made need no record (and lose an old one);
+        // rows another model made are listed.
+        let note = match (models.is_baseline, models.listed) {
+            (true, false) => String::new(),
+            (true, true) => format!(
+                ", vec AS (DELETE FROM {state}.vectors r USING upd \
+                 WHERE r.table_name = {key} AND r.row_id = upd.id)"
+            ),
+            (false, _) => format!(
+                ", vec AS (INSERT INTO {state}.vectors (table_name, row_id, model, dimensions, embedded_at) \
+                 SELECT {key}, id, {model}, {dims}, now() FROM upd ON CONFLICT (table_name, row_id) DO UPDATE \
+                 SET model = excluded.model, dimensions = excluded.dimensions, embedded_at = excluded.embedded_at)",
+                model = p.bind(&models.current.model, Type::TEXT),
+                dims = p.bind(&models.current.dimensions, Type::INT4),
+            ),
+        };
+        let end_claims = match release {
+            None => String::new(),
+            Some(r) => format!(
+                ", rel AS (DELETE FROM {state}.claims c WHERE c.table_name = {key} \
+                 AND c.holder = {holder} AND c.row_id = ANY({ids}))",
+                holder = p.bind(&r.holder.name, Type::TEXT),
+                ids = p.bind(r.ids, Type::TEXT_ARRAY),
+            ),
+        };
+        let sql = format!(
+            "WITH v AS ({source}), \
+             upd AS (UPDATE {table} t SET {embedding} = v.e FROM v \
+                     WHERE t.{id} = v.id::{id_type} {still_null} AND {hash} = v.h \
+                     RETURNING t.{id}::text AS id), \
+             del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = {key} AND f.row_id = upd.id) \
+             {note}{end_claims} SELECT id FROM upd",
+            hash = text_hash(&format!("t.{text}")),
+        );
+        Ok(p.query(tx, &sql)?.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Record rows the provider rejected, with their next try: 10 minutes
+    /// after the first failure, doubling after each further one of the same text.
+    fn record_failures(
+        &self,
+        tx: &mut Transaction<'_>,
+        failed: &[(&Claimed, String)],
+    ) -> Result<(), postgres::Error> {
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = failed.iter().map(|(c, _)| c.id.as_str()).collect();
+        let hashes: Vec<i64> = failed.iter().map(|(c, _)| c.text_hash).collect();
+        let errors: Vec<&str> = failed.iter().map(|(_, e)| e.as_str()).collect();
+        let Quoted {
+            table,
+            id,
+            text,
+            id_type,
+            state,
+            ..
+        } = &self.sql;
+        let mut p = Params::default();
+        let sql = format!(
+            "INSERT INTO {state}.failures AS f \
+               (table_name, row_id, text_hash, attempts, last_error, first_failed_at, last_failed_at, next_try_at) \
+             SELECT {key}, r.id, r.h, 1, r.err, now(), now(), now() + interval '10 minutes' \
+             FROM unnest({ids}, {hashes}, {errors}) AS r(id, h, err) \
+             JOIN {table} t ON t.{id} = r.id::{id_type} AND {hash} = r.h \
+             ON CONFLICT (table_name, row_id) DO UPDATE SET \
+               attempts = CASE WHEN f.text_hash = excluded.text_hash THEN f.attempts + 1 ELSE 1 END, \
+               first_failed_at = CASE WHEN f.text_hash = excluded.text_hash THEN f.first_failed_at ELSE now() END, \
+               next_try_at = now() + interval '10 minutes' * power(2, least(20, \
+                   CASE WHEN f.text_hash = excluded.text_hash THEN f.attempts ELSE 0 END)), \
+               text_hash = excluded.text_hash, last_error = excluded.last_error, last_failed_at = now()",
+            key = p.bind(&self.table, Type::TEXT),
+            ids = p.bind(&ids, Type::TEXT_ARRAY),
+            hashes = p.bind(&hashes, Type::INT8_ARRAY),
+            errors = p.bind(&errors, Type::TEXT_ARRAY),
+            hash = text_hash(&format!("t.{text}")),
+        );
+        p.execute(tx, &sql).map(|_| ())
+    }
+}

@@ -1,0 +1,219 @@
+//! One batch, after its claim: plan it, send its texts, write what came
+//! back, release its claims. No transaction is open while the provider works.
+
+use super::plan::{BatchPlan, Planner};
+use super::send::{Halt, Hold, Sender};
+use crate::config::Config;
+use crate::db::claims::{Claimed, Holder, Lease};
+use crate::db::model_records::Models;
+use crate::db::target::Target;
+use crate::db::writes::BatchWrite;
+use crate::db::Db;
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// What every batch of a run shares.
+pub struct Context<'a> {
+    pub cfg: &'a Config,
+    pub target: &'a Target,
+    pub models: &'a Models,
+    pub planner: Planner,
+}
+
+/// A batch taken: its rows, with their texts.
+pub struct Claim {
+    pub seq: u64,
+    pub rows: Vec<Claimed>,
+    /// Whether more candidates follow this batch.
+    pub more: bool,
+    /// Taken no earlier than this (the claims expire a lease after it).
+    pub claimed_at: Instant,
+}
+
+/// A worker's own connection, claim holder and way to the provider.
+pub struct Worker<'a> {
+    pub db: &'a mut Db,
+    pub holder: Holder,
+    pub sender: Sender<'a>,
+}
+
+/// What one batch did.
+pub struct BatchOutcome {
+    /// Rows sent cut to the model's input limit.
+    pub truncated: u64,
+    pub written: u64,
+    pub changed: u64,
+    pub failed: u64,
+    /// Why the run must stop after this batch, if it must.
+    pub halt: Option<Halt>,
+    /// A budget cut this batch short.
+    pub budget: Option<super::report::StopReason>,
+}
+
+/// Plan, send, write and release one claimed batch.
+pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<BatchOutcome> {
+    let Claim {
+        seq,
+        rows,
+        claimed_at,
+        ..
+    } = claim;
+    let plan = ctx.planner.plan(seq, &rows);
+    // Whatever happens below, later batches waiting on this one go on.
+    let mut settle = Settle {
+        ctx,
+        seq,
+        written: Vec::new(),
+    };
+    let kept = &rows[..plan.cut];
+    if plan.cut < rows.len() {
+        let cut: Vec<&str> = rows[plan.cut..].iter().map(|r| r.id.as_str()).collect();
+        ctx.target.release(w.db.client(), &w.holder, &cut)?;
+    }
+
+    let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(plan.send.len());
+    let mut rejected: Vec<(usize, String)> = plan.too_long.clone();
+    let halt = {
+        let mut hold = Claims {
+            db: &mut *w.db,
+            target: ctx.target,
+            lease: Lease {
+                holder: &w.holder,
+                length: ctx.cfg.claim_lease,
+                direct: false,
+            },
+            rows: kept,
+            expires: claimed_at + ctx.cfg.claim_lease,
+            request_timeout: ctx.cfg.provider.request_timeout,
+        };
+        hold.lease.direct = hold.db.direct;
+        w.sender
+            .embed(&plan.send, &mut hold, &mut vectors, &mut rejected)
+            .err()
+    };
+    if halt.is_none() {
+        ctx.planner.wait_for(&plan.wait_for);
+    }
+    let batch = outcome_rows(&plan, kept, vectors, rejected, halt.is_none());
+    let written = ctx.target.write_batch(
+        w.db,
+        &batch,
+        ctx.models,
+        ctx.cfg.reembed.is_some(),
+        &w.holder,
+    )?;
+    for (row, err) in &batch.failures {
+        crate::warn!("row {} failed: {err}", row.id);
+    }
+    let sent = batch.vectors.len() + batch.copies.len();
+    let outcome = BatchOutcome {
+        truncated: plan.truncated,
+        written: written.len() as u64,
+        changed: (sent - written.len()) as u64,
+        failed: batch.failures.len() as u64,
+        halt,
+        budget: plan.stop,
+    };
+    crate::debug!(
+        "batch of {}: {} written, {} changed meanwhile, {} failed",
+        kept.len(),
+        outcome.written,
+        outcome.changed,
+        outcome.failed
+    );
+    settle.written = written;
+    Ok(outcome)
+}
+
+/// The rows of the write: vectors and failures repeated for the rows that
+/// shared a text, copies (unless the batch stopped), and every kept row's
+/// claim released.
+fn outcome_rows<'r>(
+    plan: &BatchPlan,
+    rows: &'r [Claimed],
+    vectors: Vec<(usize, Vec<f32>)>,
+    rejected: Vec<(usize, String)>,
+    copy: bool,
+) -> BatchWrite<'r> {
+    let shared = |i: usize| plan.same_text.get(&i).map(Vec::as_slice).unwrap_or(&[]);
+    let fan = |(i, v): (usize, Vec<f32>)| {
+        let mut out: Vec<(&'r Claimed, Vec<f32>)> =
+            shared(i).iter().map(|&j| (&rows[j], v.clone())).collect();
+        out.push((&rows[i], v));
+        out
+    };
+    BatchWrite {
+        vectors: vectors.into_iter().flat_map(fan).collect(),
+        failures: rejected
+            .into_iter()
+            .flat_map(|(i, e)| {
+                let mut out: Vec<(&'r Claimed, String)> =
+                    shared(i).iter().map(|&j| (&rows[j], e.clone())).collect();
+                out.push((&rows[i], e));
+                out
+            })
+            .collect(),
+        copies: if copy {
+            plan.copy
+                .iter()
+                .map(|(i, from)| (&rows[*i], from.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        },
+        release: rows.iter().map(|r| r.id.as_str()).collect(),
+    }
+}
+
+/// Marks the batch settled in the plan when it goes out of scope.
+struct Settle<'p, 'a> {
+    ctx: &'p Context<'a>,
+    seq: u64,
+    written: Vec<String>,
+}
+
+impl Drop for Settle<'_, '_> {
+    fn drop(&mut self) {
+        let written: Vec<&str> = self.written.iter().map(String::as_str).collect();
+        self.ctx.planner.settle(self.seq, &written);
+    }
+}
+
+/// The claims of a batch being sent.
+struct Claims<'a, 'r> {
+    db: &'a mut Db,
+    target: &'a Target,
+    lease: Lease<'a>,
+    rows: &'r [Claimed],
+    /// When the claims expire, at the latest (measured from before the claim).
+    expires: Instant,
+    request_timeout: Duration,
+}
+
+/// Time for the write after a reply, within the lease.
+const WRITE_MARGIN: Duration = Duration::from_secs(1);
+
+impl Hold for Claims<'_, '_> {
+    fn send_by(&self) -> Instant {
+        self.expires
+            .checked_sub(self.request_timeout + WRITE_MARGIN)
+            .unwrap_or(self.expires)
+    }
+
+    fn confirm(&mut self, rows: &[usize]) -> std::result::Result<Vec<usize>, Error> {
+        let ids: Vec<&str> = rows.iter().map(|&i| self.rows[i].id.as_str()).collect();
+        let asked = Instant::now();
+        self.db.reconnect_if_closed()?;
+        let held = self.target.confirm(self.db.client(), &ids, self.lease)?;
+        self.expires = asked + self.lease.length;
+        let index: HashMap<&str, usize> = rows
+            .iter()
+            .map(|&i| (self.rows[i].id.as_str(), i))
+            .collect();
+        Ok(held
+            .iter()
+            .filter_map(|id| index.get(id.as_str()).copied())
+            .collect())
+    }
+}

@@ -1,0 +1,142 @@
+//! run-once, backfill and dry-run: what happens between a checked table and
+//! the summary.
+//!
+//! - [`plan`]: what to send (budgets, too-long texts, identical texts),
+//!   decided in one place for runs and dry-runs alike;
+//! - [`pool`]: the workers, claiming batches in turn;
+//! - [`batch`]: one batch after its claim: plan, send, write;
+//! - [`send`]: requests, split when rejected or too large;
+//! - [`guard`]: replies must fit the column;
+//! - [`progress`], [`report`]: what the user sees.
+
+mod batch;
+mod guard;
+mod plan;
+mod pool;
+mod progress;
+pub mod report;
+mod send;
+
+use crate::checks::{self, Opened};
+use crate::config::{Config, Mode};
+use crate::db::claims::Candidates;
+use crate::db::model_records::Stamp;
+use crate::db::target::{Selection, Target};
+use crate::db::Db;
+use crate::error::Result;
+use crate::provider;
+use crate::signals::Stop;
+use plan::Planner;
+use report::{DryRunReport, Report};
+use std::sync::Arc;
+
+/// Connect, check the table and run the loop (or the dry-run). Errors
+/// before the loop (configuration, connection) are returned; errors inside
+/// it end the loop and are reported with the work done so far.
+pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
+    let Opened {
+        cfg,
+        mut db,
+        target,
+        state,
+    } = checks::open(cfg)?;
+    let cfg = &cfg;
+    let provider = provider::build(&cfg.provider)?;
+    if cfg.mode == Mode::DryRun {
+        let planner = Planner::new(plan::Bounds::of(cfg), provider.counter, true);
+        return dry_run(cfg, &mut db, &target, state, &planner).map(Report::DryRun);
+    }
+    state.ensure(&mut db, &cfg.state_schema)?;
+    let models = target.models(db.client(), Stamp::of(&cfg.provider, &target))?;
+    if !models.is_baseline && cfg.reembed.is_none() {
+        crate::debug!(
+            "the table's vectors were first made by another model than {}; `backfill --reembed` replaces them",
+            models.current
+        );
+    }
+    let guarded: Arc<dyn provider::Embedder> =
+        Arc::new(guard::DimensionGuard::new(cfg, &target, provider.embedder));
+    let planner = Planner::new(plan::Bounds::of(cfg), provider.counter, false);
+    let report = pool::run(cfg, &mut db, &target, guarded, planner, &models, stop);
+    if cfg.reembed.is_some() && report.stop_reason == report::StopReason::Drained {
+        // Every vector is the current model's now: it becomes the baseline.
+        if target.settle_models(db.client(), &models)? {
+            crate::info!(
+                "all vectors of {} are from {} now",
+                target.table,
+                models.current
+            );
+        }
+    }
+    Ok(Report::Run(report))
+}
+
+/// The run's claim loop and plan, read-only: no claims, no API call, no
+/// write; each batch is taken as written once planned.
+fn dry_run(
+    cfg: &Config,
+    db: &mut Db,
+    target: &Target,
+    state: crate::db::state::StateSchema,
+    planner: &Planner,
+) -> Result<DryRunReport> {
+    let sel = Selection {
+        skip_failed: !cfg.retry_failed && state.exists,
+        max_attempts: cfg.budget.max_attempts as i32,
+        skip_claimed: state.current,
+        reembed: None,
+    };
+    let pending = target.count_pending(db.client())?;
+    let failed = target.count_failed(db.client(), state.exists)?;
+    let mut tx = db.read_only()?;
+    let mut cursor: Option<String> = None;
+    let mut report = DryRunReport {
+        command: "dry-run",
+        table: target.table.clone(),
+        model: cfg.provider.model.clone(),
+        pending,
+        failed,
+        would_embed: 0,
+        truncated: 0,
+        too_long: 0,
+        estimated_tokens: 0,
+        tokens_exact: planner.counter().is_exact(),
+        estimated_cost_usd: None,
+        sample_ids: Vec::new(),
+    };
+    for seq in 0.. {
+        let Ok(limit) = planner.claim_limit() else {
+            break;
+        };
+        let Candidates { ids: taken, .. } =
+            target.candidates(&mut tx, cursor.as_deref(), limit, &sel)?;
+        let Some(last) = taken.last() else { break };
+        cursor = Some(last.clone());
+        planner.took(taken.len());
+        let rows = target.read(&mut tx, &taken, &sel)?;
+        planner.gave_back(taken.len() - rows.len());
+        let plan = planner.plan(seq, &rows);
+        let mut embedded: Vec<usize> = plan.send.iter().map(|i| i.row).collect();
+        embedded.extend(plan.same_text.values().flatten());
+        embedded.extend(plan.copy.iter().map(|(i, _)| *i));
+        embedded.sort_unstable();
+        for &i in embedded.iter().take(10 - report.sample_ids.len().min(10)) {
+            report.sample_ids.push(rows[i].id.clone());
+        }
+        report.would_embed += embedded.len() as u64;
+        report.truncated += plan.truncated;
+        report.too_long += plan.too_long.len() as u64;
+        report.estimated_tokens += plan.tokens();
+        let written: Vec<&str> = embedded.iter().map(|&i| rows[i].id.as_str()).collect();
+        planner.settle(seq, &written);
+        if plan.stop.is_some() {
+            break;
+        }
+    }
+    tx.rollback()?;
+    report.estimated_cost_usd = cfg
+        .provider
+        .price()
+        .map(|p| report.estimated_tokens as f64 * p / 1_000_000.0);
+    Ok(report)
+}
