@@ -443,11 +443,19 @@ fn parse_http_date(s: &str) -> Option<u64> {
     .position(|m| *m == parts[2])? as i64
         + 1;
     let year: i64 = parts[3].parse().ok()?;
+    // A date no server means (and whose arithmetic would overflow).
+    if !(1970..=9999).contains(&year) || !(1..=31).contains(&day) {
+        return None;
+    }
     let hms: Vec<i64> = parts[4]
         .split(':')
         .map(|x| x.parse().ok())
         .collect::<Option<_>>()?;
-    if hms.len() != 3 {
+    if hms.len() != 3
+        || !(0..24).contains(&hms[0])
+        || !(0..60).contains(&hms[1])
+        || !(0..61).contains(&hms[2])
+    {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).
@@ -560,5 +568,13 @@ mod tests {
             parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
             Some(784111777)
         );
+        // Dates no server means are no date, not an overflow.
+        for odd in [
+            "Sun, 06 Nov 9223372036854775807 08:49:37 GMT",
+            "Sun, 99999999999 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 99999999999999:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(odd), None, "{odd}");
+        }
     }
 }
