@@ -117,11 +117,11 @@ fn a_repeatable_read_default_still_claims_each_row_once() {
         assert_eq!(out.code, 0, "{out:?}");
         assert_eq!(out.json()["failed"], 0);
     }
-    let inputs = mock.embedded_inputs();
-    let mut distinct = inputs.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!((inputs.len(), distinct.len()), (2_000, 2_000), "paid twice");
+    assert_eq!(
+        crate::support::sent_and_distinct(&mock),
+        (2_000, 2_000),
+        "paid twice"
+    );
     assert_eq!(db.correct_rows(1536), (2_000, 0));
     // Claims (inserts into claims) and writes (updates of products), all
     // of them at READ COMMITTED.
@@ -280,10 +280,10 @@ fn a_claim_that_lapsed_during_a_rate_limit_wait_is_confirmed_and_its_rows_are_no
         (Some(0), Some(1)),
         "{j}"
     );
-    let inputs = mock.embedded_inputs();
-    let mut distinct = inputs.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!((inputs.len(), distinct.len()), (10, 10), "paid twice");
+    assert_eq!(
+        crate::support::sent_and_distinct(&mock),
+        (10, 10),
+        "paid twice"
+    );
     assert_eq!(db.correct_rows(1536), (10, 0));
 }

@@ -23,6 +23,17 @@ impl Drop for Bouncer {
     }
 }
 
+impl Bouncer {
+    /// autoembed's DATABASE_URL through this pooler.
+    fn url(&self) -> String {
+        format!(
+            "postgresql://postgres:{}@127.0.0.1:{}/test",
+            crate::support::DB_PASSWORD,
+            self.port
+        )
+    }
+}
+
 fn pgbouncer(dir: &std::path::Path) -> Bouncer {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -88,11 +99,7 @@ fn concurrent_runs_through_a_transaction_pooler_embed_everything_once() {
     let mock = Mock::start(1536);
     mock.latency(Duration::from_millis(5));
     let bouncer = pgbouncer(&db.dir);
-    let url = format!(
-        "postgresql://postgres:{}@127.0.0.1:{}/test",
-        crate::support::DB_PASSWORD,
-        bouncer.port
-    );
+    let url = bouncer.url();
 
     let verify = crate::support::run(
         db.cmd(&mock)
@@ -119,11 +126,11 @@ fn concurrent_runs_through_a_transaction_pooler_embed_everything_once() {
         let out = crate::support::finish(w);
         assert_eq!(Some(out.code), Some(0), "{}", out.stderr);
     }
-    let inputs = mock.embedded_inputs();
-    let mut distinct = inputs.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!((inputs.len(), distinct.len()), (1500, 1500));
+    assert_eq!(
+        crate::support::sent_and_distinct(&mock),
+        (1500, 1500),
+        "paid twice"
+    );
     assert_eq!(db.correct_rows(1536), (1500, 0));
 }
 
@@ -135,11 +142,7 @@ fn runs_waiting_on_the_provider_hold_no_server_connection_of_the_pool() {
     let held = mock.hold();
     // Two server connections in the pool, three runs waiting on the provider.
     let bouncer = pgbouncer(&db.dir);
-    let url = format!(
-        "postgresql://postgres:{}@127.0.0.1:{}/test",
-        crate::support::DB_PASSWORD,
-        bouncer.port
-    );
+    let url = bouncer.url();
     let args = [
         "run-once",
         "--json",
@@ -180,11 +183,11 @@ fn runs_waiting_on_the_provider_hold_no_server_connection_of_the_pool() {
         assert_eq!(out.code, 0, "{out:?}");
         assert_eq!(out.json()["embedded"], 10, "{out:?}");
     }
-    let inputs = mock.embedded_inputs();
-    let mut distinct = inputs.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!((inputs.len(), distinct.len()), (30, 30), "paid twice");
+    assert_eq!(
+        crate::support::sent_and_distinct(&mock),
+        (30, 30),
+        "paid twice"
+    );
     assert_eq!(db.correct_rows(1536), (30, 0));
 }
 
@@ -195,11 +198,7 @@ fn a_killed_run_behind_a_pooler_frees_its_rows_when_the_lease_ends() {
     let mock = Mock::start(1536);
     let held = mock.hold();
     let bouncer = pgbouncer(&db.dir);
-    let url = format!(
-        "postgresql://postgres:{}@127.0.0.1:{}/test",
-        crate::support::DB_PASSWORD,
-        bouncer.port
-    );
+    let url = bouncer.url();
     let args = [
         "run-once",
         "--json",

@@ -224,12 +224,12 @@ fn concurrent_workers_embed_every_row_once_and_never_pay_twice() {
         busy_workers += u32::from(embedded > 0);
     }
     assert!(busy_workers >= 2, "the workers did not overlap");
-    let inputs = mock.embedded_inputs();
-    let mut distinct = inputs.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!(inputs.len(), distinct.len(), "some text was sent twice");
-    assert_eq!((inputs.len(), total), (10_000, 10_000));
+    assert_eq!(
+        crate::support::sent_and_distinct(&mock),
+        (10_000, 10_000),
+        "some text was sent twice"
+    );
+    assert_eq!(total, 10_000);
     assert_eq!(db.correct_rows(1536), (10_000, 0));
 }
 

@@ -220,3 +220,13 @@ pub fn finish(child: Child) -> Run {
 pub fn autoembed(db: &TestDb, mock: &Mock, args: &[&str]) -> Run {
     run(db.cmd(mock).args(args))
 }
+
+/// How many texts the mock embedded, and how many distinct ones: the two
+/// are equal when no text was paid for twice.
+pub fn sent_and_distinct(mock: &Mock) -> (usize, usize) {
+    let inputs = mock.embedded_inputs();
+    let mut distinct = inputs.clone();
+    distinct.sort();
+    distinct.dedup();
+    (inputs.len(), distinct.len())
+}

@@ -246,13 +246,13 @@ fn identical_texts_across_the_batches_of_a_run_are_sent_once() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["embedded"], 60, "{r:?}");
     assert_eq!(db.correct_rows(1536), (60, 0));
-    let mut sent = mock.embedded_inputs();
-    sent.sort();
-    let mut distinct = sent.clone();
-    distinct.dedup();
     // Workers in flight at once may each send a text the other has not
     // written yet; with one worker, each text goes exactly once.
-    assert!(sent.len() < 60 && distinct.len() == 12, "{sent:?}");
+    let (sent, distinct) = crate::support::sent_and_distinct(&mock);
+    assert!(
+        sent < 60 && distinct == 12,
+        "{sent} sent, {distinct} distinct"
+    );
     let mock = Mock::start(1536);
     db.exec(&format!("UPDATE {s}.products SET embedding = NULL"));
     let one = ["--json", "--batch-size", "5", "--concurrency", "1"];
