@@ -53,6 +53,12 @@ impl VerifyReport {
                 "rows {}, embedded {}, pending {}, blank {}, failed {}",
                 c.rows, c.embedded, c.pending, c.blank, c.failed
             );
+            if c.no_id > 0 {
+                s += &format!(
+                    ", without an id {} (never embedded: the id column is NULL)",
+                    c.no_id
+                );
+            }
         }
         s.trim_end().to_string()
     }

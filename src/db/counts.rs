@@ -15,6 +15,9 @@ pub struct Counts {
     pub pending: i64,
     pub blank: i64,
     pub failed: i64,
+    /// Rows without a vector whose id is NULL: never embedded, since the
+    /// vector could not be written back to them.
+    pub no_id: i64,
 }
 
 impl Target {
@@ -59,10 +62,12 @@ impl Target {
         let sql = format!(
             "SELECT count(*), count(*) FILTER (WHERE t.{embedding} IS NOT NULL), \
                     count(*) FILTER (WHERE {pending}), \
-                    count(*) FILTER (WHERE t.{embedding} IS NULL AND NOT {with_text}) \
+                    count(*) FILTER (WHERE t.{embedding} IS NULL AND NOT {with_text}), \
+                    count(*) FILTER (WHERE t.{embedding} IS NULL AND NOT {has_id}) \
              FROM {table} t",
             pending = self.pending(),
             with_text = has_text(&format!("t.{text}")),
+            has_id = self.has_id(),
         );
         let r = c.query_typed_one(&sql, &[])?;
         Ok(Counts {
@@ -70,6 +75,7 @@ impl Target {
             embedded: r.get(1),
             pending: r.get(2),
             blank: r.get(3),
+            no_id: r.get(4),
             failed: self.count_failed(c, state_exists)?,
         })
     }

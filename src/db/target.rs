@@ -93,15 +93,22 @@ impl Target {
         }
     }
 
-    /// Rows of `t` that need an embedding: none yet, and some text.
+    /// Rows of `t` that need an embedding: none yet, some text, and an id
+    /// to write it back by (a nullable unique column can hold NULLs).
     pub(super) fn pending(&self) -> String {
         let Quoted {
             text, embedding, ..
         } = &self.sql;
         format!(
-            "t.{embedding} IS NULL AND {}",
+            "{} AND t.{embedding} IS NULL AND {}",
+            self.has_id(),
             has_text(&format!("t.{text}"))
         )
+    }
+
+    /// Rows of `t` whose id is not NULL: the only rows autoembed can claim and write.
+    pub(super) fn has_id(&self) -> String {
+        format!("t.{} IS NOT NULL", self.sql.id)
     }
 
     /// The rows of `t` that `sel` selects; `key` is the bound table key.
@@ -124,7 +131,7 @@ impl Target {
             Some(Reembedding {
                 which: Reembed::All,
                 ..
-            }) => with_text,
+            }) => format!("{} AND {with_text}", self.has_id()),
             Some(r) => {
                 let model = p.bind(&r.model, Type::TEXT);
                 let dims = p.bind(&r.dimensions, Type::INT4);
@@ -142,7 +149,10 @@ impl Target {
                         listed(&format!("r.model = {model} AND r.dimensions = {dims}"))
                     )
                 };
-                format!("{with_text} AND (t.{embedding} IS NULL OR {made_by_other})")
+                format!(
+                    "{} AND {with_text} AND (t.{embedding} IS NULL OR {made_by_other})",
+                    self.has_id()
+                )
             }
         };
         if sel.skip_failed {

@@ -767,3 +767,80 @@ fn concurrent_batches_within_one_run_respect_the_row_budget() {
     inputs.dedup();
     assert_eq!(inputs.len(), 250);
 }
+
+#[test]
+fn rows_whose_unique_id_is_null_are_never_claimed_and_verify_counts_them() {
+    let mut db = TestDb::new("nullid");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.items (sku text UNIQUE, embedding_text text, embedding vector(8));
+         INSERT INTO {s}.items VALUES ('a', 'apple', NULL), (NULL, 'no id', NULL),
+                                      ('b', 'banana', NULL), (NULL, 'no id either', NULL);"
+    ));
+    let mock = Mock::start(8);
+    let table = format!("{s}.items");
+    let with = |cmd: &'static str| {
+        vec![
+            cmd,
+            "--json",
+            "--table",
+            table.as_str(),
+            "--id-column",
+            "sku",
+            "--batch-size",
+            "1",
+            "--dimensions",
+            "8",
+        ]
+    };
+    let dry = autoembed(&db, &mock, &with("dry-run"));
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert_eq!(
+        (
+            dry.json()["pending"].as_i64(),
+            dry.json()["would_embed"].as_i64()
+        ),
+        (Some(2), Some(2)),
+        "{dry:?}"
+    );
+    let r = autoembed(&db, &mock, &with("run-once"));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["embedded"], 2, "{r:?}");
+    assert_eq!(r.json()["pending_after"], 0, "{r:?}");
+    // The rows with an id hold the vector of their text; the others are untouched.
+    for (sku, text) in [("a", "apple"), ("b", "banana")] {
+        let v: pgvector::Vector = db
+            .client
+            .query_one(
+                &format!("SELECT embedding FROM {s}.items WHERE sku = $1"),
+                &[&sku],
+            )
+            .expect("read")
+            .get(0);
+        assert_eq!(
+            v.to_vec(),
+            crate::support::mock::vector_for(text, 8),
+            "{sku}"
+        );
+    }
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {s}.items WHERE sku IS NULL AND embedding IS NULL"
+        )),
+        2
+    );
+    let v = autoembed(
+        &db,
+        &mock,
+        &[
+            "verify",
+            "--json",
+            "--offline",
+            "--table",
+            &table,
+            "--id-column",
+            "sku",
+        ],
+    );
+    assert_eq!(v.json()["counts"]["no_id"], 2, "{v:?}");
+}
