@@ -135,6 +135,21 @@ impl Db {
             .start()
     }
 
+    /// Run `f` in a transaction at READ COMMITTED and commit it. Every
+    /// statement that writes goes through here or [`Db::begin`]: a lone
+    /// statement would run at the database's default isolation, and under
+    /// `repeatable read` two runs recording the same row (a claim, the
+    /// table's model) fail with a serialization error.
+    pub fn in_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut tx = self.begin()?;
+        let out = f(&mut tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// A read-only transaction at READ COMMITTED (dry-run).
     pub fn read_only(&mut self) -> Result<Transaction<'_>> {
         Ok(self

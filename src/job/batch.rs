@@ -69,7 +69,7 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
     let kept = &rows[..plan.cut];
     if plan.cut < rows.len() {
         let cut: Vec<&str> = rows[plan.cut..].iter().map(|r| r.id.as_str()).collect();
-        ctx.target.release(w.db.client(), &w.holder, &cut)?;
+        w.db.in_transaction(|tx| Ok(ctx.target.release(tx, &w.holder, &cut)?))?;
     }
 
     let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(plan.send.len());
@@ -205,7 +205,10 @@ impl Hold for Claims<'_, '_> {
         let ids: Vec<&str> = rows.iter().map(|&i| self.rows[i].id.as_str()).collect();
         let asked = Instant::now();
         self.db.reconnect_if_closed()?;
-        let held = self.target.confirm(self.db.client(), &ids, self.lease)?;
+        let (target, lease) = (self.target, self.lease);
+        let held = self
+            .db
+            .in_transaction(|tx| target.confirm(tx, &ids, lease))?;
         self.expires = asked + self.lease.length;
         let index: HashMap<&str, usize> = rows
             .iter()

@@ -47,7 +47,8 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
         return dry_run(cfg, &mut db, &target, state, &planner).map(Report::DryRun);
     }
     state.ensure(&mut db, &cfg.state_schema)?;
-    let models = target.models(db.client(), Stamp::of(&cfg.provider, &target))?;
+    let stamp = Stamp::of(&cfg.provider, &target);
+    let models = db.in_transaction(|tx| target.models(tx, stamp))?;
     if !models.is_baseline && cfg.reembed.is_none() {
         crate::debug!(
             "the table's vectors were first made by another model than {}; `backfill --reembed` replaces them",
@@ -60,7 +61,7 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
     let report = pool::run(cfg, &mut db, &target, guarded, planner, &models, stop);
     if cfg.reembed.is_some() && report.stop_reason == report::StopReason::Drained {
         // Every vector is the current model's now: it becomes the baseline.
-        if target.settle_models(db.client(), &models)? {
+        if db.in_transaction(|tx| target.settle_models(tx, &models))? {
             crate::info!(
                 "all vectors of {} are from {} now",
                 target.table,

@@ -379,7 +379,7 @@ impl Pool<'_> {
         }
         let released = db
             .reconnect_if_closed()
-            .and_then(|()| self.ctx.target.release_run(db.client(), &self.run_id));
+            .and_then(|()| db.in_transaction(|tx| self.ctx.target.release_run(tx, &self.run_id)));
         match released {
             Ok(0) => {}
             Ok(n) => crate::debug!("released {n} claims"),

@@ -95,7 +95,9 @@ fn a_repeatable_read_default_still_claims_each_row_once() {
              INSERT INTO {s}.isolation_seen VALUES (TG_TABLE_NAME, current_setting('transaction_isolation'));
              RETURN NULL;
            END $f$;
-         CREATE TRIGGER note_isolation AFTER INSERT ON {state}.claims
+         CREATE TRIGGER note_isolation AFTER INSERT OR UPDATE OR DELETE ON {state}.claims
+           FOR EACH STATEMENT EXECUTE FUNCTION {s}.note_isolation();
+         CREATE TRIGGER note_isolation AFTER INSERT OR UPDATE OR DELETE ON {state}.models
            FOR EACH STATEMENT EXECUTE FUNCTION {s}.note_isolation();
          CREATE TRIGGER note_isolation AFTER UPDATE ON {s}.products
            FOR EACH STATEMENT EXECUTE FUNCTION {s}.note_isolation();"
@@ -123,13 +125,14 @@ fn a_repeatable_read_default_still_claims_each_row_once() {
         "paid twice"
     );
     assert_eq!(db.correct_rows(1536), (2_000, 0));
-    // Claims (inserts into claims) and writes (updates of products), all
-    // of them at READ COMMITTED.
+    // Claims (and their release), the table's model and the writes of
+    // vectors, all of them at READ COMMITTED.
     let seen = |tx: &str, level: &str| {
         format!("SELECT count(*) FROM {s}.isolation_seen WHERE tx = '{tx}' AND level {level}")
     };
     assert!(db.count(&seen("claims", "= 'read committed'")) >= 40);
     assert!(db.count(&seen("products", "= 'read committed'")) >= 40);
+    assert!(db.count(&seen("models", "= 'read committed'")) >= 3);
     assert_eq!(
         db.count(&format!(
             "SELECT count(*) FROM {s}.isolation_seen WHERE level <> 'read committed'"
