@@ -107,13 +107,13 @@ impl Target {
         })
     }
 
-    /// How many of the table's vectors each model made: the baseline (`None`
-    /// before autoembed's first run) and the count by model.
+    /// How many of the table's vectors each model made (`None` before
+    /// autoembed's first run on the table).
     pub fn model_counts(&self, c: &mut impl GenericClient) -> Result<Option<ModelCounts>> {
         let Quoted {
-            table: t,
-            id: i,
-            embedding: e,
+            table,
+            id,
+            embedding,
             state,
             ..
         } = &self.sql;
@@ -131,8 +131,8 @@ impl Target {
         let rows = c.query_typed(
             &format!(
                 "SELECT coalesce(r.model, $2), coalesce(r.dimensions, $3), count(*) \
-                 FROM {t} t LEFT JOIN {state}.vectors r ON r.table_name = $1 AND r.row_id = t.{i}::text \
-                 WHERE t.{e} IS NOT NULL GROUP BY 1, 2 ORDER BY 3 DESC, 1"
+                 FROM {table} t LEFT JOIN {state}.vectors r ON r.table_name = $1 AND r.row_id = t.{id}::text \
+                 WHERE t.{embedding} IS NOT NULL GROUP BY 1, 2 ORDER BY 3 DESC, 1"
             ),
             &[
                 (&self.table, Type::TEXT),
@@ -162,18 +162,18 @@ impl Target {
             return Ok(false);
         }
         let Quoted {
-            table: t,
-            id: i,
-            embedding: e,
+            table,
+            id,
+            embedding,
             state,
             ..
         } = &self.sql;
         let others: i64 = c
             .query_typed_one(
                 &format!(
-                    "SELECT count(*) FROM {t} t WHERE t.{e} IS NOT NULL AND NOT EXISTS (\
+                    "SELECT count(*) FROM {table} t WHERE t.{embedding} IS NOT NULL AND NOT EXISTS (\
                        SELECT 1 FROM {state}.vectors r WHERE r.table_name = $1 \
-                       AND r.row_id = t.{i}::text AND r.model = $2 AND r.dimensions = $3)"
+                       AND r.row_id = t.{id}::text AND r.model = $2 AND r.dimensions = $3)"
                 ),
                 &[
                     (&self.table, Type::TEXT),

@@ -93,16 +93,18 @@ impl Target {
         }
     }
 
-    /// Rows of `t` that need an embedding: none yet, some text, and an id
-    /// to write it back by (a nullable unique column can hold NULLs).
+    /// Rows of `t` that need an embedding: none yet, and [`Target::sendable`].
     pub(super) fn pending(&self) -> String {
-        let Quoted {
-            text, embedding, ..
-        } = &self.sql;
+        format!("t.{} IS NULL AND {}", self.sql.embedding, self.sendable())
+    }
+
+    /// Rows of `t` that can be embedded at all: an id to write the vector
+    /// back by (a nullable unique column can hold NULLs), and some text.
+    fn sendable(&self) -> String {
         format!(
-            "{} AND t.{embedding} IS NULL AND {}",
+            "{} AND {}",
             self.has_id(),
-            has_text(&format!("t.{text}"))
+            has_text(&format!("t.{}", self.sql.text))
         )
     }
 
@@ -125,13 +127,12 @@ impl Target {
             state,
             ..
         } = &self.sql;
-        let with_text = has_text(&format!("t.{text}"));
         let mut cond = match &sel.reembed {
             None => self.pending(),
             Some(Reembedding {
                 which: Reembed::All,
                 ..
-            }) => format!("{} AND {with_text}", self.has_id()),
+            }) => self.sendable(),
             Some(r) => {
                 let model = p.bind(&r.model, Type::TEXT);
                 let dims = p.bind(&r.dimensions, Type::INT4);
@@ -150,8 +151,8 @@ impl Target {
                     )
                 };
                 format!(
-                    "{} AND {with_text} AND (t.{embedding} IS NULL OR {made_by_other})",
-                    self.has_id()
+                    "{} AND (t.{embedding} IS NULL OR {made_by_other})",
+                    self.sendable()
                 )
             }
         };
