@@ -307,15 +307,16 @@ impl Pool<'_> {
             if !decided {
                 self.open_gate(|g| &mut g.connect, more);
             }
-            let (requests, tokens) = (w.sender.stats, w.sender.tokens);
             let outcome = batch::process(&self.ctx, &mut w, claim);
             let ok = matches!(&outcome, Ok(b) if b.halt.is_none() && b.budget.is_none());
             {
+                // What this batch's requests did: the sender counts from zero again.
+                let stats = std::mem::take(&mut w.sender.stats);
                 let mut t = lock(&self.tally);
-                t.stats.requests += w.sender.stats.requests - requests.requests;
-                t.stats.retries += w.sender.stats.retries - requests.retries;
-                t.stats.rate_limited += w.sender.stats.rate_limited - requests.rate_limited;
-                t.tokens += w.sender.tokens - tokens;
+                t.stats.requests += stats.requests;
+                t.stats.retries += stats.retries;
+                t.stats.rate_limited += stats.rate_limited;
+                t.tokens += std::mem::take(&mut w.sender.tokens);
                 if let Ok(b) = &outcome {
                     t.embedded += b.written;
                     t.changed += b.changed;
