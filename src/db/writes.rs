@@ -19,14 +19,43 @@ use std::time::Duration;
 /// What one batch brings back to the database.
 #[derive(Debug, Default)]
 pub struct BatchWrite<'a> {
-    /// Rows and the vectors of their texts.
-    pub vectors: Vec<(&'a Claimed, Vec<f32>)>,
+    /// Rows that get a vector of their text ([`BatchWrite::push_vector`]),
+    /// and those vectors, in the same order, as the write binds them.
+    stored: Vec<&'a Claimed>,
+    vectors: Vec<Vector>,
     /// Rows and the row, written earlier in the run, whose vector they copy.
     pub copies: Vec<(&'a Claimed, String)>,
     /// Rows the provider rejected, and why.
     pub failures: Vec<(&'a Claimed, String)>,
     /// Every row of the batch whose claim ends now.
     pub release: Vec<&'a str>,
+}
+
+impl<'a> BatchWrite<'a> {
+    /// A write of no vectors yet; [`BatchWrite::push_vector`] adds them.
+    pub fn new(
+        copies: Vec<(&'a Claimed, String)>,
+        failures: Vec<(&'a Claimed, String)>,
+        release: Vec<&'a str>,
+    ) -> BatchWrite<'a> {
+        BatchWrite {
+            copies,
+            failures,
+            release,
+            ..BatchWrite::default()
+        }
+    }
+
+    /// `row` gets `vector`, the vector of its text.
+    pub fn push_vector(&mut self, row: &'a Claimed, vector: Vec<f32>) {
+        self.stored.push(row);
+        self.vectors.push(Vector::from(vector));
+    }
+
+    /// How many rows get a vector of their own text.
+    pub fn vector_count(&self) -> usize {
+        self.stored.len()
+    }
 }
 
 /// Claims a write ends: `holder`'s on `ids`.
@@ -50,17 +79,12 @@ impl Target {
         reembed: bool,
         holder: &Holder,
     ) -> Result<Vec<String>> {
-        let vectors: Vec<Vector> = batch
-            .vectors
-            .iter()
-            .map(|(_, v)| Vector::from(v.clone()))
-            .collect();
         let mut tries = 0;
         loop {
             tries += 1;
             let attempt = match db.reconnect_if_closed() {
                 Ok(()) => self
-                    .try_write(db, batch, &vectors, models, reembed, holder)
+                    .try_write(db, batch, models, reembed, holder)
                     .map_err(|e| (is_retryable(&e), e.into())),
                 Err(e) => Err((true, e)),
             };
@@ -83,7 +107,6 @@ impl Target {
         &self,
         db: &mut Db,
         batch: &BatchWrite<'_>,
-        vectors: &[Vector],
         models: &Models,
         reembed: bool,
         holder: &Holder,
@@ -97,15 +120,15 @@ impl Target {
             ids: &batch.release,
         })
         .filter(|r| !r.ids.is_empty());
-        if !batch.vectors.is_empty() {
-            let ids: Vec<&str> = batch.vectors.iter().map(|(c, _)| c.id.as_str()).collect();
-            let hashes: Vec<i64> = batch.vectors.iter().map(|(c, _)| c.text_hash).collect();
+        if !batch.stored.is_empty() {
+            let ids: Vec<&str> = batch.stored.iter().map(|c| c.id.as_str()).collect();
+            let hashes: Vec<i64> = batch.stored.iter().map(|c| c.text_hash).collect();
             let mut p = Params::default();
             let source = format!(
                 "SELECT * FROM unnest({}, {}, {}) AS v(id, h, e)",
                 p.bind(&ids, Type::TEXT_ARRAY),
                 p.bind(&hashes, Type::INT8_ARRAY),
-                p.bind(&vectors, self.vector.array.clone()),
+                p.bind(&batch.vectors, self.vector.array.clone()),
             );
             written.extend(self.store(&mut tx, p, &source, models, reembed, release.take())?);
         }

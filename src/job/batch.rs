@@ -106,7 +106,7 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
     for (row, err) in &batch.failures {
         crate::warn!("row {} failed: {err}", row.id);
     }
-    let sent = batch.vectors.len() + batch.copies.len();
+    let sent = batch.vector_count() + batch.copies.len();
     let outcome = BatchOutcome {
         truncated: plan.truncated,
         written: written.len() as u64,
@@ -137,33 +137,32 @@ fn outcome_rows<'r>(
     copy: bool,
 ) -> BatchWrite<'r> {
     let shared = |i: usize| plan.same_text.get(&i).map(Vec::as_slice).unwrap_or(&[]);
-    let fan = |(i, v): (usize, Vec<f32>)| {
-        let mut out: Vec<(&'r Claimed, Vec<f32>)> =
-            shared(i).iter().map(|&j| (&rows[j], v.clone())).collect();
-        out.push((&rows[i], v));
-        out
+    let failures = rejected
+        .into_iter()
+        .flat_map(|(i, e)| {
+            let mut out: Vec<(&'r Claimed, String)> =
+                shared(i).iter().map(|&j| (&rows[j], e.clone())).collect();
+            out.push((&rows[i], e));
+            out
+        })
+        .collect();
+    let copies = if copy {
+        plan.copy
+            .iter()
+            .map(|(i, from)| (&rows[*i], from.clone()))
+            .collect()
+    } else {
+        Vec::new()
     };
-    BatchWrite {
-        vectors: vectors.into_iter().flat_map(fan).collect(),
-        failures: rejected
-            .into_iter()
-            .flat_map(|(i, e)| {
-                let mut out: Vec<(&'r Claimed, String)> =
-                    shared(i).iter().map(|&j| (&rows[j], e.clone())).collect();
-                out.push((&rows[i], e));
-                out
-            })
-            .collect(),
-        copies: if copy {
-            plan.copy
-                .iter()
-                .map(|(i, from)| (&rows[*i], from.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        },
-        release: rows.iter().map(|r| r.id.as_str()).collect(),
+    let release = rows.iter().map(|r| r.id.as_str()).collect();
+    let mut batch = BatchWrite::new(copies, failures, release);
+    for (i, v) in vectors {
+        for &j in shared(i) {
+            batch.push_vector(&rows[j], v.clone());
+        }
+        batch.push_vector(&rows[i], v);
     }
+    batch
 }
 
 /// Marks the batch settled in the plan when it goes out of scope.
