@@ -45,9 +45,7 @@ fn a_migration_during_a_request_is_not_blocked_and_no_transaction_is_held() {
         .env("DATABASE_URL", url_named(&app))
         .args(["run-once", "--json", "--batch-size", "10"])
         .spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("request arrived");
+    held.wait_for("request arrived");
     // While the provider works, autoembed holds no transaction open...
     assert_eq!(
         db.count(&format!(
@@ -153,9 +151,7 @@ fn a_killed_run_on_a_direct_connection_frees_its_rows_at_once() {
         .env("DATABASE_URL", url_named(&app))
         .args(["run-once", "--batch-size", "10"])
         .spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("request arrived");
+    held.wait_for("request arrived");
     assert_eq!(claims(&mut db), 10);
     child.kill().expect("SIGKILL");
     let _ = child.wait();
@@ -195,9 +191,7 @@ fn sigterm_releases_the_claims_of_the_request_in_flight() {
             "1",
         ])
         .spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("request arrived");
+    held.wait_for("request arrived");
     assert_eq!(claims(&mut db), 10);
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -97,13 +97,9 @@ fn a_killed_database_connection_mid_request_is_reconnected_and_the_paid_batch_la
             "1",
         ])
         .spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("first request");
+    held.wait_for("first request");
     held.release();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("second request");
+    held.wait_for("second request");
     // The server drops autoembed's connection while the provider works (a
     // restart, an idle timeout, an operator): the vectors of that request
     // were paid for, so the write connects again and lands.

@@ -163,9 +163,7 @@ fn runs_waiting_on_the_provider_hold_no_server_connection_of_the_pool() {
         );
         // A run that kept its claim's transaction open across the request
         // would keep a server connection: the third could never claim.
-        held.arrived
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("request {n} never arrived: the pool is held"));
+        held.wait_for(&format!("request {n} (the pool is held)"));
     }
     // The application, through the same pool, is not kept waiting either.
     let verify = crate::support::run(db.cmd(&mock).env("DATABASE_URL", &url).args([
@@ -216,9 +214,7 @@ fn a_killed_run_behind_a_pooler_frees_its_rows_when_the_lease_ends() {
         .env("DATABASE_URL", &url)
         .args(args)
         .spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("request arrived");
+    held.wait_for("request arrived");
     child.kill().expect("SIGKILL");
     let _ = child.wait();
     mock.unhold();

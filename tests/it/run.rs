@@ -160,9 +160,7 @@ fn text_edited_while_its_request_is_in_flight_is_not_overwritten_and_the_app_is_
     let mock = Mock::start(1536);
     let held = mock.hold();
     let child = db.cmd(&mock).args(["run-once", "--json"]).spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("request arrived");
+    held.wait_for("request arrived");
     // The application edits a row that is being embedded. It must not wait
     // for the HTTP call: if it blocked, the statement timeout would fail it.
     let s = db.schema.clone();
@@ -698,13 +696,9 @@ fn sigterm_and_sigint_commit_what_is_done_abandon_the_request_in_flight_and_exit
             .spawn_piped();
         // The first batch goes through; the second request hangs at the
         // provider (for a minute, the default request timeout) when the signal comes.
-        held.arrived
-            .recv_timeout(Duration::from_secs(30))
-            .expect("first request");
+        held.wait_for("first request");
         held.release();
-        held.arrived
-            .recv_timeout(Duration::from_secs(30))
-            .expect("second request");
+        held.wait_for("second request");
         let started = std::time::Instant::now();
         let sent = std::process::Command::new("kill")
             .args([signal, &child.id().to_string()])

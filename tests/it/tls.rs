@@ -7,7 +7,6 @@ use crate::support::SpawnPiped;
 use crate::support::mock::Mock;
 use crate::support::{run, TestDb};
 use std::path::PathBuf;
-use std::time::Duration;
 
 fn tls_dir() -> PathBuf {
     PathBuf::from(
@@ -127,9 +126,7 @@ fn encrypted(db: &mut TestDb, mock: &Mock, query: &str) -> bool {
         )
         .args(["run-once", "--concurrency", "1"])
         .spawn_piped();
-    held.arrived
-        .recv_timeout(Duration::from_secs(30))
-        .expect("request arrived");
+    held.wait_for("request arrived");
     let ssl: bool = db
         .client
         .query_one(

@@ -270,8 +270,8 @@ impl Mock {
         self.with(|s| s.hold = None);
     }
 
-    /// Hold every request until [`Held::release`]; returns the receiving end
-    /// that says when a request has arrived.
+    /// Hold every request until [`Held::release`]; [`Held::wait_for`]
+    /// waits until one has arrived.
     pub fn hold(&self) -> Held {
         let (arrived_tx, arrived_rx) = channel();
         let (release_tx, release_rx) = channel();
@@ -320,11 +320,23 @@ impl Mock {
 
 /// The test's handle on held requests.
 pub struct Held {
-    pub arrived: Receiver<()>,
+    arrived: Receiver<()>,
     release: Sender<()>,
 }
 
 impl Held {
+    /// Wait, 30 s at most, until a request has arrived and is held; panic
+    /// naming `what` when none does.
+    pub fn wait_for(&self, what: &str) {
+        if self
+            .arrived
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .is_err()
+        {
+            panic!("{what} never arrived at the mock");
+        }
+    }
+
     pub fn release(&self) {
         let _ = self.release.send(());
     }
