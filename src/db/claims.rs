@@ -77,6 +77,23 @@ pub struct Claimed {
     pub text_hash: i64,
 }
 
+/// The claims (alias `c`) of `holder` on the rows `ids` (all three bound
+/// placeholders), found by one probe of the claims index per id.
+///
+/// Written as `c.ctid = ANY (...)` because the plain `c.row_id = ANY (ids)`
+/// lets PostgreSQL read every claim of the table instead: it judges the
+/// table by statistics taken when it was nearly empty, while a backfill
+/// leaves thousands of dead claims behind it (1.5 ms a statement instead of
+/// 0.4 ms for 100 rows among 20,000 dead claims). A claim that another run
+/// took over in the meantime has a new `ctid`, and is left alone.
+pub(super) fn held_by(state: &str, key: &str, holder: &str, ids: &str) -> String {
+    format!(
+        "c.ctid = ANY (ARRAY(SELECT (SELECT h.ctid FROM {state}.claims h \
+           WHERE h.table_name = {key} AND h.row_id = r.id AND h.holder = {holder}) \
+         FROM unnest({ids}::text[]) AS r(id)))"
+    )
+}
+
 impl Target {
     /// Up to `limit` selected rows after `cursor`, in id order, that no
     /// other run holds; one row more than the limit is read, not returned:
@@ -212,17 +229,20 @@ impl Target {
     ) -> Result<Vec<String>> {
         let lease_ms = lease.length.as_millis() as i64;
         let mut p = Params::default();
+        let state = &self.sql.state;
         let sql = format!(
-            "UPDATE {state}.claims SET expires_at = now() + {lease_ms} * interval '1 millisecond', \
+            "UPDATE {state}.claims c SET expires_at = now() + {lease_ms} * interval '1 millisecond', \
                backend_pid = CASE WHEN {direct} THEN pg_backend_pid() END, \
                backend_start = CASE WHEN {direct} THEN (SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a) END \
-             WHERE table_name = {key} AND holder = {holder} AND row_id = ANY({ids}) RETURNING row_id",
-            state = self.sql.state,
+             WHERE {held} RETURNING c.row_id",
             lease_ms = p.bind(&lease_ms, Type::INT8),
             direct = p.bind(&lease.direct, Type::BOOL),
-            key = p.bind(&self.table, Type::TEXT),
-            holder = p.bind(&lease.holder.name, Type::TEXT),
-            ids = p.bind(&ids, Type::TEXT_ARRAY),
+            held = held_by(
+                state,
+                &p.bind(&self.table, Type::TEXT),
+                &p.bind(&lease.holder.name, Type::TEXT),
+                &p.bind(&ids, Type::TEXT_ARRAY),
+            ),
         );
         Ok(p.query(c, &sql)?.into_iter().map(|r| r.get(0)).collect())
     }
@@ -238,12 +258,15 @@ impl Target {
             return Ok(());
         }
         let mut p = Params::default();
+        let state = &self.sql.state;
         let sql = format!(
-            "DELETE FROM {state}.claims WHERE table_name = {key} AND holder = {holder} AND row_id = ANY({ids})",
-            state = self.sql.state,
-            key = p.bind(&self.table, Type::TEXT),
-            holder = p.bind(&holder.name, Type::TEXT),
-            ids = p.bind(&ids, Type::TEXT_ARRAY),
+            "DELETE FROM {state}.claims c WHERE {}",
+            held_by(
+                state,
+                &p.bind(&self.table, Type::TEXT),
+                &p.bind(&holder.name, Type::TEXT),
+                &p.bind(&ids, Type::TEXT_ARRAY),
+            )
         );
         p.execute(c, &sql).map(|_| ())
     }

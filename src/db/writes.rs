@@ -5,7 +5,7 @@
 //! or a connection lost before the commit is retried (on a new connection
 //! if need be): these vectors were paid for.
 
-use super::claims::{Claimed, Holder};
+use super::claims::{held_by, Claimed, Holder};
 use super::model_records::Models;
 use super::sql::{text_hash, Params};
 use super::target::{Quoted, Target};
@@ -209,10 +209,13 @@ impl Target {
         let end_claims = match release {
             None => String::new(),
             Some(r) => format!(
-                ", rel AS (DELETE FROM {state}.claims c WHERE c.table_name = {key} \
-                 AND c.holder = {holder} AND c.row_id = ANY({ids}))",
-                holder = p.bind(&r.holder.name, Type::TEXT),
-                ids = p.bind(r.ids, Type::TEXT_ARRAY),
+                ", rel AS (DELETE FROM {state}.claims c WHERE {})",
+                held_by(
+                    state,
+                    &key,
+                    &p.bind(&r.holder.name, Type::TEXT),
+                    &p.bind(r.ids, Type::TEXT_ARRAY),
+                )
             ),
         };
         let sql = format!(
