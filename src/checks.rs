@@ -228,7 +228,7 @@ fn table_checks(
     else {
         return None;
     };
-    let target = Target::new(table, id, &text.name, embedding, vector, &cfg.state_schema);
+    let target = Target::new(table, id, text, embedding, vector, &cfg.state_schema);
     if let Some(check) = dimension_check(cfg, &target) {
         checks.push(check);
     }

@@ -11,7 +11,7 @@
 //! configuration is pasted.
 
 use crate::db::catalog::RESET_TRIGGER;
-use crate::db::sql::quote_literal;
+use crate::db::sql::{dollar_quote, has_text, quote_literal};
 use crate::db::target::Target;
 use crate::db::{quote_ident, state, Db};
 use crate::error::{describe_pg, Error, Result};
@@ -20,77 +20,142 @@ use crate::error::{describe_pg, Error, Result};
 pub struct Objects {
     table: String,
     id: String,
-    text: String,
+    /// The columns whose edit changes the text, quoted.
+    sources: Vec<String>,
     embedding: String,
     /// Schema-qualified, quoted.
     function: String,
     trigger: String,
-    /// Unqualified (an index lives in its table's schema), quoted.
-    index: String,
-    /// Schema-qualified, quoted, for DROP INDEX.
-    index_qualified: String,
+    /// The index's predicate: the rows a run selects (no vector, some text).
+    queue_rows: String,
+    /// Whether the table is partitioned (its index is built partition by partition).
+    partitioned: bool,
+    index: IndexName,
+    /// The index an earlier version created (`WHERE <embedding> IS NULL`,
+    /// blank rows included), dropped once the new one is built.
+    old_index: IndexName,
+}
+
+/// The index setup builds on a table or a partition: `<name>_autoembed_queue`.
+const INDEX: &str = "autoembed_queue";
+/// The name earlier versions gave it.
+const OLD_INDEX: &str = "autoembed_pending";
+
+/// An index's schema and name, quoted (an index lives in its table's schema).
+struct IndexName {
+    schema: String,
+    name: String,
+}
+
+impl IndexName {
+    /// The index setup names `suffix` on table `name` of `schema`.
+    fn new(schema: &str, name: &str, suffix: &str) -> IndexName {
+        IndexName {
+            schema: quote_ident(schema),
+            name: quote_ident(&format!("{}_{suffix}", truncate(name, 40))),
+        }
+    }
+
+    fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
 }
 
 impl Objects {
     pub fn new(target: &Target) -> Objects {
         let base = truncate(&target.table_name, 40);
-        let index = format!("{base}_autoembed_pending");
+        let embedding = quote_ident(&target.embedding_column);
         Objects {
             table: target.table.clone(),
             id: quote_ident(&target.id_column),
-            text: quote_ident(&target.text_column),
-            embedding: quote_ident(&target.embedding_column),
+            sources: target.text_sources.iter().map(|c| quote_ident(c)).collect(),
+            queue_rows: format!(
+                "{embedding} IS NULL AND {}",
+                has_text(&quote_ident(&target.text_column))
+            ),
+            embedding,
             function: format!(
                 "{}.{}",
                 quote_ident(&target.schema_name),
                 quote_ident(&format!("{base}_autoembed_reset"))
             ),
             trigger: quote_ident(RESET_TRIGGER),
-            index_qualified: format!(
-                "{}.{}",
-                quote_ident(&target.schema_name),
-                quote_ident(&index)
-            ),
-            index: quote_ident(&index),
+            partitioned: target.partitioned,
+            index: IndexName::new(&target.schema_name, &target.table_name, INDEX),
+            old_index: IndexName::new(&target.schema_name, &target.table_name, OLD_INDEX),
         }
     }
 
-    /// The partial index. `CONCURRENTLY` keeps writes flowing while it builds
-    /// (not allowed inside a transaction, so migrations get the plain form).
+    /// The partial index on the rows a run selects: blank rows are not in
+    /// it, so they cost nothing per run. `CONCURRENTLY` keeps writes flowing
+    /// while it builds (not inside a transaction, so migrations get the plain
+    /// form; nor on a partitioned table, where the plain form builds every
+    /// partition's index while holding writes back; `autoembed setup` builds
+    /// them one by one, concurrently).
     pub fn index_sql(&self, concurrently: bool) -> String {
+        let how = if concurrently && !self.partitioned {
+            IndexBuild::Concurrently
+        } else {
+            IndexBuild::Plain
+        };
+        self.index_on(&self.index, &self.table, how)
+    }
+
+    /// The index `index` on `table` (the table or one of its partitions).
+    fn index_on(&self, index: &IndexName, table: &str, how: IndexBuild) -> String {
+        let (concurrently, only) = match how {
+            IndexBuild::Plain => ("", ""),
+            IndexBuild::Concurrently => ("CONCURRENTLY ", ""),
+            IndexBuild::OnlyThis => ("", "ONLY "),
+        };
         format!(
-            "CREATE INDEX {}IF NOT EXISTS {} ON {} ({}) WHERE {} IS NULL;",
-            if concurrently { "CONCURRENTLY " } else { "" },
-            self.index,
-            self.table,
-            self.id,
-            self.embedding
+            "CREATE INDEX {concurrently}IF NOT EXISTS {} ON {only}{table} ({}) WHERE {};",
+            index.name, self.id, self.queue_rows
         )
     }
 
-    /// The trigger function and trigger. An UPDATE that changes the text but
-    /// also sets the embedding itself keeps that embedding.
+    /// The trigger function and trigger. It fires on an edit of the
+    /// columns the text comes from (the text column, or the columns a
+    /// generated text column reads: in a `BEFORE` trigger `NEW` does not
+    /// hold a generated value yet), compares their bytes (a case-only edit
+    /// under `citext` or a nondeterministic collation is an edit), and fires
+    /// for changes applied by logical replication too (`ENABLE ALWAYS`).
+    /// An UPDATE that changes the text but also sets the embedding itself
+    /// keeps that embedding.
     pub fn trigger_sql(&self) -> String {
         let Objects {
             table,
-            text,
+            sources,
             embedding,
             function,
             trigger,
             ..
         } = self;
-        format!(
-            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $autoembed$
+        let edited = sources
+            .iter()
+            .map(|c| {
+                format!("NEW.{c}::text COLLATE \"C\" IS DISTINCT FROM OLD.{c}::text COLLATE \"C\"")
+            })
+            .collect::<Vec<_>>()
+            .join("\n      OR ");
+        let body = dollar_quote(&format!(
+            "
 BEGIN
-  IF NEW.{text} IS DISTINCT FROM OLD.{text} AND NEW.{embedding} IS NOT DISTINCT FROM OLD.{embedding} THEN
+  IF ({edited})
+     AND NEW.{embedding} IS NOT DISTINCT FROM OLD.{embedding} THEN
     NEW.{embedding} := NULL;
   END IF;
   RETURN NEW;
 END
-$autoembed$;
+"
+        ));
+        format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {body};
 DROP TRIGGER IF EXISTS {trigger} ON {table};
-CREATE TRIGGER {trigger} BEFORE UPDATE OF {text} ON {table}
-  FOR EACH ROW EXECUTE FUNCTION {function}();"
+CREATE TRIGGER {trigger} BEFORE UPDATE OF {columns} ON {table}
+  FOR EACH ROW EXECUTE FUNCTION {function}();
+ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};",
+            columns = sources.join(", "),
         )
     }
 
@@ -100,7 +165,15 @@ CREATE TRIGGER {trigger} BEFORE UPDATE OF {text} ON {table}
             "DROP TRIGGER IF EXISTS {trigger} ON {table};
 DROP FUNCTION IF EXISTS {function}();
 DROP INDEX IF EXISTS {index};
-DO $autoembed$ BEGIN
+DROP INDEX IF EXISTS {old_index};
+DO {body};",
+            trigger = self.trigger,
+            table = self.table,
+            function = self.function,
+            index = self.index.qualified(),
+            old_index = self.old_index.qualified(),
+            body = dollar_quote(&format!(
+                " BEGIN
   IF to_regclass('{s_lit}.failures') IS NOT NULL THEN
     DELETE FROM {s}.failures WHERE table_name = {table_lit};
     IF to_regclass('{s_lit}.vectors') IS NOT NULL THEN
@@ -116,15 +189,23 @@ DO $autoembed$ BEGIN
       DROP SCHEMA {s} CASCADE;
     END IF;
   END IF;
-END $autoembed$;",
-            trigger = self.trigger,
-            table = self.table,
-            function = self.function,
-            index = self.index_qualified,
-            s_lit = s.replace('\'', "''"),
-            table_lit = quote_literal(&self.table),
+END ",
+                s_lit = s.replace('\'', "''"),
+                table_lit = quote_literal(&self.table),
+            ))
         )
     }
+}
+
+/// How an index is built.
+#[derive(Clone, Copy)]
+enum IndexBuild {
+    /// In one statement, holding writes back while it builds (a migration).
+    Plain,
+    /// Beside the writes (`autoembed setup`).
+    Concurrently,
+    /// On a partitioned table alone, to which the partitions' indexes are attached.
+    OnlyThis,
 }
 
 /// The whole setup as one script, for `setup --print-sql`.
@@ -143,11 +224,14 @@ pub fn print_sql(target: &Target, state_schema: &str, uninstall: bool) -> String
          -- Bookkeeping: rows being embedded (claims), rows the provider rejected, which model made the vectors.\n{state}\n\n\
          -- Re-embed a row when its text changes: set its embedding to NULL.\n{trigger}\n\n\
          -- Find pending rows without scanning the table. On a large, busy table\n\
-         -- prefer CREATE INDEX CONCURRENTLY, outside a transaction.\n{index}\n",
+         -- prefer CREATE INDEX CONCURRENTLY, outside a transaction (or `autoembed setup`).\n{index}\n\
+         -- The index of earlier versions, which also held rows without text.\n\
+         DROP INDEX IF EXISTS {old_index};\n",
         table = o.table,
         state = state::ddl(state_schema),
         trigger = o.trigger_sql(),
         index = o.index_sql(false),
+        old_index = o.old_index.qualified(),
     )
 }
 
@@ -164,7 +248,11 @@ pub fn command(cfg: &crate::config::Config) -> Result<Vec<String>> {
     run(&mut db, &target, &cfg.state_schema, cfg.setup.uninstall)
 }
 
-/// Run setup (or `--uninstall`) against the database.
+/// Run setup (or `--uninstall`) against the database. The index is built
+/// first (the step that takes long, and the one a table can refuse), then
+/// the state schema and the trigger in one transaction; when a step fails,
+/// the indexes this run built are dropped again, so setup either completes
+/// or changes nothing.
 pub fn run(
     db: &mut Db,
     target: &Target,
@@ -172,36 +260,105 @@ pub fn run(
     uninstall: bool,
 ) -> Result<Vec<String>> {
     let o = Objects::new(target);
-    let steps: Vec<(String, String)> = if uninstall {
-        vec![(
-            format!("removed the trigger, index and bookkeeping of {}", o.table),
-            o.uninstall_sql(state_schema),
-        )]
-    } else {
-        vec![
-            (
-                format!("state schema {} ready", quote_ident(state_schema)),
-                state::ddl(state_schema),
-            ),
-            (
-                format!("trigger {} on {} ready", o.trigger, o.table),
-                o.trigger_sql(),
-            ),
-            (
-                format!("index {} on {} ready", o.index, o.table),
-                o.index_sql(true),
-            ),
-        ]
+    let failed = |what: &str, e: &postgres::Error| {
+        Error::Database(format!("setup failed ({what}): {}", describe_pg(e)))
     };
-    let mut done = Vec::new();
-    for (what, sql) in steps {
+    if uninstall {
+        let what = format!("removed the trigger, index and bookkeeping of {}", o.table);
         db.client()
-            .batch_execute(&sql)
-            .map_err(|e| Error::Database(format!("setup failed ({what}): {}", describe_pg(&e))))?;
+            .batch_execute(&o.uninstall_sql(state_schema))
+            .map_err(|e| failed(&what, &e))?;
         crate::info!("{what}");
-        done.push(what);
+        return Ok(vec![what]);
+    }
+    let mut built = Vec::new();
+    let indexed = build_indexes(db, target, &o, &mut built);
+    let rest = indexed.and_then(|()| {
+        db.in_transaction(|tx| {
+            tx.batch_execute(&state::ddl(state_schema))
+                .map_err(|e| failed("state schema", &e))?;
+            tx.batch_execute(&o.trigger_sql())
+                .map_err(|e| failed("trigger", &e))?;
+            Ok(())
+        })
+    });
+    if let Err(e) = rest {
+        for index in built.iter().rev() {
+            let _ = db
+                .client()
+                .batch_execute(&format!("DROP INDEX IF EXISTS {index}"));
+        }
+        return Err(e);
+    }
+    let old = if o.partitioned { "" } else { "CONCURRENTLY " };
+    db.client()
+        .batch_execute(&format!(
+            "DROP INDEX {old}IF EXISTS {}",
+            o.old_index.qualified()
+        ))
+        .map_err(|e| failed("the index of an earlier version", &e))?;
+    let done = vec![
+        format!("index {} on {} ready", o.index.name, o.table),
+        format!("state schema {} ready", quote_ident(state_schema)),
+        format!("trigger {} on {} ready", o.trigger, o.table),
+    ];
+    for what in &done {
+        crate::info!("{what}");
     }
     Ok(done)
+}
+
+/// Build the table's index, concurrently: on a partitioned table, an index
+/// on the table alone, then one on each partition, each attached to its
+/// parent's. An invalid index an interrupted build left is dropped and
+/// built again. Pushes each index it creates onto `built`.
+fn build_indexes(db: &mut Db, target: &Target, o: &Objects, built: &mut Vec<String>) -> Result<()> {
+    let what = format!("index {} on {}", o.index.name, o.table);
+    let exec = |db: &mut Db, sql: &str| {
+        db.client()
+            .batch_execute(sql)
+            .map_err(|e| Error::Database(format!("setup failed ({what}): {}", describe_pg(&e))))
+    };
+    let mut create = |db: &mut Db, index: &IndexName, sql: String| -> Result<()> {
+        let qualified = index.qualified();
+        let valid = db.index_is_valid(&qualified)?;
+        if valid == Some(true) {
+            return Ok(());
+        }
+        if valid == Some(false) {
+            exec(db, &format!("DROP INDEX IF EXISTS {qualified}"))?;
+        }
+        built.push(qualified);
+        exec(db, &sql)
+    };
+    if !o.partitioned {
+        return create(db, &o.index, o.index_sql(true));
+    }
+    create(
+        db,
+        &o.index,
+        o.index_on(&o.index, &o.table, IndexBuild::OnlyThis),
+    )?;
+    for part in db.partitions(&target.table)? {
+        let index = IndexName::new(&part.schema, &part.name, INDEX);
+        let table = format!("{}.{}", quote_ident(&part.schema), quote_ident(&part.name));
+        let how = if part.leaf {
+            IndexBuild::Concurrently
+        } else {
+            IndexBuild::OnlyThis
+        };
+        create(db, &index, o.index_on(&index, &table, how))?;
+        let parent = IndexName::new(&part.parent.0, &part.parent.1, INDEX);
+        exec(
+            db,
+            &format!(
+                "ALTER INDEX {} ATTACH PARTITION {}",
+                parent.qualified(),
+                index.qualified()
+            ),
+        )?;
+    }
+    Ok(())
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary.

@@ -50,7 +50,8 @@ COMMENT ON TABLE "autoembed".claims IS
 -- Re-embed a row when its text changes: set its embedding to NULL.
 CREATE OR REPLACE FUNCTION "public"."products_autoembed_reset"() RETURNS trigger LANGUAGE plpgsql AS $autoembed$
 BEGIN
-  IF NEW."embedding_text" IS DISTINCT FROM OLD."embedding_text" AND NEW."embedding" IS NOT DISTINCT FROM OLD."embedding" THEN
+  IF (NEW."embedding_text"::text COLLATE "C" IS DISTINCT FROM OLD."embedding_text"::text COLLATE "C")
+     AND NEW."embedding" IS NOT DISTINCT FROM OLD."embedding" THEN
     NEW."embedding" := NULL;
   END IF;
   RETURN NEW;
@@ -59,8 +60,11 @@ $autoembed$;
 DROP TRIGGER IF EXISTS "autoembed_reset_embedding" ON "public"."products";
 CREATE TRIGGER "autoembed_reset_embedding" BEFORE UPDATE OF "embedding_text" ON "public"."products"
   FOR EACH ROW EXECUTE FUNCTION "public"."products_autoembed_reset"();
+ALTER TABLE "public"."products" ENABLE ALWAYS TRIGGER "autoembed_reset_embedding";
 
 -- Find pending rows without scanning the table. On a large, busy table
--- prefer CREATE INDEX CONCURRENTLY, outside a transaction.
-CREATE INDEX IF NOT EXISTS "products_autoembed_pending" ON "public"."products" ("product_id_internal") WHERE "embedding" IS NULL;
+-- prefer CREATE INDEX CONCURRENTLY, outside a transaction (or `autoembed setup`).
+CREATE INDEX IF NOT EXISTS "products_autoembed_queue" ON "public"."products" ("product_id_internal") WHERE "embedding" IS NULL AND coalesce("embedding_text"::text COLLATE "C" ~ '[^ \t\n\r\f\v]', false);
+-- The index of earlier versions, which also held rows without text.
+DROP INDEX IF EXISTS "public"."products_autoembed_pending";
 

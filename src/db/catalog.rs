@@ -52,6 +52,53 @@ impl Db {
     }
 }
 
+/// One partition of a partitioned table, under its parent.
+#[derive(Debug, Clone)]
+pub struct Partition {
+    pub schema: String,
+    pub name: String,
+    /// The partition's parent: schema and name.
+    pub parent: (String, String),
+    /// A partition that holds rows itself (not partitioned again).
+    pub leaf: bool,
+}
+
+impl Db {
+    /// Whether the index `name` (schema-qualified, quoted) is valid; `None`
+    /// when there is no such index.
+    pub fn index_is_valid(&mut self, name: &str) -> Result<Option<bool>> {
+        Ok(self
+            .client
+            .query_typed_opt(
+                "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1::text)",
+                &[(&name, Type::TEXT)],
+            )?
+            .map(|r| r.get(0)))
+    }
+
+    /// The partitions of `table` (`"schema"."name"`) at every level, each
+    /// after its parent; empty for a table that is not partitioned.
+    pub fn partitions(&mut self, table: &str) -> Result<Vec<Partition>> {
+        let rows = self.client.query_typed(
+            "SELECT n.nspname::text, c.relname::text, pn.nspname::text, pc.relname::text, p.isleaf \
+             FROM pg_partition_tree($1::text::regclass) p \
+             JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_class pc ON pc.oid = p.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
+             WHERE p.level > 0 AND c.relkind IN ('r', 'p') ORDER BY p.level, c.relname",
+            &[(&table, Type::TEXT)],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Partition {
+                schema: r.get(0),
+                name: r.get(1),
+                parent: (r.get(2), r.get(3)),
+                leaf: r.get(4),
+            })
+            .collect())
+    }
+}
+
 /// What the catalog says about the configured table.
 #[derive(Debug, Clone)]
 pub enum TableLookup {
@@ -95,6 +142,9 @@ pub struct ColumnFacts {
     pub category: String,
     /// For `vector(N)`, N; -1 when unconstrained.
     pub typmod: i32,
+    /// For a stored generated column, the columns its expression reads
+    /// (in a `BEFORE` trigger its own new value is not computed yet).
+    pub generated_from: Vec<String>,
 }
 
 impl TableFacts {
@@ -137,7 +187,13 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
     let columns = client
         .query_typed(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, \
-                    t.typcategory::text, a.atttypmod \
+                    t.typcategory::text, a.atttypmod, \
+                    array(SELECT s.attname::text FROM pg_attrdef ad \
+                          JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
+                           AND d.refobjid = ad.adrelid AND d.deptype = 'n' \
+                          JOIN pg_attribute s ON s.attrelid = ad.adrelid AND s.attnum = d.refobjsubid \
+                          WHERE a.attgenerated = 's' AND ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
+                          ORDER BY s.attnum) \
              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[(&oid, Type::OID)],
@@ -149,6 +205,7 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
             type_oid: r.get(2),
             category: r.get(3),
             typmod: r.get(4),
+            generated_from: r.get(5),
         })
         .collect();
     let indexes = client.query_typed(

@@ -16,6 +16,19 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Quote a function or `DO` body with a dollar tag that does not occur in
+/// it (`$autoembed$`, else `$autoembed_1$`, ...), so that no name inside
+/// can end it early.
+pub fn dollar_quote(body: &str) -> String {
+    let mut tag = "$autoembed$".to_string();
+    let mut n = 0;
+    while body.contains(&tag) {
+        n += 1;
+        tag = format!("$autoembed_{n}$");
+    }
+    format!("{tag}{body}{tag}")
+}
+
 /// A statement's parameters, numbered in the order they are bound. Errors
 /// are the driver's own, so that callers can tell a retryable one.
 #[derive(Default)]
@@ -48,9 +61,12 @@ pub fn text_hash(text: &str) -> String {
 
 /// A text that is sent: not NULL, and not blank (empty or only ASCII
 /// whitespace: the API rejects empty input, and a vector of nothing means
-/// nothing). The one place this rule is written.
+/// nothing). Matched on the bytes (the `C` collation): a nondeterministic
+/// collation refuses regular expressions. The one place this rule is
+/// written; setup's index repeats it in its predicate, so that blank rows
+/// are not in the index at all.
 pub fn has_text(text: &str) -> String {
-    format!("coalesce({text}::text ~ '[^ \\t\\n\\r\\f\\v]', false)")
+    format!("coalesce({text}::text COLLATE \"C\" ~ '[^ \\t\\n\\r\\f\\v]', false)")
 }
 
 #[cfg(test)]
@@ -70,6 +86,11 @@ mod tests {
     fn identifiers_and_literals_are_quoted_never_pasted() {
         assert_eq!(quote_ident(r#"My "Shop""#), r#""My ""Shop""""#);
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(dollar_quote(" x "), "$autoembed$ x $autoembed$");
+        assert_eq!(
+            dollar_quote(" \"a$autoembed$b\" "),
+            "$autoembed_1$ \"a$autoembed$b\" $autoembed_1$"
+        );
         assert_eq!(
             text_hash("t.\"x\""),
             "hashtextextended(t.\"x\"::text COLLATE \"C\", 0)"

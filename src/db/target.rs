@@ -19,9 +19,14 @@ pub struct Target {
     pub table_name: String,
     pub id_column: String,
     pub text_column: String,
+    /// The columns whose edit changes the text: the text column itself, or
+    /// for a stored generated column, the columns its expression reads.
+    pub text_sources: Vec<String>,
     pub embedding_column: String,
     /// N of `vector(N)`, when the column fixes it.
     pub dimensions: Option<u32>,
+    /// A partitioned table (its rows live in partitions).
+    pub partitioned: bool,
     pub(super) vector: VectorTypes,
     pub(super) sql: Quoted,
 }
@@ -67,7 +72,7 @@ impl Target {
     pub fn new(
         table: &TableFacts,
         id: &ColumnFacts,
-        text: &str,
+        text: &ColumnFacts,
         embedding: &ColumnFacts,
         vector: VectorTypes,
         state_schema: &str,
@@ -75,7 +80,7 @@ impl Target {
         let sql = Quoted {
             table: table.qualified(),
             id: quote_ident(&id.name),
-            text: quote_ident(text),
+            text: quote_ident(&text.name),
             embedding: quote_ident(&embedding.name),
             id_type: id.type_sql.clone(),
             state: quote_ident(state_schema),
@@ -85,9 +90,15 @@ impl Target {
             schema_name: table.schema.clone(),
             table_name: table.name.clone(),
             id_column: id.name.clone(),
-            text_column: text.to_string(),
+            text_column: text.name.clone(),
+            text_sources: if text.generated_from.is_empty() {
+                vec![text.name.clone()]
+            } else {
+                text.generated_from.clone()
+            },
             embedding_column: embedding.name.clone(),
             dimensions: u32::try_from(embedding.typmod).ok().filter(|d| *d > 0),
+            partitioned: table.kind == "p",
             vector,
             sql,
         }

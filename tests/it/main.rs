@@ -13,6 +13,7 @@ mod plan;
 mod pooler;
 mod provider;
 mod run;
+mod schemas;
 mod supabase;
 mod support;
 mod tls;

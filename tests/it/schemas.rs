@@ -1,0 +1,233 @@
+//! Schemas users really have: a generated text column, case-insensitive
+//! text, partitioned tables, tables full of blank rows, names that look
+//! like SQL. `setup` works on each, and its trigger re-embeds exactly the
+//! rows whose text changed.
+
+use crate::support::mock::{vector_for, Mock};
+use crate::support::{run, Run, TestDb};
+use std::process::Command;
+
+/// The binary for these tests' `vector(8)` columns.
+fn cmd(db: &TestDb, mock: &Mock) -> Command {
+    let mut c = db.cmd(mock);
+    c.env("AUTOEMBED_DIMENSIONS", "8");
+    c
+}
+
+fn autoembed(db: &TestDb, mock: &Mock, args: &[&str]) -> Run {
+    run(cmd(db, mock).args(args))
+}
+
+/// Run on `table` instead of the test's `products`.
+fn on(db: &TestDb, mock: &Mock, table: &str, args: &[&str]) -> Run {
+    run(cmd(db, mock).env("AUTOEMBED_TABLE", table).args(args))
+}
+
+fn pending(db: &mut TestDb, table: &str) -> i64 {
+    db.count(&format!(
+        "SELECT count(*) FROM {table} WHERE embedding IS NULL"
+    ))
+}
+
+#[test]
+fn a_generated_text_column_is_re_embedded_when_a_column_it_reads_changes_and_only_then() {
+    let mut db = TestDb::new("generated");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, name text, description text,
+             views int NOT NULL DEFAULT 0,
+             embedding_text text GENERATED ALWAYS AS (name || ' ' || description) STORED,
+             embedding vector(8));
+         INSERT INTO {s}.products (product_id_internal, name, description)
+             SELECT g, 'name ' || g, 'about ' || g FROM generate_series(1, 6) g;"
+    ));
+    let mock = Mock::start(8);
+    assert_eq!(autoembed(&db, &mock, &["setup"]).code, 0);
+    assert_eq!(autoembed(&db, &mock, &["backfill"]).code, 0);
+    assert_eq!(db.correct_rows(8), (6, 0));
+    let table = db.table();
+
+    db.exec(&format!("UPDATE {table} SET views = views + 1"));
+    assert_eq!(
+        pending(&mut db, &table),
+        0,
+        "an unrelated edit re-embeds nothing"
+    );
+
+    db.exec(&format!(
+        "UPDATE {table} SET description = 'rewritten' WHERE product_id_internal = 2"
+    ));
+    db.exec(&format!(
+        "UPDATE {table} SET name = 'renamed' WHERE product_id_internal = 3"
+    ));
+    assert_eq!(pending(&mut db, &table), 2);
+    let before = mock.requests().len();
+    let j = autoembed(&db, &mock, &["run-once", "--json"]).json();
+    assert_eq!(j["embedded"], 2, "{j}");
+    assert_eq!(mock.requests().len(), before + 1);
+    assert_eq!(
+        db.vector(&table, "product_id_internal", "2"),
+        Some(vector_for("name 2 rewritten", 8))
+    );
+    assert_eq!(
+        db.vector(&table, "product_id_internal", "3"),
+        Some(vector_for("renamed about 3", 8))
+    );
+}
+
+#[test]
+fn case_only_edits_are_edits_under_citext_and_nondeterministic_collations() {
+    let mut db = TestDb::new("caseless");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE EXTENSION IF NOT EXISTS citext;
+         CREATE COLLATION IF NOT EXISTS {s}.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY,
+             embedding_text text COLLATE {s}.ci, embedding vector(8));
+         INSERT INTO {s}.products VALUES (1, 'Apple pie'), (2, 'APPLE PIE');
+         CREATE TABLE {s}.notes (product_id_internal bigint PRIMARY KEY, embedding_text citext, embedding vector(8));
+         INSERT INTO {s}.notes VALUES (1, 'Apple pie'), (2, 'APPLE PIE');"
+    ));
+    let mock = Mock::start(8);
+    for table in [db.table(), format!("{s}.notes")] {
+        assert_eq!(on(&db, &mock, &table, &["setup"]).code, 0, "{table}");
+        // One row a batch: the second text must not get the first one's
+        // vector because the two compare equal.
+        let j = on(
+            &db,
+            &mock,
+            &table,
+            &["backfill", "--batch-size", "1", "--json"],
+        )
+        .json();
+        assert_eq!(j["embedded"], 2, "{table}: {j}");
+        for (id, text) in [("1", "Apple pie"), ("2", "APPLE PIE")] {
+            assert_eq!(
+                db.vector(&table, "product_id_internal", id),
+                Some(vector_for(text, 8)),
+                "{table} row {id}"
+            );
+        }
+        db.exec(&format!(
+            "UPDATE {table} SET embedding_text = 'apple pie' WHERE product_id_internal = 1"
+        ));
+        assert_eq!(pending(&mut db, &table), 1, "{table}: a case-only edit");
+        assert_eq!(on(&db, &mock, &table, &["run-once"]).code, 0);
+        assert_eq!(
+            db.vector(&table, "product_id_internal", "1"),
+            Some(vector_for("apple pie", 8)),
+            "{table}"
+        );
+    }
+}
+
+#[test]
+fn a_partitioned_table_is_set_up_embedded_and_re_embedded() {
+    let mut db = TestDb::new("partitioned");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(8))
+             PARTITION BY RANGE (product_id_internal);
+         CREATE TABLE {s}.products_low PARTITION OF {s}.products FOR VALUES FROM (0) TO (100);
+         CREATE TABLE {s}.products_high PARTITION OF {s}.products FOR VALUES FROM (100) TO (1000)
+             PARTITION BY RANGE (product_id_internal);
+         CREATE TABLE {s}.products_high_a PARTITION OF {s}.products_high FOR VALUES FROM (100) TO (500);
+         CREATE TABLE {s}.products_high_b PARTITION OF {s}.products_high FOR VALUES FROM (500) TO (1000);
+         INSERT INTO {s}.products SELECT g, 'product ' || g FROM generate_series(1, 900, 7) g;"
+    ));
+    let rows = db.count(&format!("SELECT count(*) FROM {s}.products"));
+    let mock = Mock::start(8);
+    let r = autoembed(&db, &mock, &["setup"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // Idempotent.
+    assert_eq!(autoembed(&db, &mock, &["setup"]).code, 0);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = '{s}' AND c.relname LIKE '%autoembed_queue' AND i.indisvalid"
+        )),
+        5,
+        "an index on the table and on each partition, all valid"
+    );
+    let v = autoembed(&db, &mock, &["verify", "--json"]).json();
+    assert_eq!(v["ok"], true, "{v}");
+
+    let j = autoembed(&db, &mock, &["backfill", "--batch-size", "10", "--json"]).json();
+    assert_eq!(j["embedded"], rows, "{j}");
+    assert_eq!(db.correct_rows(8), (rows, 0));
+    let table = db.table();
+    db.exec(&format!(
+        "UPDATE {table} SET embedding_text = 'moved on' WHERE product_id_internal = 526"
+    ));
+    assert_eq!(pending(&mut db, &table), 1);
+    assert_eq!(autoembed(&db, &mock, &["run-once"]).code, 0);
+    assert_eq!(
+        db.vector(&table, "product_id_internal", "526"),
+        Some(vector_for("moved on", 8))
+    );
+}
+
+#[test]
+fn blank_rows_are_not_in_setups_index() {
+    let mut db = TestDb::new("blank");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(8));
+         INSERT INTO {s}.products SELECT g, CASE WHEN g % 3 = 0 THEN NULL ELSE E' \\t\\n' END
+             FROM generate_series(1, 3000) g;
+         INSERT INTO {s}.products SELECT g, 'product ' || g FROM generate_series(3001, 3010) g;"
+    ));
+    let mock = Mock::start(8);
+    assert_eq!(autoembed(&db, &mock, &["setup"]).code, 0);
+    // A new index's row count is exact: only the ten rows with text are in it.
+    assert_eq!(
+        db.count(&format!(
+            "SELECT reltuples::bigint FROM pg_class \
+             WHERE oid = '{s}.products_autoembed_queue'::regclass"
+        )),
+        10
+    );
+    let j = autoembed(&db, &mock, &["run-once", "--json"]).json();
+    assert_eq!(j["embedded"], 10, "{j}");
+    assert_eq!(db.correct_rows(8), (10, 0));
+}
+
+#[test]
+fn a_name_holding_setups_own_quote_tag_is_set_up_like_any_other() {
+    let mut db = TestDb::new("dollar");
+    let s = db.schema.clone();
+    let table = format!("{s}.\"odd$autoembed$name\"");
+    db.exec(&format!(
+        "CREATE TABLE {table} (product_id_internal bigint PRIMARY KEY, \"text$autoembed$\" text, embedding vector(8));
+         INSERT INTO {table} VALUES (1, 'one'), (2, 'two');"
+    ));
+    let mock = Mock::start(8);
+    let on = |db: &TestDb, args: &[&str]| {
+        run(cmd(db, &mock)
+            .env("AUTOEMBED_TABLE", &table)
+            .env("AUTOEMBED_TEXT_COLUMN", "text$autoembed$")
+            .args(args))
+    };
+    let r = on(&db, &["setup"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(on(&db, &["backfill"]).code, 0);
+    db.exec(&format!(
+        "UPDATE {table} SET \"text$autoembed$\" = 'three' WHERE product_id_internal = 2"
+    ));
+    assert_eq!(pending(&mut db, &table), 1);
+    assert_eq!(on(&db, &["run-once"]).code, 0);
+    assert_eq!(
+        db.vector(&table, "product_id_internal", "2"),
+        Some(vector_for("three", 8))
+    );
+    let r = on(&db, &["setup", "--uninstall"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = '{}'::regclass AND NOT tgisinternal",
+            table.replace('\'', "''")
+        )),
+        0
+    );
+}
