@@ -3,6 +3,7 @@
 //! stops at the first one that fails (exit 2, before any API call).
 
 use crate::config::{Config, Mode};
+use crate::db::access::{Access, Rls, StateAccess};
 use crate::db::catalog::{Facts, TableLookup};
 use crate::db::state::StateSchema;
 use crate::db::target::Target;
@@ -68,6 +69,19 @@ pub fn open(cfg: &Config) -> crate::error::Result<Opened> {
     }
     let target =
         target.ok_or_else(|| crate::error::Error::config("the table could not be checked"))?;
+    let access = db.access(&target, &cfg.state_schema)?;
+    if let Some(bad) = access_checks(cfg.mode, &access, &target, &cfg.state_schema)
+        .into_iter()
+        .find(|c| !c.ok)
+    {
+        // A database that takes no writes is unreachable for a run's
+        // purpose (exit 3); a missing grant is configuration (exit 2).
+        return Err(if bad.name == "writable" {
+            crate::error::Error::Database(bad.detail)
+        } else {
+            crate::error::Error::Config(bad.detail)
+        });
+    }
     crate::debug!(
         "table {} (id {}, text {}, embedding {}), database {}",
         target.table,
@@ -233,6 +247,103 @@ fn table_checks(
         checks.push(check);
     }
     Some(target)
+}
+
+/// What the role may do, judged for `mode`: a dry-run only reads the
+/// table; setup creates the state schema; a run also writes the embedding
+/// column and the state tables.
+pub fn access_checks(mode: Mode, a: &Access, target: &Target, state_schema: &str) -> Vec<Check> {
+    let role = quote_ident(&a.role);
+    let table = &target.table;
+    let writes = !matches!(mode, Mode::DryRun);
+    let runs = !matches!(mode, Mode::DryRun | Mode::Setup);
+    let mut checks = Vec::new();
+    if writes {
+        checks.push(match a.read_only {
+            Some(why) => Check::fail(
+                "writable",
+                format!("the database is read-only ({why}): point DATABASE_URL at the primary"),
+            ),
+            None => Check::pass("writable", "the database takes writes"),
+        });
+    }
+    if !matches!(mode, Mode::Setup) {
+        let missing: Vec<String> = ["SELECT", "UPDATE"]
+            .into_iter()
+            .filter(|p| runs || *p == "SELECT")
+            .filter_map(|p| {
+                let cols: Vec<String> = a
+                    .missing
+                    .iter()
+                    .filter(|(q, _)| *q == p)
+                    .map(|(_, c)| quote_ident(c))
+                    .collect();
+                (!cols.is_empty()).then(|| format!("{p} ({})", cols.join(", ")))
+            })
+            .collect();
+        checks.push(if missing.is_empty() {
+            Check::pass(
+                "privileges",
+                format!("{role} may read the table and write the embedding column"),
+            )
+        } else {
+            Check::fail(
+                "privileges",
+                format!(
+                    "{role} may not do what a run does on {table}: GRANT {} ON {table} TO {role}",
+                    missing.join(", ")
+                ),
+            )
+        });
+        let policy = |cmd: &str| {
+            format!(
+                "row-level security on {table} lets {role} {} no rows: add a policy (CREATE POLICY autoembed_{} ON {table} FOR {cmd} TO {role} USING (true)) or connect as a role with BYPASSRLS",
+                if cmd == "SELECT" { "read" } else { "update" },
+                cmd.to_lowercase()
+            )
+        };
+        checks.push(match a.rls {
+            Rls::NotApplied => Check::pass(
+                "row_security",
+                "row-level security does not apply to this role",
+            ),
+            Rls::Policies { select: false, .. } => Check::fail("row_security", policy("SELECT")),
+            Rls::Policies { update: false, .. } if runs => Check::fail(
+                "row_security",
+                format!(
+                    "{} (the vectors would be paid for and never stored)",
+                    policy("UPDATE")
+                ),
+            ),
+            Rls::Policies { .. } => Check::warn(
+                "row_security",
+                format!(
+                    "row-level security applies to {role}: rows its policies hide are not embedded"
+                ),
+            ),
+        });
+    }
+    if writes {
+        let schema = quote_ident(state_schema);
+        let other = "or name another with --state-schema (AUTOEMBED_STATE_SCHEMA)";
+        checks.push(match &a.state {
+            StateAccess::Usable => Check::pass("state_schema", format!("{schema} is usable")),
+            StateAccess::Creatable => Check::pass("state_schema", format!("{schema} will be created on first use")),
+            StateAccess::NotCreatable => Check::fail(
+                "state_schema",
+                format!(
+                    "the state schema {schema} does not exist and {role} may not create it: GRANT CREATE ON DATABASE {} TO {role}, run `autoembed setup` once as a role that may, {other}",
+                    quote_ident(&a.database)
+                ),
+            ),
+            StateAccess::Missing(grants) if runs => Check::fail(
+                "state_schema",
+                format!("{role} may not use the state schema: GRANT {} TO {role}, {other}", grants.join(", ")),
+            ),
+            StateAccess::Missing(_) => Check::pass("state_schema", format!("{schema} exists")),
+        });
+    }
+    checks
 }
 
 fn push<'a, T>(

@@ -108,6 +108,16 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
         *c = Check::fail("api_key", msg);
     }
     report.checks.extend(checks);
+    if let Some(t) = &target {
+        match db.access(t, &cfg.state_schema) {
+            Ok(a) => {
+                report
+                    .checks
+                    .extend(checks::access_checks(cfg.mode, &a, t, &cfg.state_schema))
+            }
+            Err(e) => report.checks.push(Check::fail("privileges", e.to_string())),
+        }
+    }
     if let (Some(t), TableLookup::Found(facts)) = (&target, &facts.table) {
         report.checks.extend(setup_checks(t, facts));
     }

@@ -3,6 +3,7 @@
 //!
 //! - [`sql`]: building a statement with its parameters; the shared expressions;
 //! - [`catalog`]: what the table looks like (read-only, before anything runs);
+//! - [`access`]: what this role may do to it and to the state schema;
 //! - [`state`]: the bookkeeping schema (claims, failures, models);
 //! - [`target`]: a checked table and the conditions that select its rows;
 //! - [`claims`]: taking rows for a batch, and letting them go;
@@ -20,6 +21,7 @@
 //! No transaction here is ever open while autoembed waits for anything but
 //! the database: each one claims, or writes, and commits.
 
+pub mod access;
 pub mod catalog;
 pub mod claims;
 pub mod counts;

@@ -14,6 +14,7 @@ use crate::error::Result;
 use pgvector::Vector;
 use postgres::types::Type;
 use postgres::Transaction;
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// What one batch brings back to the database.
@@ -89,7 +90,10 @@ impl Target {
                 Err(e) => Err((true, e)),
             };
             match attempt {
-                Ok(written) => return Ok(written),
+                Ok(written) => {
+                    self.check_reachable(db, batch, &written, reembed)?;
+                    return Ok(written);
+                }
                 Err((true, e)) if tries < WRITE_TRIES => {
                     let wait = Duration::from_millis(100 << tries);
                     crate::warn!(
@@ -101,6 +105,76 @@ impl Target {
                 Err((_, e)) => return Err(e),
             }
         }
+    }
+
+    /// A row the write did not store normally changed meanwhile. If one
+    /// still holds the text that was embedded, the role's `UPDATE` cannot
+    /// reach it (row-level security, a trigger that skips it): such rows
+    /// are recorded as failed, so that later runs do not pay for them
+    /// again, and the run stops with the fix.
+    fn check_reachable(
+        &self,
+        db: &mut Db,
+        batch: &BatchWrite<'_>,
+        written: &[String],
+        reembed: bool,
+    ) -> Result<()> {
+        if batch.stored.len() + batch.copies.len() == written.len() {
+            return Ok(());
+        }
+        let written: HashSet<&str> = written.iter().map(String::as_str).collect();
+        let unwritten: Vec<&Claimed> = batch
+            .stored
+            .iter()
+            .copied()
+            .chain(batch.copies.iter().map(|(c, _)| *c))
+            .filter(|c| !written.contains(c.id.as_str()))
+            .collect();
+        let ids: Vec<&str> = unwritten.iter().map(|c| c.id.as_str()).collect();
+        let hashes: Vec<i64> = unwritten.iter().map(|c| c.text_hash).collect();
+        let Quoted {
+            table,
+            id,
+            text,
+            embedding,
+            id_type,
+            ..
+        } = &self.sql;
+        let mut p = Params::default();
+        let sql = format!(
+            "SELECT v.id FROM unnest({}, {}) AS v(id, h) \
+             JOIN {table} t ON t.{id} = v.id::{id_type} AND {hash} = v.h {still_null}",
+            p.bind(&ids, Type::TEXT_ARRAY),
+            p.bind(&hashes, Type::INT8_ARRAY),
+            hash = text_hash(&format!("t.{text}")),
+            still_null = if reembed {
+                String::new()
+            } else {
+                format!("AND t.{embedding} IS NULL")
+            },
+        );
+        let unreachable: HashSet<String> = p
+            .query(db.client(), &sql)?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        if unreachable.is_empty() {
+            return Ok(());
+        }
+        let why = "the role's UPDATE does not reach this row (row-level security, or a trigger)";
+        let failed: Vec<(&Claimed, String)> = unwritten
+            .into_iter()
+            .filter(|c| unreachable.contains(&c.id))
+            .map(|c| (c, why.to_string()))
+            .collect();
+        db.in_transaction(|tx| Ok(self.record_failures(tx, &failed)?))?;
+        Err(crate::error::Error::Config(format!(
+            "{} rows of {table} took no vector although their text is unchanged: \
+             the role's UPDATE does not reach them (row-level security, or a trigger); \
+             add an UPDATE policy for this role or connect as one with BYPASSRLS \
+             (`autoembed verify` checks the policies); they are recorded as failed",
+            failed.len()
+        )))
     }
 
     fn try_write(

@@ -3,6 +3,7 @@
 //! test, so they run in parallel) and the mock provider, and checks what a
 //! user would: the exact vector in the exact row, the exit code, the text.
 
+mod access;
 mod claims;
 mod config;
 mod faults;

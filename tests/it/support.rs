@@ -154,6 +154,42 @@ impl Drop for TestDb {
     }
 }
 
+/// A login role of the test's own (trust auth, no password), dropped with
+/// what it owns and every grant it holds at the end.
+pub struct TestRole {
+    pub name: String,
+}
+
+impl TestRole {
+    /// A role named after `db`'s schema, given `grants` (`{role}` and `{s}`
+    /// stand for the role and the schema).
+    pub fn new(db: &mut TestDb, grants: &str) -> TestRole {
+        let name = format!("{}_role", db.schema);
+        let s = db.schema.clone();
+        db.exec(&format!(
+            "DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN; GRANT USAGE ON SCHEMA {s} TO {name}; {}",
+            grants.replace("{role}", &name).replace("{s}", &s)
+        ));
+        TestRole { name }
+    }
+
+    /// The test database's URL for this role.
+    pub fn url(&self) -> String {
+        admin_url().replacen("postgres@", &format!("{}@", self.name), 1)
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        if let Ok(mut c) = Client::connect(&admin_url(), NoTls) {
+            let _ = c.batch_execute(&format!(
+                "DROP OWNED BY {r}; DROP ROLE IF EXISTS {r};",
+                r = self.name
+            ));
+        }
+    }
+}
+
 /// What a run printed and how it ended.
 #[derive(Debug)]
 pub struct Run {
