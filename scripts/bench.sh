@@ -7,7 +7,7 @@
 #   scripts/bench.sh --skip tick,memory    # arguments go to examples/bench.rs
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/dev-db.sh
+bash scripts/test-db.sh
 if [ ! -x /usr/bin/time ]; then
   apt-get update -qq && apt-get install -y -qq time >/dev/null
 fi

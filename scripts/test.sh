@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The test command: make the local database ready and fetch the local model
-# (the tests embed with it), then run every check CI runs.
+# The test command: make the local database ready for the tests
+# (scripts/test-db.sh) and fetch the local model (the tests embed with it),
+# then run every check CI runs.
 #
 #   scripts/test.sh            # fmt, clippy, all tests
 #   scripts/test.sh NAME       # only tests whose name contains NAME
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/dev-db.sh
+bash scripts/test-db.sh
 bash scripts/fetch-model.sh
 if [ "$#" -eq 0 ]; then
   cargo fmt --all -- --check

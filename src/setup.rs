@@ -25,6 +25,10 @@ pub struct Objects {
     embedding: String,
     /// Schema-qualified, quoted.
     function: String,
+    /// The function's own `search_path`: it must not depend on the caller's
+    /// (a subscription's apply worker runs with an empty one, where
+    /// pgvector's `=` is not found).
+    search_path: String,
     trigger: String,
     /// The index's predicate: the rows a run selects (no vector, some text).
     queue_rows: String,
@@ -79,6 +83,7 @@ impl Objects {
                 quote_ident(&target.schema_name),
                 quote_ident(&format!("{base}_autoembed_reset"))
             ),
+            search_path: format!("pg_catalog, {}", quote_ident(target.vector_schema())),
             trigger: quote_ident(RESET_TRIGGER),
             partitioned: target.partitioned,
             index: IndexName::new(&target.schema_name, &target.table_name, INDEX),
@@ -128,6 +133,7 @@ impl Objects {
             sources,
             embedding,
             function,
+            search_path,
             trigger,
             ..
         } = self;
@@ -150,7 +156,8 @@ END
 "
         ));
         format!(
-            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {body};
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+  SET search_path = {search_path} AS {body};
 DROP TRIGGER IF EXISTS {trigger} ON {table};
 CREATE TRIGGER {trigger} BEFORE UPDATE OF {columns} ON {table}
   FOR EACH ROW EXECUTE FUNCTION {function}();

@@ -48,7 +48,8 @@ COMMENT ON TABLE "autoembed".claims IS
     'autoembed: rows a run is embedding; free when expires_at has passed or the backend_pid (with backend_start) is gone';
 
 -- Re-embed a row when its text changes: set its embedding to NULL.
-CREATE OR REPLACE FUNCTION "public"."products_autoembed_reset"() RETURNS trigger LANGUAGE plpgsql AS $autoembed$
+CREATE OR REPLACE FUNCTION "public"."products_autoembed_reset"() RETURNS trigger LANGUAGE plpgsql
+  SET search_path = pg_catalog, "public" AS $autoembed$
 BEGIN
   IF (NEW."embedding_text"::text COLLATE "C" IS DISTINCT FROM OLD."embedding_text"::text COLLATE "C")
      AND NEW."embedding" IS NOT DISTINCT FROM OLD."embedding" THEN

@@ -104,6 +104,11 @@ impl Target {
         }
     }
 
+    /// The schema of the pgvector extension (for a function's `search_path`).
+    pub fn vector_schema(&self) -> &str {
+        self.vector.scalar.schema()
+    }
+
     /// Rows of `t` that need an embedding: none yet, and [`Target::sendable`].
     pub(super) fn pending(&self) -> String {
         format!("t.{} IS NULL AND {}", self.sql.embedding, self.sendable())

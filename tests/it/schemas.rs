@@ -231,3 +231,115 @@ fn a_name_holding_setups_own_quote_tag_is_set_up_like_any_other() {
         0
     );
 }
+
+/// Wait until `sql` (on `client`) counts `want`, for at most 30 s.
+fn wait_for_count(client: &mut postgres::Client, sql: &str, want: i64, what: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        let n: i64 = client.query_one(sql, &[]).expect(sql).get(0);
+        if n == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: {n} of {want} after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn rows_edited_on_the_publisher_are_re_embedded_on_a_subscriber() {
+    let mut db = TestDb::new("replica");
+    let s = db.schema.clone();
+    let wal: String = db
+        .client
+        .query_one("SHOW wal_level", &[])
+        .expect("wal_level")
+        .get(0);
+    assert_eq!(
+        wal, "logical",
+        "run scripts/test-db.sh: it sets wal_level = logical"
+    );
+    // The publisher (the test database) sends ids and texts; the subscriber
+    // (a database of its own) holds the embeddings.
+    let table_sql = format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(8));"
+    );
+    let (sub_db, publication, slot) = (format!("{s}_sub"), format!("{s}_pub"), format!("{s}_slot"));
+    db.exec(&format!(
+        "{table_sql}
+         INSERT INTO {s}.products SELECT g, 'product ' || g FROM generate_series(1, 5) g;
+         CREATE PUBLICATION {publication} FOR TABLE {s}.products (product_id_internal, embedding_text);"
+    ));
+    // Created apart: a slot on the same server cannot be made by CREATE
+    // SUBSCRIPTION itself, nor in a transaction that has written.
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ));
+    db.exec(&format!("DROP DATABASE IF EXISTS {sub_db}"));
+    db.exec(&format!("CREATE DATABASE {sub_db}"));
+    let sub_url = crate::support::admin_url().replace("/test", &format!("/{sub_db}"));
+    let mut sub = postgres::Client::connect(&sub_url, postgres::NoTls).expect("subscriber");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let publisher = crate::support::admin_url().replace("postgresql://", "");
+        let (userhost, dbname) = publisher.rsplit_once('/').expect("url");
+        let (user, hostport) = userhost.split_once('@').expect("url");
+        let (host, port) = hostport.split_once(':').expect("url");
+        sub.batch_execute(&format!(
+            "CREATE EXTENSION vector; CREATE SCHEMA {s}; {table_sql}
+             CREATE SUBSCRIPTION {s}_sub CONNECTION 'host={host} port={port} user={user} dbname={dbname}'
+                 PUBLICATION {publication} WITH (create_slot = false, slot_name = '{slot}');"
+        ))
+        .expect("subscription");
+        let count = format!("SELECT count(*) FROM {s}.products");
+        wait_for_count(&mut sub, &count, 5, "rows copied to the subscriber");
+        let mock = Mock::start(8);
+        let on_sub = |args: &[&str]| run(cmd(&db, &mock).env("DATABASE_URL", &sub_url).args(args));
+        assert_eq!(on_sub(&["setup"]).code, 0);
+        assert_eq!(on_sub(&["backfill"]).code, 0);
+        let table = db.table();
+        crate::support::connect()
+            .batch_execute(&format!(
+                "UPDATE {table} SET embedding_text = 'edited upstream' WHERE product_id_internal = 4"
+            ))
+            .expect("edit on the publisher");
+        wait_for_count(
+            &mut sub,
+            &format!("SELECT count(*) FROM {table} WHERE embedding_text = 'edited upstream'"),
+            1,
+            "the edit replicated",
+        );
+        // The replicated edit cleared the old vector (the trigger fires for
+        // the subscription's changes too), so the next run embeds it.
+        wait_for_count(
+            &mut sub,
+            &format!("SELECT count(*) FROM {table} WHERE embedding IS NULL"),
+            1,
+            "rows pending on the subscriber",
+        );
+        let j = on_sub(&["run-once", "--json"]).json();
+        assert_eq!(j["embedded"], 1, "{j}");
+        let v: Option<Vec<f32>> = sub
+            .query_one(
+                &format!("SELECT embedding::real[] FROM {table} WHERE product_id_internal = 4"),
+                &[],
+            )
+            .expect("vector")
+            .get(0);
+        assert_eq!(v, Some(vector_for("edited upstream", 8)));
+    }));
+    let _ = sub.batch_execute(&format!(
+        "ALTER SUBSCRIPTION {s}_sub DISABLE; ALTER SUBSCRIPTION {s}_sub SET (slot_name = NONE); DROP SUBSCRIPTION {s}_sub;"
+    ));
+    drop(sub);
+    let _ = db.client.batch_execute(&format!(
+        "SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication};"
+    ));
+    let _ = db
+        .client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {sub_db} WITH (FORCE)"));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
