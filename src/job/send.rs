@@ -1,6 +1,7 @@
 //! Sending a batch's texts to the provider: one request, split in halves
-//! when the provider rejects it (until the rejected rows are found) or when
-//! it would carry more tokens than the provider takes; and before each
+//! when the provider rejects it (until the rejected rows are found), when it
+//! keeps failing (until the one input the provider fails on is found) or
+//! when it would carry more tokens than the provider takes; and before each
 //! request, a check that the batch's rows are still held.
 
 use super::plan::Item;
@@ -46,8 +47,37 @@ pub struct Sender<'a> {
     pub tokens: u64,
 }
 
+/// How a send failed, for the caller to judge.
+enum Failure {
+    Halt(Halt),
+    /// The request kept failing with server errors or unusable replies.
+    Transient(ProviderError),
+}
+
+impl From<Halt> for Failure {
+    fn from(h: Halt) -> Failure {
+        Failure::Halt(h)
+    }
+}
+
+/// Retries for each half while a batch that keeps failing is searched for
+/// the one input the provider fails on: one, so the search is quick.
+const ISOLATING_RETRIES: u32 = 1;
+
 impl Sender<'_> {
     /// Embed `items`, pushing vectors and rejected rows by batch index.
+    ///
+    /// - A rejected request (400, 413, 422) is split in halves until the
+    ///   rejected rows are found. When two single rows are rejected with the
+    ///   very words that rejected the whole request, the request is what the
+    ///   provider refuses (a model, `--dimensions`, an option), not the
+    ///   inputs: the run stops (exit 2) and no row is marked failed.
+    /// - A request that keeps failing with server errors or unusable replies
+    ///   (one input that crashes the provider) is split the same way, each
+    ///   half with one retry: when one half passes and the other fails, the
+    ///   search goes on in the failing half, down to the one row, which is
+    ///   recorded as failed. When both halves fail, the provider is down:
+    ///   the run stops (exit 3) and the rows stay pending.
     pub fn embed(
         &mut self,
         items: &[Item],
@@ -55,6 +85,83 @@ impl Sender<'_> {
         vectors: &mut Vec<(usize, Vec<f32>)>,
         rejected: &mut Vec<(usize, String)>,
     ) -> Result<(), Halt> {
+        let mut search = Search::default();
+        let policy = self.policy.clone();
+        match self.send(items, hold, vectors, rejected, &policy, &mut search) {
+            Ok(()) => Ok(()),
+            Err(Failure::Halt(h)) => Err(h),
+            Err(Failure::Transient(e)) if items.len() > 1 => {
+                match self.isolate(items, hold, vectors, rejected, &mut search) {
+                    Ok(()) => Ok(()),
+                    Err(Failure::Halt(h)) => Err(h),
+                    Err(Failure::Transient(_)) => Err(self.gave_up(&e)),
+                }
+            }
+            Err(Failure::Transient(e)) => Err(self.gave_up(&e)),
+        }
+    }
+
+    fn gave_up(&self, e: &ProviderError) -> Halt {
+        Halt::Error(Error::Provider(format!(
+            "gave up after {} retries, rows stay pending: {e}",
+            self.policy.transient_retries
+        )))
+    }
+
+    /// `items` failed transiently: find the one input the provider fails on.
+    fn isolate(
+        &mut self,
+        items: &[Item],
+        hold: &mut dyn Hold,
+        vectors: &mut Vec<(usize, Vec<f32>)>,
+        rejected: &mut Vec<(usize, String)>,
+        search: &mut Search,
+    ) -> Result<(), Failure> {
+        let quick = RetryPolicy {
+            transient_retries: ISOLATING_RETRIES,
+            ..self.policy.clone()
+        };
+        let (left, right) = items.split_at(items.len() / 2);
+        let first = self.send(left, hold, vectors, rejected, &quick, search);
+        if let Err(Failure::Halt(h)) = first {
+            return Err(Failure::Halt(h));
+        }
+        let second = self.send(right, hold, vectors, rejected, &quick, search);
+        let (failing, e) = match (first, second) {
+            (_, Err(Failure::Halt(h))) => return Err(Failure::Halt(h)),
+            (Ok(()), Ok(())) => return Ok(()),
+            (Err(Failure::Transient(e)), Err(Failure::Transient(_))) => {
+                return Err(Failure::Transient(e))
+            }
+            (Err(Failure::Transient(e)), Ok(())) => (left, e),
+            (Ok(()), Err(Failure::Transient(e))) => (right, e),
+            (Err(Failure::Halt(h)), _) => return Err(Failure::Halt(h)),
+        };
+        match failing {
+            [one] => {
+                crate::warn!(
+                    "the provider fails on row {} every time; recording it as failed",
+                    one.row
+                );
+                rejected.push((
+                    one.row,
+                    format!("the provider fails on this input every time: {e}"),
+                ));
+                Ok(())
+            }
+            _ => self.isolate(failing, hold, vectors, rejected, search),
+        }
+    }
+
+    fn send(
+        &mut self,
+        items: &[Item],
+        hold: &mut dyn Hold,
+        vectors: &mut Vec<(usize, Vec<f32>)>,
+        rejected: &mut Vec<(usize, String)>,
+        policy: &RetryPolicy,
+        search: &mut Search,
+    ) -> Result<(), Failure> {
         if items.is_empty() {
             return Ok(());
         }
@@ -70,7 +177,7 @@ impl Sender<'_> {
         };
         // No request over the provider's token limit: split before sending.
         if tokens > MAX_REQUEST_TOKENS && self.counter.limits_requests() && items.len() > 1 {
-            return self.halves(items, hold, vectors, rejected);
+            return self.halves(items, hold, vectors, rejected, policy, search);
         }
         let mut items = items.to_vec();
         loop {
@@ -97,7 +204,7 @@ impl Sender<'_> {
                     pacer: self.pacer,
                     send_by: Some(hold.send_by()),
                 },
-                &self.policy,
+                policy,
                 self.deadline,
                 self.stop,
                 &mut self.stats,
@@ -120,24 +227,41 @@ impl Sender<'_> {
                         "request of {} rows rejected ({status}: {message}); splitting it",
                         items.len()
                     );
-                    self.halves(&items, hold, vectors, rejected)
+                    search.whole.get_or_insert(format!("{status}: {message}"));
+                    self.halves(&items, hold, vectors, rejected, policy, search)
                 }
                 Err(RetryOutcome::Failed(ProviderError::Rejected { status, message })) => {
-                    rejected.push((items[0].row, format!("{status}: {message}")));
+                    let why = format!("{status}: {message}");
+                    if search.whole.as_ref() == Some(&why) {
+                        search.same_as_whole += 1;
+                        if search.same_as_whole >= 2 {
+                            rejected.retain(|(_, e)| *e != why);
+                            return Err(Failure::Halt(Halt::Error(Error::Config(format!(
+                                "the provider refuses the request itself, whatever the input ({why}): \
+                                 check --model (AUTOEMBED_MODEL), --dimensions (AUTOEMBED_DIMENSIONS) \
+                                 and --api-base (AUTOEMBED_API_BASE); no row was marked failed"
+                            )))));
+                        }
+                    }
+                    rejected.push((items[0].row, why));
                     Ok(())
                 }
                 Err(RetryOutcome::Failed(ProviderError::Misconfigured { message })) => {
-                    Err(Halt::Error(Error::Config(message)))
+                    Err(Halt::Error(Error::Config(message)).into())
                 }
                 Err(RetryOutcome::Failed(e @ ProviderError::Fatal { .. })) => {
-                    Err(Halt::Error(Error::Provider(e.to_string())))
+                    Err(Halt::Error(Error::Provider(e.to_string())).into())
+                }
+                Err(RetryOutcome::Failed(e @ ProviderError::Transient { .. })) => {
+                    Err(Failure::Transient(e))
                 }
                 Err(RetryOutcome::Failed(e)) => Err(Halt::Error(Error::Provider(format!(
                     "gave up after {} retries, rows stay pending: {e}",
-                    self.policy.transient_retries
-                )))),
-                Err(RetryOutcome::OutOfTime(e)) => Err(Halt::OutOfTime(e)),
-                Err(RetryOutcome::Stopped) => Err(Halt::Stopped),
+                    policy.rate_limit_retries
+                )))
+                .into()),
+                Err(RetryOutcome::OutOfTime(e)) => Err(Halt::OutOfTime(e).into()),
+                Err(RetryOutcome::Stopped) => Err(Halt::Stopped.into()),
             };
         }
     }
@@ -148,9 +272,20 @@ impl Sender<'_> {
         hold: &mut dyn Hold,
         vectors: &mut Vec<(usize, Vec<f32>)>,
         rejected: &mut Vec<(usize, String)>,
-    ) -> Result<(), Halt> {
+        policy: &RetryPolicy,
+        search: &mut Search,
+    ) -> Result<(), Failure> {
         let mid = items.len() / 2;
-        self.embed(&items[..mid], hold, vectors, rejected)?;
-        self.embed(&items[mid..], hold, vectors, rejected)
+        self.send(&items[..mid], hold, vectors, rejected, policy, search)?;
+        self.send(&items[mid..], hold, vectors, rejected, policy, search)
     }
+}
+
+/// What the splitting of one batch has seen.
+#[derive(Default)]
+struct Search {
+    /// The words that rejected the first request of several rows.
+    whole: Option<String>,
+    /// Single rows rejected with exactly those words.
+    same_as_whole: usize,
 }

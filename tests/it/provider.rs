@@ -202,7 +202,8 @@ fn a_provider_that_stays_down_ends_the_run_with_exit_3_and_rows_pending() {
     assert_eq!(r.json()["stop_reason"], "error");
     pending_and_unfailed(&mut db, 40);
 
-    // Always 503: retried a few times, then exit 3, nothing marked failed.
+    // Always 503: retried a few times, then each half once more (one input
+    // could be what fails), then exit 3, nothing marked failed.
     mock.always(Some(
         Fault::openai(503, "server_is_overloaded", "Overloaded")
             .with_header("retry-after-ms", "10"),
@@ -214,6 +215,69 @@ fn a_provider_that_stays_down_ends_the_run_with_exit_3_and_rows_pending() {
             .contains("gave up after 4 retries, rows stay pending: HTTP 503"),
         "{r:?}"
     );
-    assert_eq!(r.json()["requests"], 5);
+    assert_eq!(r.json()["requests"], 5 + 2 + 2);
     pending_and_unfailed(&mut db, 40);
+}
+
+#[test]
+fn a_request_the_provider_refuses_whatever_the_input_stops_the_run_and_marks_no_row_failed() {
+    let mut db = TestDb::new("reqlevel");
+    db.products(40, 1536);
+    let mock = Mock::start(1536);
+    mock.always(Some(Fault::openai(
+        400,
+        "invalid_request_error",
+        "This model does not support specifying dimensions.",
+    )));
+    let r = autoembed(&db, &mock, &["run-once", "--json"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("the provider refuses the request itself")
+            && r.stderr
+                .contains("This model does not support specifying dimensions")
+            && r.stderr.contains("--dimensions (AUTOEMBED_DIMENSIONS)"),
+        "{r:?}"
+    );
+    // The batch of 40 halved down to two single rows, not 79 requests.
+    assert_eq!(r.json()["requests"], 7, "{r:?}");
+    pending_and_unfailed(&mut db, 40);
+}
+
+#[test]
+fn an_input_the_provider_fails_on_every_time_is_found_recorded_and_skipped() {
+    let mut db = TestDb::new("poison");
+    db.products(40, 1536);
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "UPDATE {s}.products SET embedding_text = 'POISON pill' WHERE product_id_internal = 17"
+    ));
+    let mock = Mock::start(1536);
+    mock.crash_on_inputs_containing("POISON");
+    let r = autoembed(&db, &mock, &["run-once", "--json"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(
+        (j["embedded"].as_i64(), j["failed"].as_i64()),
+        (Some(39), Some(1)),
+        "{j}"
+    );
+    assert_eq!(db.correct_rows(1536), (39, 0));
+    let st = db.state_schema();
+    let error: String = db
+        .client
+        .query_one(
+            &format!("SELECT last_error FROM {st}.failures WHERE row_id = '17'"),
+            &[],
+        )
+        .expect("failure of row 17")
+        .get(0);
+    assert!(error.contains("fails on this input every time"), "{error}");
+    // The next tick pays for nothing and is not blocked by it.
+    let before = mock.requests().len();
+    db.exec(&format!(
+        "INSERT INTO {s}.products VALUES (41, 'a new row', NULL)"
+    ));
+    let j = autoembed(&db, &mock, &["run-once", "--json"]).json();
+    assert_eq!(j["embedded"], 1, "{j}");
+    assert_eq!(mock.requests().len(), before + 1);
 }

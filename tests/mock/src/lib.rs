@@ -174,6 +174,9 @@ struct State {
     script: VecDeque<Fault>,
     /// Inputs containing this marker make the request fail with 400.
     reject_marker: Option<String>,
+    /// Inputs containing this marker make the request fail with 500, every
+    /// time (a model server that crashes on one input).
+    crash_marker: Option<String>,
     /// More inputs than this in one request: 413, as text-embeddings-inference says it.
     max_inputs: Option<usize>,
     /// Every request fails with one of these faults at this rate (0..1), chosen by a seeded generator.
@@ -246,6 +249,9 @@ impl Mock {
     }
     pub fn reject_inputs_containing(&self, marker: &str) {
         self.with(|s| s.reject_marker = Some(marker.to_string()));
+    }
+    pub fn crash_on_inputs_containing(&self, marker: &str) {
+        self.with(|s| s.crash_marker = Some(marker.to_string()));
     }
     pub fn max_inputs(&self, n: usize) {
         self.with(|s| s.max_inputs = Some(n));
@@ -498,6 +504,19 @@ fn respond(
                 }
                 None
             });
+        let crashes = s
+            .crash_marker
+            .as_ref()
+            .is_some_and(|m| inputs.iter().any(|i| i.contains(m.as_str())));
+        let fault = if crashes {
+            Some(Fault::openai(
+                500,
+                "server_error",
+                "The server had an error while processing your request.",
+            ))
+        } else {
+            fault
+        };
         if !matches!(fault, None | Some(Fault::Pass)) {
             s.faults_served += 1;
         }
