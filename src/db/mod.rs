@@ -9,7 +9,8 @@
 //! - [`claims`]: taking rows for a batch, and letting them go;
 //! - [`writes`]: storing vectors and failures;
 //! - [`counts`]: what verify, dry-run and the summary report;
-//! - [`model_records`]: which model made which vectors.
+//! - [`model_records`]: which model made which vectors;
+//! - [`sweep`]: forgetting the records of deleted rows.
 //!
 //! Two rules shape every statement: identifiers from configuration are
 //! resolved by the database and then quoted, never pasted, and values travel
@@ -28,6 +29,7 @@ pub mod counts;
 pub mod model_records;
 pub mod sql;
 pub mod state;
+pub mod sweep;
 pub mod target;
 pub mod writes;
 

@@ -378,9 +378,20 @@ impl Pool<'_> {
                 self.stop.name()
             );
         }
-        let released = db
-            .reconnect_if_closed()
-            .and_then(|()| db.in_transaction(|tx| self.ctx.target.release_run(tx, &self.run_id)));
+        let target = self.ctx.target;
+        let worked = queue.next_seq > 0;
+        let released = db.reconnect_if_closed().and_then(|()| {
+            db.in_transaction(|tx| {
+                let released = target.release_run(tx, &self.run_id)?;
+                if worked {
+                    let forgotten = target.forget_deleted(tx)?;
+                    if forgotten > 0 {
+                        crate::debug!("forgot {forgotten} records of deleted rows");
+                    }
+                }
+                Ok(released)
+            })
+        });
         match released {
             Ok(0) => {}
             Ok(n) => crate::debug!("released {n} claims"),

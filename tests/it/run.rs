@@ -838,3 +838,32 @@ fn rows_whose_unique_id_is_null_are_never_claimed_and_verify_counts_them() {
     );
     assert_eq!(v.json()["counts"]["no_id"], 2, "{v:?}");
 }
+
+#[test]
+fn the_records_of_deleted_rows_are_forgotten() {
+    let mut db = TestDb::new("forget");
+    db.products(5, 1536);
+    let s = db.schema.clone();
+    let mock = Mock::start(1536);
+    mock.reject_inputs_containing("product 2");
+    assert_eq!(autoembed(&db, &mock, &["run-once"]).code, 1);
+    let st = db.state_schema();
+    let key = format!("\"{s}\".\"products\"");
+    // A row another model made, as a model switch leaves them.
+    db.exec(&format!(
+        "INSERT INTO {st}.vectors VALUES ('{key}', '4', 'other-model', 1536, now())"
+    ));
+    let records = |db: &mut TestDb| {
+        db.count(&format!(
+            "SELECT (SELECT count(*) FROM {st}.failures) + (SELECT count(*) FROM {st}.vectors)"
+        ))
+    };
+    assert_eq!(records(&mut db), 2);
+    db.exec(&format!(
+        "DELETE FROM {s}.products WHERE product_id_internal IN (2, 4);
+         INSERT INTO {s}.products VALUES (6, 'product six', NULL);"
+    ));
+    let j = autoembed(&db, &mock, &["run-once", "--json"]).json();
+    assert_eq!(j["embedded"], 1, "{j}");
+    assert_eq!(records(&mut db), 0, "records of deleted rows left behind");
+}
