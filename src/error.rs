@@ -47,6 +47,21 @@ impl From<postgres::Error> for Error {
 /// One line for a postgres error: the server's message when there is one,
 /// else the client's own, without the `Display` chain's repetition.
 pub fn describe_pg(e: &postgres::Error) -> String {
+    use postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => {
+            return "gave up waiting for a lock another session holds on the table or the state \
+                    schema (a migration, a long transaction: pg_locks shows which; lock_timeout \
+                    bounds the wait); autoembed held nothing meanwhile, and the next run carries on"
+                .to_string()
+        }
+        Some(c) if *c == SqlState::QUERY_CANCELED => {
+            return "a statement was cancelled (statement_timeout, or an operator); \
+                    raise statement_timeout for this role if it is lower than a second"
+                .to_string()
+        }
+        _ => {}
+    }
     if let Some(db) = e.as_db_error() {
         let mut s = db.message().to_string();
         if let Some(detail) = db.detail() {

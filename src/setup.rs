@@ -278,6 +278,11 @@ pub fn run(
         crate::info!("{what}");
         return Ok(vec![what]);
     }
+    // Building an index concurrently waits for every transaction that could
+    // use it: that wait is the role's to bound, not autoembed's default.
+    db.client()
+        .batch_execute("RESET lock_timeout")
+        .map_err(|e| failed("lock_timeout", &e))?;
     let mut built = Vec::new();
     let indexed = build_indexes(db, target, &o, &mut built);
     let rest = indexed.and_then(|()| {

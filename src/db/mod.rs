@@ -42,6 +42,10 @@ use postgres::types::{Kind, Type};
 use postgres::{Client, IsolationLevel, Transaction};
 use std::time::Duration;
 
+/// How long a statement waits for a lock another session holds before the
+/// run stops (exit 3), when the role sets no `lock_timeout` of its own.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection, with the `vector` type of this database when pgvector is installed.
 pub struct Db {
     client: Client,
@@ -108,6 +112,17 @@ impl Db {
         })?;
         let vector = vector_types(&mut client)?;
         let direct = is_direct(&mut client, &pg)?;
+        if direct {
+            // Wait a bounded time for a lock another session holds (a
+            // migration, a long transaction), unless the role sets its own.
+            // Only on a connection of our own: through a pooler a session
+            // setting would stay behind for the pool's other clients.
+            client.batch_execute(&format!(
+                "SELECT set_config('lock_timeout', '{}ms', false) \
+                 WHERE current_setting('lock_timeout') IN ('0', '0ms')",
+                LOCK_TIMEOUT.as_millis()
+            ))?;
+        }
         Ok(Db {
             client,
             endpoint,

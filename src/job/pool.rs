@@ -62,8 +62,13 @@ enum Next {
     Rows(Claim),
     /// Every candidate was taken by another run, or done meanwhile: try the next ones.
     Skipped,
+    /// The connection was lost before anything was taken: connect again and retry.
+    Reconnect(Error),
     Stop,
 }
+
+/// Connections lost in a row, at a claim, before a worker gives up.
+const RECONNECTS: u32 = 3;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -179,6 +184,9 @@ impl Pool<'_> {
         let sel = self.selection();
         let mut tx = match db.begin() {
             Ok(tx) => tx,
+            // The server dropped the idle connection (a restart, an
+            // operator): nothing was taken yet.
+            Err(e) if crate::db::is_retryable(&e) => return Next::Reconnect(e.into()),
             Err(e) => {
                 self.halt(StopReason::Error, Some(e.into()));
                 return Next::Stop;
@@ -297,12 +305,23 @@ impl Pool<'_> {
         let first = n == 0;
         let _decide = first.then_some(Decide(self));
         let mut decided = !first;
+        let mut lost = 0;
         loop {
             let claim = match self.claim(w.db, &w.holder) {
                 Next::Rows(claim) => claim,
                 Next::Skipped => continue,
+                Next::Reconnect(e) if lost < RECONNECTS => {
+                    lost += 1;
+                    crate::warn!("the database connection was lost ({e}); connecting again");
+                    continue;
+                }
+                Next::Reconnect(e) => {
+                    self.halt(StopReason::Error, Some(e));
+                    break;
+                }
                 Next::Stop => break,
             };
+            lost = 0;
             let more = claim.more;
             if !decided {
                 self.open_gate(|g| &mut g.connect, more);
@@ -399,12 +418,16 @@ impl Pool<'_> {
                 crate::warn!("cannot release this run's claims (they lapse by themselves): {e}")
             }
         }
-        let pending_after = match self.ctx.target.count_pending(db.client()) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                crate::warn!("cannot count pending rows: {e}");
-                None
-            }
+        // After a database error the count would most likely fail (or wait) too.
+        let pending_after = match error {
+            Some(Error::Database(_)) => None,
+            _ => match self.ctx.target.count_pending(db.client()) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    crate::warn!("cannot count pending rows: {e}");
+                    None
+                }
+            },
         };
         RunReport {
             command: self.ctx.cfg.mode.name(),

@@ -68,10 +68,11 @@ impl Sender<'_> {
     /// Embed `items`, pushing vectors and rejected rows by batch index.
     ///
     /// - A rejected request (400, 413, 422) is split in halves until the
-    ///   rejected rows are found. When two single rows are rejected with the
-    ///   very words that rejected the whole request, the request is what the
-    ///   provider refuses (a model, `--dimensions`, an option), not the
-    ///   inputs: the run stops (exit 2) and no row is marked failed.
+    ///   rejected rows are found. When a single row is rejected in the very
+    ///   words that rejected the whole request, one harmless input is sent
+    ///   alone: if it is rejected too, the request is what the provider
+    ///   refuses (a model, `--dimensions`, an option), not the inputs: the
+    ///   run stops (exit 2) and no row is marked failed.
     /// - A request that keeps failing with server errors or unusable replies
     ///   (one input that crashes the provider) is split the same way, each
     ///   half with one retry: when one half passes and the other fails, the
@@ -232,9 +233,9 @@ impl Sender<'_> {
                 }
                 Err(RetryOutcome::Failed(ProviderError::Rejected { status, message })) => {
                     let why = format!("{status}: {message}");
-                    if search.whole.as_ref() == Some(&why) {
-                        search.same_as_whole += 1;
-                        if search.same_as_whole >= 2 {
+                    if search.whole.as_ref() == Some(&why) && !search.probed {
+                        search.probed = true;
+                        if self.refuses_any_input(&why, policy) {
                             rejected.retain(|(_, e)| *e != why);
                             return Err(Failure::Halt(Halt::Error(Error::Config(format!(
                                 "the provider refuses the request itself, whatever the input ({why}): \
@@ -266,6 +267,27 @@ impl Sender<'_> {
         }
     }
 
+    /// Whether the provider rejects a harmless input ([`PROBE`]) in the
+    /// words `why` too: then it refuses the request, not the inputs.
+    fn refuses_any_input(&mut self, why: &str, policy: &RetryPolicy) -> bool {
+        let inputs = Arc::new(vec![PROBE.to_string()]);
+        let reply = provider::embed_with_retry(
+            &self.requester,
+            provider::Request {
+                inputs: &inputs,
+                tokens: 1,
+                pacer: self.pacer,
+                send_by: None,
+            },
+            policy,
+            self.deadline,
+            self.stop,
+            &mut self.stats,
+        );
+        matches!(reply, Err(RetryOutcome::Failed(ProviderError::Rejected { status, message }))
+            if format!("{status}: {message}") == why)
+    }
+
     fn halves(
         &mut self,
         items: &[Item],
@@ -286,6 +308,10 @@ impl Sender<'_> {
 struct Search {
     /// The words that rejected the first request of several rows.
     whole: Option<String>,
-    /// Single rows rejected with exactly those words.
-    same_as_whole: usize,
+    /// Whether the provider was asked to embed [`PROBE`].
+    probed: bool,
 }
+
+/// The input sent alone when a single row is rejected in the words that
+/// rejected its whole batch: if this is rejected too, the request is.
+const PROBE: &str = "autoembed";

@@ -196,3 +196,37 @@ fn setup_that_fails_part_way_changes_nothing() {
         0
     );
 }
+
+#[test]
+fn a_table_locked_by_another_session_stops_the_run_after_a_bounded_wait() {
+    let mut db = TestDb::new("locked");
+    db.products(5, 1536);
+    let role = TestRole::new(
+        &mut db,
+        "GRANT SELECT, UPDATE ON {s}.products TO {role}; GRANT CREATE ON DATABASE test TO {role};
+         ALTER ROLE {role} SET lock_timeout = '300ms';",
+    );
+    let mock = Mock::start(1536);
+    // A migration holds the table in an open transaction.
+    let mut migration = crate::support::connect();
+    let s = db.schema.clone();
+    migration
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {s}.products IN ACCESS EXCLUSIVE MODE;"
+        ))
+        .expect("lock");
+    let r = as_role(&db, &mock, &role, &["run-once"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("gave up waiting for a lock another session holds"),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
+    assert_eq!(mock.requests().len(), 0);
+    migration.batch_execute("COMMIT").expect("commit");
+    // The next run carries on.
+    let r = as_role(&db, &mock, &role, &["run-once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(db.correct_rows(1536), (5, 0));
+}

@@ -198,3 +198,36 @@ fn odd_input_is_embedded_exactly_or_refused_clearly() {
     assert_eq!(j["counts"]["blank"], 2);
     assert_eq!(j["counts"]["embedded"], 3);
 }
+
+#[test]
+fn every_connection_killed_mid_run_is_reconnected_and_the_run_finishes() {
+    let mut db = TestDb::new("pgkillall");
+    db.products(60, 1536);
+    let mock = Mock::start(1536);
+    let held = mock.hold();
+    let app = db.schema.clone();
+    let url = format!(
+        "{}?application_name={app}",
+        crate::support::url_with_password()
+    );
+    let child = db
+        .cmd(&mock)
+        .env("DATABASE_URL", &url)
+        .args(["run-once", "--json", "--batch-size", "10"])
+        .spawn_piped();
+    held.wait_for("first request");
+    // Every backend of the run goes (as in a restart), the first worker's
+    // while its request is out, the others' while they wait to claim.
+    let killed = db.count(&format!(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}') k"
+    ));
+    assert!(killed >= 1);
+    mock.unhold();
+    held.release();
+    let out = crate::support::finish(child);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json()["embedded"], 60, "{}", out.stdout);
+    assert_eq!(db.correct_rows(1536), (60, 0));
+    let (sent, distinct) = crate::support::sent_and_distinct(&mock);
+    assert_eq!(sent, distinct, "a text was paid for twice");
+}

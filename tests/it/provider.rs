@@ -238,7 +238,8 @@ fn a_request_the_provider_refuses_whatever_the_input_stops_the_run_and_marks_no_
             && r.stderr.contains("--dimensions (AUTOEMBED_DIMENSIONS)"),
         "{r:?}"
     );
-    // The batch of 40 halved down to two single rows, not 79 requests.
+    // The batch of 40 halved down to one row (40, 20, 10, 5, 2, 1), then one
+    // harmless input alone, rejected too: 7 requests, not 79.
     assert_eq!(r.json()["requests"], 7, "{r:?}");
     pending_and_unfailed(&mut db, 40);
 }

@@ -174,6 +174,8 @@ struct State {
     script: VecDeque<Fault>,
     /// Inputs containing this marker make the request fail with 400.
     reject_marker: Option<String>,
+    /// The message of that 400, when not the default one.
+    reject_message: Option<String>,
     /// Inputs containing this marker make the request fail with 500, every
     /// time (a model server that crashes on one input).
     crash_marker: Option<String>,
@@ -249,6 +251,13 @@ impl Mock {
     }
     pub fn reject_inputs_containing(&self, marker: &str) {
         self.with(|s| s.reject_marker = Some(marker.to_string()));
+    }
+    /// Like [`Mock::reject_inputs_containing`], with this message.
+    pub fn reject_inputs_containing_saying(&self, marker: &str, message: &str) {
+        self.with(|s| {
+            s.reject_marker = Some(marker.to_string());
+            s.reject_message = Some(message.to_string());
+        });
     }
     pub fn crash_on_inputs_containing(&self, marker: &str) {
         self.with(|s| s.crash_marker = Some(marker.to_string()));
@@ -485,7 +494,7 @@ fn respond(
             &rate_headers,
         );
     }
-    let (fault, dims, ignore_base64, latency, hold, reject, too_many) = {
+    let (fault, dims, ignore_base64, latency, hold, reject, too_many, reject_message) = {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         let fault = s
             .always
@@ -533,6 +542,7 @@ fn respond(
             s.hold.clone(),
             reject,
             too_many,
+            s.reject_message.clone(),
         )
     };
     if let Some((arrived, release)) = hold {
@@ -621,7 +631,7 @@ fn respond(
         );
     }
     if let Some(i) = reject {
-        let msg = format!("This model's maximum context length is 8192 tokens, however you requested 9000 tokens (input {i}).");
+        let msg = reject_message.unwrap_or_else(|| format!("This model's maximum context length is 8192 tokens, however you requested 9000 tokens (input {i})."));
         return send(out, 400, &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}}).to_string(), &[]);
     }
     record(state);
