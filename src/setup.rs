@@ -10,7 +10,7 @@
 //! Everything is idempotent. Identifiers are quoted; nothing from
 //! configuration is pasted.
 
-use crate::db::catalog::RESET_TRIGGER;
+use crate::db::catalog::reset_trigger;
 use crate::db::sql::{dollar_quote, has_text, quote_literal};
 use crate::db::target::Target;
 use crate::db::{quote_ident, state, Db};
@@ -35,15 +35,21 @@ pub struct Objects {
     /// Whether the table is partitioned (its index is built partition by partition).
     partitioned: bool,
     index: IndexName,
-    /// The index an earlier version created (`WHERE <embedding> IS NULL`,
-    /// blank rows included), dropped once the new one is built.
+    /// The embedding column, unquoted: part of the index's name on each partition.
+    column: String,
+    /// What earlier versions created (named by the table alone, so that a
+    /// second embedding column replaced the first one's): the index
+    /// (`WHERE <embedding> IS NULL`, blank rows included) and the trigger
+    /// function, dropped once the new ones are there.
     old_index: IndexName,
+    old_function: String,
+    /// This column's key in the state tables, and the table's key of earlier versions.
+    keys: [String; 2],
 }
 
-/// The index setup builds on a table or a partition: `<name>_autoembed_queue`.
+/// The index setup builds on a table or a partition:
+/// `<table>_<embedding column>_autoembed_queue`.
 const INDEX: &str = "autoembed_queue";
-/// The name earlier versions gave it.
-const OLD_INDEX: &str = "autoembed_pending";
 
 /// An index's schema and name, quoted (an index lives in its table's schema).
 struct IndexName {
@@ -52,11 +58,11 @@ struct IndexName {
 }
 
 impl IndexName {
-    /// The index setup names `suffix` on table `name` of `schema`.
-    fn new(schema: &str, name: &str, suffix: &str) -> IndexName {
+    /// Setup's index for `column` on table `name` of `schema`.
+    fn new(schema: &str, name: &str, column: &str) -> IndexName {
         IndexName {
             schema: quote_ident(schema),
-            name: quote_ident(&format!("{}_{suffix}", truncate(name, 40))),
+            name: quote_ident(&format!("{}_{INDEX}", per_column(name, column))),
         }
     }
 
@@ -67,7 +73,9 @@ impl IndexName {
 
 impl Objects {
     pub fn new(target: &Target) -> Objects {
-        let base = truncate(&target.table_name, 40);
+        let base = per_column(&target.table_name, &target.embedding_column);
+        let old_base = truncate(&target.table_name, 40);
+        let schema = quote_ident(&target.schema_name);
         let embedding = quote_ident(&target.embedding_column);
         Objects {
             table: target.table.clone(),
@@ -79,15 +87,27 @@ impl Objects {
             ),
             embedding,
             function: format!(
-                "{}.{}",
-                quote_ident(&target.schema_name),
+                "{schema}.{}",
                 quote_ident(&format!("{base}_autoembed_reset"))
             ),
             search_path: format!("pg_catalog, {}", quote_ident(target.vector_schema())),
-            trigger: quote_ident(RESET_TRIGGER),
+            trigger: quote_ident(&reset_trigger(&target.embedding_column)),
             partitioned: target.partitioned,
-            index: IndexName::new(&target.schema_name, &target.table_name, INDEX),
-            old_index: IndexName::new(&target.schema_name, &target.table_name, OLD_INDEX),
+            index: IndexName::new(
+                &target.schema_name,
+                &target.table_name,
+                &target.embedding_column,
+            ),
+            column: target.embedding_column.clone(),
+            old_index: IndexName {
+                schema: schema.clone(),
+                name: quote_ident(&format!("{old_base}_autoembed_pending")),
+            },
+            old_function: format!(
+                "{schema}.{}",
+                quote_ident(&format!("{old_base}_autoembed_reset"))
+            ),
+            keys: [target.key.clone(), target.legacy_key.clone()],
         }
     }
 
@@ -161,8 +181,59 @@ END
 DROP TRIGGER IF EXISTS {trigger} ON {table};
 CREATE TRIGGER {trigger} BEFORE UPDATE OF {columns} ON {table}
   FOR EACH ROW EXECUTE FUNCTION {function}();
-ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};",
+ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};
+{old}",
             columns = sources.join(", "),
+            old = self.old_function_sql(),
+        )
+    }
+
+    /// Drop the trigger function an earlier version made for this column
+    /// (named by the table alone), with its trigger; one it made for
+    /// another column stays until setup runs for that one.
+    fn old_function_sql(&self) -> String {
+        let clears = quote_literal(&format!("NEW.{} := NULL", self.embedding));
+        let function = quote_literal(&format!("{}()", self.old_function));
+        format!(
+            "DO {};",
+            dollar_quote(&format!(
+                " BEGIN
+  IF position({clears} in coalesce((SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure({function})), '')) > 0 THEN
+    DROP FUNCTION {}() CASCADE;
+  END IF;
+END ",
+                self.old_function
+            ))
+        )
+    }
+
+    /// Whether `predicate` (an index's, as `pg_get_expr` writes it) is the
+    /// one earlier versions gave this column's index.
+    fn is_old_predicate(&self, predicate: &str) -> bool {
+        predicate.contains(&format!("({} IS NULL)", self.embedding))
+            || predicate.contains(&format!("({} IS NULL)", self.column))
+    }
+
+    /// Drop the index an earlier version made for this column (in a migration).
+    fn old_index_sql(&self) -> String {
+        let index = quote_literal(&self.old_index.qualified());
+        let [quoted, bare] = [
+            format!("({} IS NULL)", self.embedding),
+            format!("({} IS NULL)", self.column),
+        ]
+        .map(|p| quote_literal(&p));
+        format!(
+            "DO {};",
+            dollar_quote(&format!(
+                " DECLARE p text := coalesce((SELECT pg_get_expr(indpred, indrelid) FROM pg_index \
+                   WHERE indexrelid = to_regclass({index})), '');
+BEGIN
+  IF position({quoted} in p) > 0 OR position({bare} in p) > 0 THEN
+    DROP INDEX {};
+  END IF;
+END ",
+                self.old_index.qualified()
+            ))
         )
     }
 
@@ -172,22 +243,24 @@ ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};",
             "DROP TRIGGER IF EXISTS {trigger} ON {table};
 DROP FUNCTION IF EXISTS {function}();
 DROP INDEX IF EXISTS {index};
-DROP INDEX IF EXISTS {old_index};
+{old_index}
+{old_function}
 DO {body};",
             trigger = self.trigger,
             table = self.table,
             function = self.function,
             index = self.index.qualified(),
-            old_index = self.old_index.qualified(),
+            old_index = self.old_index_sql(),
+            old_function = self.old_function_sql(),
             body = dollar_quote(&format!(
                 " BEGIN
   IF to_regclass('{s_lit}.failures') IS NOT NULL THEN
-    DELETE FROM {s}.failures WHERE table_name = {table_lit};
+    DELETE FROM {s}.failures WHERE table_name IN ({keys});
     IF to_regclass('{s_lit}.vectors') IS NOT NULL THEN
-      DELETE FROM {s}.models WHERE table_name = {table_lit};
-      DELETE FROM {s}.vectors WHERE table_name = {table_lit};
+      DELETE FROM {s}.models WHERE table_name IN ({keys});
+      DELETE FROM {s}.vectors WHERE table_name IN ({keys});
       IF to_regclass('{s_lit}.claims') IS NOT NULL THEN
-        DELETE FROM {s}.claims WHERE table_name = {table_lit};
+        DELETE FROM {s}.claims WHERE table_name IN ({keys});
       END IF;
       IF NOT EXISTS (SELECT 1 FROM {s}.failures) AND NOT EXISTS (SELECT 1 FROM {s}.models) THEN
         DROP SCHEMA {s} CASCADE;
@@ -198,7 +271,12 @@ DO {body};",
   END IF;
 END ",
                 s_lit = s.replace('\'', "''"),
-                table_lit = quote_literal(&self.table),
+                keys = self
+                    .keys
+                    .iter()
+                    .map(|k| quote_literal(k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ))
         )
     }
@@ -232,13 +310,12 @@ pub fn print_sql(target: &Target, state_schema: &str, uninstall: bool) -> String
          -- Re-embed a row when its text changes: set its embedding to NULL.\n{trigger}\n\n\
          -- Find pending rows without scanning the table. On a large, busy table\n\
          -- prefer CREATE INDEX CONCURRENTLY, outside a transaction (or `autoembed setup`).\n{index}\n\
-         -- The index of earlier versions, which also held rows without text.\n\
-         DROP INDEX IF EXISTS {old_index};\n",
+         -- The index of earlier versions, which also held rows without text.\n{old_index}\n",
         table = o.table,
         state = state::ddl(state_schema),
         trigger = o.trigger_sql(),
         index = o.index_sql(false),
-        old_index = o.old_index.qualified(),
+        old_index = o.old_index_sql(),
     )
 }
 
@@ -302,13 +379,16 @@ pub fn run(
         }
         return Err(e);
     }
-    let old = if o.partitioned { "" } else { "CONCURRENTLY " };
-    db.client()
-        .batch_execute(&format!(
-            "DROP INDEX {old}IF EXISTS {}",
-            o.old_index.qualified()
-        ))
-        .map_err(|e| failed("the index of an earlier version", &e))?;
+    let old = o.old_index.qualified();
+    if db
+        .index_predicate(&old)?
+        .is_some_and(|p| o.is_old_predicate(&p))
+    {
+        let how = if o.partitioned { "" } else { "CONCURRENTLY " };
+        db.client()
+            .batch_execute(&format!("DROP INDEX {how}IF EXISTS {old}"))
+            .map_err(|e| failed("the index of an earlier version", &e))?;
+    }
     let done = vec![
         format!("index {} on {} ready", o.index.name, o.table),
         format!("state schema {} ready", quote_ident(state_schema)),
@@ -352,7 +432,7 @@ fn build_indexes(db: &mut Db, target: &Target, o: &Objects, built: &mut Vec<Stri
         o.index_on(&o.index, &o.table, IndexBuild::OnlyThis),
     )?;
     for part in db.partitions(&target.table)? {
-        let index = IndexName::new(&part.schema, &part.name, INDEX);
+        let index = IndexName::new(&part.schema, &part.name, &o.column);
         let table = format!("{}.{}", quote_ident(&part.schema), quote_ident(&part.name));
         let how = if part.leaf {
             IndexBuild::Concurrently
@@ -360,7 +440,7 @@ fn build_indexes(db: &mut Db, target: &Target, o: &Objects, built: &mut Vec<Stri
             IndexBuild::OnlyThis
         };
         create(db, &index, o.index_on(&index, &table, how))?;
-        let parent = IndexName::new(&part.parent.0, &part.parent.1, INDEX);
+        let parent = IndexName::new(&part.parent.0, &part.parent.1, &o.column);
         exec(
             db,
             &format!(
@@ -371,6 +451,12 @@ fn build_indexes(db: &mut Db, target: &Target, o: &Objects, built: &mut Vec<Stri
         )?;
     }
     Ok(())
+}
+
+/// The stem of the names setup gives a table's objects for one embedding
+/// column: `<table>_<column>`, cut to leave room for a suffix.
+fn per_column(table: &str, column: &str) -> String {
+    format!("{}_{}", truncate(table, 24), truncate(column, 16))
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary.

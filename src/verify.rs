@@ -314,7 +314,10 @@ fn setup_checks(target: &Target, facts: &TableFacts) -> Vec<Check> {
     let trigger = if facts.has_reset_trigger {
         Check::pass(
             "reset_trigger",
-            "edited rows are re-embedded (trigger autoembed_reset_embedding)",
+            format!(
+                "edited rows are re-embedded (trigger {})",
+                crate::db::catalog::reset_trigger(&target.embedding_column)
+            ),
         )
     } else {
         Check::pass(

@@ -48,7 +48,7 @@ COMMENT ON TABLE "autoembed".claims IS
     'autoembed: rows a run is embedding; free when expires_at has passed or the backend_pid (with backend_start) is gone';
 
 -- Re-embed a row when its text changes: set its embedding to NULL.
-CREATE OR REPLACE FUNCTION "public"."products_autoembed_reset"() RETURNS trigger LANGUAGE plpgsql
+CREATE OR REPLACE FUNCTION "public"."products_embedding_autoembed_reset"() RETURNS trigger LANGUAGE plpgsql
   SET search_path = pg_catalog, "public" AS $autoembed$
 BEGIN
   IF (NEW."embedding_text"::text COLLATE "C" IS DISTINCT FROM OLD."embedding_text"::text COLLATE "C")
@@ -60,12 +60,22 @@ END
 $autoembed$;
 DROP TRIGGER IF EXISTS "autoembed_reset_embedding" ON "public"."products";
 CREATE TRIGGER "autoembed_reset_embedding" BEFORE UPDATE OF "embedding_text" ON "public"."products"
-  FOR EACH ROW EXECUTE FUNCTION "public"."products_autoembed_reset"();
+  FOR EACH ROW EXECUTE FUNCTION "public"."products_embedding_autoembed_reset"();
 ALTER TABLE "public"."products" ENABLE ALWAYS TRIGGER "autoembed_reset_embedding";
+DO $autoembed$ BEGIN
+  IF position('NEW."embedding" := NULL' in coalesce((SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure('"public"."products_autoembed_reset"()')), '')) > 0 THEN
+    DROP FUNCTION "public"."products_autoembed_reset"() CASCADE;
+  END IF;
+END $autoembed$;
 
 -- Find pending rows without scanning the table. On a large, busy table
 -- prefer CREATE INDEX CONCURRENTLY, outside a transaction (or `autoembed setup`).
-CREATE INDEX IF NOT EXISTS "products_autoembed_queue" ON "public"."products" ("product_id_internal") WHERE "embedding" IS NULL AND coalesce("embedding_text"::text COLLATE "C" ~ '[^ \t\n\r\f\v]', false);
+CREATE INDEX IF NOT EXISTS "products_embedding_autoembed_queue" ON "public"."products" ("product_id_internal") WHERE "embedding" IS NULL AND coalesce("embedding_text"::text COLLATE "C" ~ '[^ \t\n\r\f\v]', false);
 -- The index of earlier versions, which also held rows without text.
-DROP INDEX IF EXISTS "public"."products_autoembed_pending";
+DO $autoembed$ DECLARE p text := coalesce((SELECT pg_get_expr(indpred, indrelid) FROM pg_index WHERE indexrelid = to_regclass('"public"."products_autoembed_pending"')), '');
+BEGIN
+  IF position('("embedding" IS NULL)' in p) > 0 OR position('(embedding IS NULL)' in p) > 0 THEN
+    DROP INDEX "public"."products_autoembed_pending";
+  END IF;
+END $autoembed$;
 

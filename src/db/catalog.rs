@@ -9,8 +9,16 @@ use crate::error::{describe_pg, Error, Result};
 use postgres::types::Type;
 use postgres::Client;
 
-/// The name of the trigger `autoembed setup` puts on a table.
-pub const RESET_TRIGGER: &str = "autoembed_reset_embedding";
+/// The name of the trigger `autoembed setup` puts on a table for one
+/// embedding column (`autoembed_reset_embedding` for `embedding`, the name
+/// earlier versions gave the table's one trigger).
+pub fn reset_trigger(embedding_column: &str) -> String {
+    let mut end = embedding_column.len().min(47);
+    while !embedding_column.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("autoembed_reset_{}", &embedding_column[..end])
+}
 
 impl Db {
     /// Look up the table and its columns, without judging them.
@@ -71,6 +79,19 @@ impl Db {
             .client
             .query_typed_opt(
                 "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1::text)",
+                &[(&name, Type::TEXT)],
+            )?
+            .map(|r| r.get(0)))
+    }
+
+    /// The predicate of the index `name` (schema-qualified, quoted) as
+    /// `pg_get_expr` writes it; `None` when there is no such index.
+    pub fn index_predicate(&mut self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .client
+            .query_typed_opt(
+                "SELECT coalesce(pg_get_expr(i.indpred, i.indrelid), '') FROM pg_index i \
+                 WHERE i.indexrelid = to_regclass($1::text)",
                 &[(&name, Type::TEXT)],
             )?
             .map(|r| r.get(0)))
@@ -182,7 +203,10 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
         "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
                 EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND g.tgname = $2 AND g.tgenabled <> 'D') \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
-        &[(&oid, Type::OID), (&RESET_TRIGGER, Type::TEXT)],
+        &[
+            (&oid, Type::OID),
+            (&reset_trigger(&cfg.embedding_column), Type::TEXT),
+        ],
     )?;
     let columns = client
         .query_typed(

@@ -1,7 +1,8 @@
 //! Taking rows for a batch, and letting them go.
 //!
-//! A claim is a row in `<state>.claims` (table, row id, holder, expiry,
-//! and, on a direct connection, the holder's backend), taken in a short
+//! A claim is a row in `<state>.claims` (the table and embedding column's
+//! key, row id, holder, expiry, and, on a direct connection, the holder's
+//! backend), taken in a short
 //! transaction that commits before any request is sent: nothing is held
 //! open, and no lock is kept on the user's table, while the provider works.
 //!
@@ -110,7 +111,7 @@ impl Target {
         let q = &self.sql;
         let limit = limit as i64;
         let mut p = Params::default();
-        let key = p.bind(&self.table, Type::TEXT);
+        let key = p.bind(&self.key, Type::TEXT);
         let selected = self.selected(sel, &key, &mut p);
         let after = match &cursor {
             Some(_) => format!(
@@ -162,7 +163,7 @@ impl Target {
              WHERE {lapsed} \
              RETURNING c.row_id",
             state = self.sql.state,
-            key = p.bind(&self.table, Type::TEXT),
+            key = p.bind(&self.key, Type::TEXT),
             holder = p.bind(&lease.holder.name, Type::TEXT),
             direct = p.bind(&lease.direct, Type::BOOL),
             lease_ms = p.bind(&lease_ms, Type::INT8),
@@ -192,7 +193,7 @@ impl Target {
         }
         let q = &self.sql;
         let mut p = Params::default();
-        let key = p.bind(&self.table, Type::TEXT);
+        let key = p.bind(&self.key, Type::TEXT);
         let own = Selection {
             skip_claimed: false,
             ..*sel
@@ -239,7 +240,7 @@ impl Target {
             direct = p.bind(&lease.direct, Type::BOOL),
             held = held_by(
                 state,
-                &p.bind(&self.table, Type::TEXT),
+                &p.bind(&self.key, Type::TEXT),
                 &p.bind(&lease.holder.name, Type::TEXT),
                 &p.bind(&ids, Type::TEXT_ARRAY),
             ),
@@ -263,7 +264,7 @@ impl Target {
             "DELETE FROM {state}.claims c WHERE {}",
             held_by(
                 state,
-                &p.bind(&self.table, Type::TEXT),
+                &p.bind(&self.key, Type::TEXT),
                 &p.bind(&holder.name, Type::TEXT),
                 &p.bind(&ids, Type::TEXT_ARRAY),
             )
@@ -282,7 +283,7 @@ impl Target {
             "DELETE FROM {state}.claims c WHERE c.table_name = {key} \
              AND (starts_with(c.holder, {prefix}) OR {lapsed})",
             state = self.sql.state,
-            key = p.bind(&self.table, Type::TEXT),
+            key = p.bind(&self.key, Type::TEXT),
             prefix = p.bind(&prefix, Type::TEXT),
             lapsed = lapsed("c"),
         );

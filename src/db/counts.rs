@@ -48,8 +48,7 @@ impl Target {
              WHERE f.table_name = $1 AND t.{embedding} IS NULL AND {hash} = f.text_hash",
             hash = text_hash(&format!("t.{text}"))
         );
-        Ok(c.query_typed_one(&sql, &[(&self.table, Type::TEXT)])?
-            .get(0))
+        Ok(c.query_typed_one(&sql, &[(&self.key, Type::TEXT)])?.get(0))
     }
 
     pub fn counts(&self, c: &mut impl GenericClient, state_exists: bool) -> Result<Counts> {

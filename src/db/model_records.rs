@@ -83,7 +83,7 @@ impl Target {
                  ON CONFLICT (table_name) DO NOTHING"
             ),
             &[
-                (&self.table, Type::TEXT),
+                (&self.key, Type::TEXT),
                 (&current.model, Type::TEXT),
                 (&current.dimensions, Type::INT4),
             ],
@@ -94,7 +94,7 @@ impl Target {
                         EXISTS (SELECT 1 FROM {state}.vectors r WHERE r.table_name = $1) \
                  FROM {state}.models m WHERE m.table_name = $1"
             ),
-            &[(&self.table, Type::TEXT)],
+            &[(&self.key, Type::TEXT)],
         )?;
         let baseline = Stamp {
             model: row.get(0),
@@ -119,7 +119,7 @@ impl Target {
         } = &self.sql;
         let Some(base) = c.query_typed_opt(
             &format!("SELECT model, dimensions FROM {state}.models WHERE table_name = $1"),
-            &[(&self.table, Type::TEXT)],
+            &[(&self.key, Type::TEXT)],
         )?
         else {
             return Ok(None);
@@ -135,7 +135,7 @@ impl Target {
                  WHERE t.{embedding} IS NOT NULL GROUP BY 1, 2 ORDER BY 3 DESC, 1"
             ),
             &[
-                (&self.table, Type::TEXT),
+                (&self.key, Type::TEXT),
                 (&baseline.model, Type::TEXT),
                 (&baseline.dimensions, Type::INT4),
             ],
@@ -176,7 +176,7 @@ impl Target {
                        AND r.row_id = t.{id}::text AND r.model = $2 AND r.dimensions = $3)"
                 ),
                 &[
-                    (&self.table, Type::TEXT),
+                    (&self.key, Type::TEXT),
                     (&models.current.model, Type::TEXT),
                     (&models.current.dimensions, Type::INT4),
                 ],
@@ -192,7 +192,7 @@ impl Target {
                  DELETE FROM {state}.vectors WHERE table_name = $1"
             ),
             &[
-                (&self.table, Type::TEXT),
+                (&self.key, Type::TEXT),
                 (&models.current.model, Type::TEXT),
                 (&models.current.dimensions, Type::INT4),
             ],

@@ -20,7 +20,7 @@ impl Target {
             ..
         } = &self.sql;
         let mut p = Params::default();
-        let key = p.bind(&self.table, Type::TEXT);
+        let key = p.bind(&self.key, Type::TEXT);
         let gone = |r: &str| {
             format!(
                 "{r}.table_name = {key} AND NOT EXISTS \

@@ -12,8 +12,17 @@ use postgres::types::Type;
 /// The table, its three columns and the state schema, checked and quoted.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// `"schema"."table"`, also the key of this table's rows in the state tables.
+    /// `"schema"."table"`.
     pub table: String,
+    /// This table's and embedding column's key in the state tables,
+    /// `"schema"."table"."column"`, so that two embedding columns of one
+    /// table keep their claims, failures and models apart.
+    pub key: String,
+    /// The key earlier versions used (the table alone), adopted when the
+    /// table has no other vector column ([`Target::sole_vector_column`]).
+    pub legacy_key: String,
+    /// The embedding column is the table's only vector column.
+    pub sole_vector_column: bool,
     /// The table's schema and name as the catalog stores them.
     pub schema_name: String,
     pub table_name: String,
@@ -85,7 +94,15 @@ impl Target {
             id_type: id.type_sql.clone(),
             state: quote_ident(state_schema),
         };
+        let vector_columns = table
+            .columns
+            .iter()
+            .filter(|c| c.type_oid == vector.scalar.oid())
+            .count();
         Target {
+            key: format!("{}.{}", sql.table, sql.embedding),
+            legacy_key: sql.table.clone(),
+            sole_vector_column: vector_columns == 1,
             table: sql.table.clone(),
             schema_name: table.schema.clone(),
             table_name: table.name.clone(),

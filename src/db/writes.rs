@@ -258,7 +258,7 @@ impl Target {
             id_type,
             state,
         } = &self.sql;
-        let key = p.bind(&self.table, Type::TEXT);
+        let key = p.bind(&self.key, Type::TEXT);
         let still_null = if reembed {
             String::new()
         } else {
@@ -338,7 +338,7 @@ impl Target {
                next_try_at = now() + interval '10 minutes' * power(2, least(20, \
                    CASE WHEN f.text_hash = excluded.text_hash THEN f.attempts ELSE 0 END)), \
                text_hash = excluded.text_hash, last_error = excluded.last_error, last_failed_at = now()",
-            key = p.bind(&self.table, Type::TEXT),
+            key = p.bind(&self.key, Type::TEXT),
             ids = p.bind(&ids, Type::TEXT_ARRAY),
             hashes = p.bind(&hashes, Type::INT8_ARRAY),
             errors = p.bind(&errors, Type::TEXT_ARRAY),

@@ -47,6 +47,9 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
         return dry_run(cfg, &mut db, &target, state, &planner).map(Report::DryRun);
     }
     state.ensure(&mut db, &cfg.state_schema)?;
+    if state.exists {
+        target.adopt_legacy_state(&mut db, &cfg.state_schema)?;
+    }
     let stamp = Stamp::of(&cfg.provider, &target);
     let models = db.in_transaction(|tx| target.models(tx, stamp))?;
     if !models.is_baseline && cfg.reembed.is_none() {

@@ -165,7 +165,7 @@ fn setup_that_fails_part_way_changes_nothing() {
         &mut db,
         "ALTER TABLE {s}.products OWNER TO {role}; GRANT CREATE ON SCHEMA {s} TO {role};
          GRANT CREATE ON DATABASE test TO {role};
-         CREATE FUNCTION {s}.products_autoembed_reset() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';",
+         CREATE FUNCTION {s}.products_embedding_autoembed_reset() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';",
     );
     let mock = Mock::start(1536);
     // The index builds, then the trigger's function belongs to someone else.

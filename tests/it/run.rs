@@ -262,7 +262,7 @@ fn a_rejected_row_is_split_out_recorded_and_not_resent_before_its_next_try() {
                 "SELECT attempts, last_error, extract(epoch FROM next_try_at - last_failed_at)::int FROM {st}.failures
                  WHERE table_name = $1 AND row_id = '37'"
             ),
-            &[&format!("\"{s}\".\"products\"")],
+            &[&format!("\"{s}\".\"products\".\"embedding\"")],
         )
         .expect("failure recorded");
     assert_eq!(row.get::<_, i32>(0), 1);
@@ -848,7 +848,7 @@ fn the_records_of_deleted_rows_are_forgotten() {
     mock.reject_inputs_containing("product 2");
     assert_eq!(autoembed(&db, &mock, &["run-once"]).code, 1);
     let st = db.state_schema();
-    let key = format!("\"{s}\".\"products\"");
+    let key = format!("\"{s}\".\"products\".\"embedding\"");
     // A row another model made, as a model switch leaves them.
     db.exec(&format!(
         "INSERT INTO {st}.vectors VALUES ('{key}', '4', 'other-model', 1536, now())"

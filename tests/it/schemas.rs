@@ -184,7 +184,7 @@ fn blank_rows_are_not_in_setups_index() {
     assert_eq!(
         db.count(&format!(
             "SELECT reltuples::bigint FROM pg_class \
-             WHERE oid = '{s}.products_autoembed_queue'::regclass"
+             WHERE oid = '{s}.products_embedding_autoembed_queue'::regclass"
         )),
         10
     );
@@ -266,7 +266,13 @@ fn rows_edited_on_the_publisher_are_re_embedded_on_a_subscriber() {
     let table_sql = format!(
         "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(8));"
     );
-    let (sub_db, publication, slot) = (format!("{s}_sub"), format!("{s}_pub"), format!("{s}_slot"));
+    let repl = Replication::new(&s);
+    let Replication {
+        sub_db,
+        publication,
+        slot,
+        subscription,
+    } = &repl;
     db.exec(&format!(
         "{table_sql}
          INSERT INTO {s}.products SELECT g, 'product ' || g FROM generate_series(1, 5) g;
@@ -279,67 +285,208 @@ fn rows_edited_on_the_publisher_are_re_embedded_on_a_subscriber() {
     ));
     db.exec(&format!("DROP DATABASE IF EXISTS {sub_db}"));
     db.exec(&format!("CREATE DATABASE {sub_db}"));
-    let sub_url = crate::support::admin_url().replace("/test", &format!("/{sub_db}"));
+    let sub_url = repl.url();
     let mut sub = postgres::Client::connect(&sub_url, postgres::NoTls).expect("subscriber");
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let publisher = crate::support::admin_url().replace("postgresql://", "");
-        let (userhost, dbname) = publisher.rsplit_once('/').expect("url");
-        let (user, hostport) = userhost.split_once('@').expect("url");
-        let (host, port) = hostport.split_once(':').expect("url");
-        sub.batch_execute(&format!(
-            "CREATE EXTENSION vector; CREATE SCHEMA {s}; {table_sql}
-             CREATE SUBSCRIPTION {s}_sub CONNECTION 'host={host} port={port} user={user} dbname={dbname}'
-                 PUBLICATION {publication} WITH (create_slot = false, slot_name = '{slot}');"
+    let publisher = crate::support::admin_url().replace("postgresql://", "");
+    let (userhost, dbname) = publisher.rsplit_once('/').expect("url");
+    let (user, hostport) = userhost.split_once('@').expect("url");
+    let (host, port) = hostport.split_once(':').expect("url");
+    sub.batch_execute(&format!(
+        "CREATE EXTENSION vector; CREATE SCHEMA {s}; {table_sql}
+         CREATE SUBSCRIPTION {subscription} CONNECTION 'host={host} port={port} user={user} dbname={dbname}'
+             PUBLICATION {publication} WITH (create_slot = false, slot_name = '{slot}');"
+    ))
+    .expect("subscription");
+    let count = format!("SELECT count(*) FROM {s}.products");
+    wait_for_count(&mut sub, &count, 5, "rows copied to the subscriber");
+    let mock = Mock::start(8);
+    let on_sub = |args: &[&str]| run(cmd(&db, &mock).env("DATABASE_URL", &sub_url).args(args));
+    assert_eq!(on_sub(&["setup"]).code, 0);
+    assert_eq!(on_sub(&["backfill"]).code, 0);
+    let table = db.table();
+    crate::support::connect()
+        .batch_execute(&format!(
+            "UPDATE {table} SET embedding_text = 'edited upstream' WHERE product_id_internal = 4"
         ))
-        .expect("subscription");
-        let count = format!("SELECT count(*) FROM {s}.products");
-        wait_for_count(&mut sub, &count, 5, "rows copied to the subscriber");
-        let mock = Mock::start(8);
-        let on_sub = |args: &[&str]| run(cmd(&db, &mock).env("DATABASE_URL", &sub_url).args(args));
-        assert_eq!(on_sub(&["setup"]).code, 0);
-        assert_eq!(on_sub(&["backfill"]).code, 0);
-        let table = db.table();
-        crate::support::connect()
-            .batch_execute(&format!(
-                "UPDATE {table} SET embedding_text = 'edited upstream' WHERE product_id_internal = 4"
-            ))
-            .expect("edit on the publisher");
-        wait_for_count(
-            &mut sub,
-            &format!("SELECT count(*) FROM {table} WHERE embedding_text = 'edited upstream'"),
-            1,
-            "the edit replicated",
-        );
-        // The replicated edit cleared the old vector (the trigger fires for
-        // the subscription's changes too), so the next run embeds it.
-        wait_for_count(
-            &mut sub,
-            &format!("SELECT count(*) FROM {table} WHERE embedding IS NULL"),
-            1,
-            "rows pending on the subscriber",
-        );
-        let j = on_sub(&["run-once", "--json"]).json();
-        assert_eq!(j["embedded"], 1, "{j}");
-        let v: Option<Vec<f32>> = sub
+        .expect("edit on the publisher");
+    wait_for_count(
+        &mut sub,
+        &format!("SELECT count(*) FROM {table} WHERE embedding_text = 'edited upstream'"),
+        1,
+        "the edit replicated",
+    );
+    // The replicated edit cleared the old vector (the trigger fires for
+    // the subscription's changes too), so the next run embeds it.
+    wait_for_count(
+        &mut sub,
+        &format!("SELECT count(*) FROM {table} WHERE embedding IS NULL"),
+        1,
+        "rows pending on the subscriber",
+    );
+    let j = on_sub(&["run-once", "--json"]).json();
+    assert_eq!(j["embedded"], 1, "{j}");
+    let v: Option<Vec<f32>> = sub
+        .query_one(
+            &format!("SELECT embedding::real[] FROM {table} WHERE product_id_internal = 4"),
+            &[],
+        )
+        .expect("vector")
+        .get(0);
+    assert_eq!(v, Some(vector_for("edited upstream", 8)));
+}
+
+/// The replication test's publication, slot, subscriber database and
+/// subscription, removed at the end whether the test passed or not (a
+/// slot left behind would keep the server's WAL forever).
+struct Replication {
+    sub_db: String,
+    publication: String,
+    slot: String,
+    subscription: String,
+}
+
+impl Replication {
+    fn new(schema: &str) -> Replication {
+        Replication {
+            sub_db: format!("{schema}_sub"),
+            publication: format!("{schema}_pub"),
+            slot: format!("{schema}_slot"),
+            subscription: format!("{schema}_subscription"),
+        }
+    }
+
+    fn url(&self) -> String {
+        crate::support::admin_url().replace("/test", &format!("/{}", self.sub_db))
+    }
+}
+
+impl Drop for Replication {
+    fn drop(&mut self) {
+        let url = self.url();
+        let Replication {
+            sub_db,
+            publication,
+            slot,
+            subscription,
+        } = self;
+        if let Ok(mut sub) = postgres::Client::connect(&url, postgres::NoTls) {
+            let _ = sub.batch_execute(&format!(
+                "ALTER SUBSCRIPTION {subscription} DISABLE; \
+                 ALTER SUBSCRIPTION {subscription} SET (slot_name = NONE); \
+                 DROP SUBSCRIPTION {subscription};"
+            ));
+        }
+        let mut admin = crate::support::connect();
+        let _ = admin.batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ));
+        let _ = admin.batch_execute(&format!("DROP PUBLICATION IF EXISTS {publication}"));
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {sub_db} WITH (FORCE)"));
+    }
+}
+
+#[test]
+fn two_embedding_columns_of_one_table_keep_their_triggers_and_state_apart() {
+    let mut db = TestDb::new("twocols");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text, title text,
+             embedding vector(8), title_embedding vector(8));
+         INSERT INTO {s}.products SELECT g, 'product ' || g, 'title ' || g FROM generate_series(1, 6) g;"
+    ));
+    let mock = Mock::start(8);
+    mock.reject_inputs_containing("title 2");
+    let titles = |db: &TestDb, args: &[&str]| {
+        run(cmd(db, &mock)
+            .env("AUTOEMBED_TEXT_COLUMN", "title")
+            .env("AUTOEMBED_EMBEDDING_COLUMN", "title_embedding")
+            .args(args))
+    };
+    assert_eq!(autoembed(&db, &mock, &["setup"]).code, 0);
+    assert_eq!(titles(&db, &["setup"]).code, 0);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = '{s}.products'::regclass AND NOT tgisinternal"
+        )),
+        2,
+        "the second setup replaced the first one's trigger"
+    );
+    assert_eq!(autoembed(&db, &mock, &["backfill"]).code, 0);
+    // Row 2's title is rejected: a failure of the title column only.
+    assert_eq!(titles(&db, &["backfill"]).code, 1);
+    let table = db.table();
+    let vector = |db: &mut TestDb, column: &str, id: i64| -> Option<Vec<f32>> {
+        db.client
             .query_one(
-                &format!("SELECT embedding::real[] FROM {table} WHERE product_id_internal = 4"),
-                &[],
+                &format!("SELECT {column}::real[] FROM {table} WHERE product_id_internal = $1"),
+                &[&id],
             )
             .expect("vector")
-            .get(0);
-        assert_eq!(v, Some(vector_for("edited upstream", 8)));
-    }));
-    let _ = sub.batch_execute(&format!(
-        "ALTER SUBSCRIPTION {s}_sub DISABLE; ALTER SUBSCRIPTION {s}_sub SET (slot_name = NONE); DROP SUBSCRIPTION {s}_sub;"
+            .get(0)
+    };
+    assert_eq!(
+        vector(&mut db, "embedding", 2),
+        Some(vector_for("product 2", 8))
+    );
+    assert_eq!(
+        vector(&mut db, "title_embedding", 3),
+        Some(vector_for("title 3", 8))
+    );
+    assert_eq!(vector(&mut db, "title_embedding", 2), None);
+    let st = db.state_schema();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {st}.failures WHERE table_name = '\"{s}\".\"products\".\"title_embedding\"'"
+        )),
+        1
+    );
+    assert_eq!(db.count(&format!("SELECT count(*) FROM {st}.models")), 2);
+    // Each trigger clears its own column.
+    db.exec(&format!(
+        "UPDATE {table} SET title = 'new title' WHERE product_id_internal = 4;
+         UPDATE {table} SET embedding_text = 'new text' WHERE product_id_internal = 5;"
     ));
-    drop(sub);
-    let _ = db.client.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{slot}'); DROP PUBLICATION {publication};"
+    assert_eq!(
+        vector(&mut db, "embedding", 4),
+        Some(vector_for("product 4", 8))
+    );
+    assert_eq!(vector(&mut db, "title_embedding", 4), None);
+    assert_eq!(vector(&mut db, "embedding", 5), None);
+    assert_eq!(
+        vector(&mut db, "title_embedding", 5),
+        Some(vector_for("title 5", 8))
+    );
+}
+
+#[test]
+fn the_state_an_earlier_version_kept_by_table_is_adopted_by_the_column() {
+    let mut db = TestDb::new("legacy");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(8));
+         INSERT INTO {s}.products SELECT g, 'product ' || g FROM generate_series(1, 4) g;"
     ));
-    let _ = db
-        .client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {sub_db} WITH (FORCE)"));
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    let mock = Mock::start(8);
+    assert_eq!(autoembed(&db, &mock, &["setup"]).code, 0);
+    // What an earlier version left: row 3 failed and waits for its next try.
+    let st = db.state_schema();
+    db.exec(&format!(
+        "INSERT INTO {st}.failures VALUES ('\"{s}\".\"products\"', '3',
+             hashtextextended('product 3' COLLATE \"C\", 0), 1, 'rejected', now(), now(), now() + interval '1 hour')"
+    ));
+    let j = autoembed(&db, &mock, &["run-once", "--json"]).json();
+    assert_eq!(j["embedded"], 3, "{j}");
+    assert!(!mock.embedded_inputs().contains(&"product 3".to_string()));
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {st}.failures WHERE table_name = '\"{s}\".\"products\".\"embedding\"' AND row_id = '3'"
+        )),
+        1
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM {st}.failures WHERE table_name = '\"{s}\".\"products\"'"
+        )),
+        0
+    );
 }

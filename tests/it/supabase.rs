@@ -106,7 +106,10 @@ fn setup_adds_a_trigger_that_re_embeds_edited_rows_only_and_an_index_and_uninsta
         .collect::<Vec<_>>()
         .join("\n");
     db.exec("RESET enable_seqscan");
-    assert!(plan.contains("products_autoembed_queue"), "{plan}");
+    assert!(
+        plan.contains("products_embedding_autoembed_queue"),
+        "{plan}"
+    );
 
     let r = autoembed(&db, &mock, &["setup", "--uninstall"]);
     assert_eq!(r.code, 0, "{r:?}");
