@@ -229,9 +229,19 @@ fn table_checks(
 
     let embedding = match (table.column(&cfg.embedding_column), &vector) {
         (None, _) => Err(missing(&cfg.embedding_column, "--embedding-column", "AUTOEMBED_EMBEDDING_COLUMN")),
-        (Some(c), Some(v)) if c.type_oid == v.scalar.oid() => Ok((c, format!("{} ({})", c.name, c.type_sql))),
+        (Some(c), Some(v)) if v.is_dense(c.type_oid) => Ok((c, format!("{} ({})", c.name, c.type_sql))),
+        (Some(c), _) if c.type_sql.starts_with("sparsevec") => Err(format!(
+            "embedding column {} is {}: embeddings APIs return dense vectors; use a vector(N) or halfvec(N) column (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
+            quote_ident(&c.name),
+            c.type_sql
+        )),
+        (Some(c), _) if c.type_sql.starts_with("bit") => Err(format!(
+            "embedding column {} is {}: a binary vector is made from a dense one; embed into a vector(N) or halfvec(N) column and index binary_quantize(embedding)::bit(N) (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
+            quote_ident(&c.name),
+            c.type_sql
+        )),
         (Some(c), _) => Err(format!(
-            "embedding column {} is {}, not a pgvector vector (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
+            "embedding column {} is {}, not a pgvector vector or halfvec (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
             quote_ident(&c.name),
             c.type_sql
         )),

@@ -57,12 +57,27 @@ pub struct Db {
     pub direct: bool,
 }
 
-/// The `vector` and `vector[]` types, whose OIDs differ between databases.
+/// The `vector` and `vector[]` types, whose OIDs differ between databases,
+/// and `halfvec`, `halfvec[]` (pgvector 0.7 and later).
 #[derive(Clone, Debug)]
 pub struct VectorTypes {
     pub scalar: Type,
     pub array: Type,
+    pub half: Option<(Type, Type)>,
     pub version: String,
+}
+
+impl VectorTypes {
+    /// Whether a column of type `oid` holds a dense vector autoembed writes
+    /// (`vector` or `halfvec`).
+    pub fn is_dense(&self, oid: u32) -> bool {
+        oid == self.scalar.oid() || self.half.as_ref().is_some_and(|(h, _)| h.oid() == oid)
+    }
+
+    /// Whether `oid` is `halfvec`.
+    pub fn is_half(&self, oid: u32) -> bool {
+        self.half.as_ref().is_some_and(|(h, _)| h.oid() == oid)
+    }
 }
 
 /// Where the database is, as [`Db::connect`] needs it again to reconnect.
@@ -199,9 +214,11 @@ pub fn is_retryable(e: &postgres::Error) -> bool {
 
 fn vector_types(client: &mut Client) -> Result<Option<VectorTypes>> {
     let row = client.query_typed_opt(
-        "SELECT t.oid, t.typarray, n.nspname::text, e.extversion \
+        "SELECT t.oid, t.typarray, n.nspname::text, e.extversion, h.oid, h.typarray \
          FROM pg_extension e JOIN pg_type t ON t.typnamespace = e.extnamespace AND t.typname = 'vector' \
-         JOIN pg_namespace n ON n.oid = t.typnamespace WHERE e.extname = 'vector'",
+         JOIN pg_namespace n ON n.oid = t.typnamespace \
+         LEFT JOIN pg_type h ON h.typnamespace = e.extnamespace AND h.typname = 'halfvec' \
+         WHERE e.extname = 'vector'",
         &[],
     )?;
     Ok(row.map(|r| {
@@ -211,11 +228,25 @@ fn vector_types(client: &mut Client) -> Result<Option<VectorTypes>> {
             "_vector".into(),
             r.get(1),
             Kind::Array(scalar.clone()),
-            schema,
+            schema.clone(),
         );
+        let half = match (r.get::<_, Option<u32>>(4), r.get::<_, Option<u32>>(5)) {
+            (Some(oid), Some(array)) => {
+                let scalar = Type::new("halfvec".into(), oid, Kind::Simple, schema.clone());
+                let array = Type::new(
+                    "_halfvec".into(),
+                    array,
+                    Kind::Array(scalar.clone()),
+                    schema,
+                );
+                Some((scalar, array))
+            }
+            _ => None,
+        };
         VectorTypes {
             scalar,
             array,
+            half,
             version: r.get(3),
         }
     }))

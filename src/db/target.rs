@@ -36,6 +36,8 @@ pub struct Target {
     pub dimensions: Option<u32>,
     /// A partitioned table (its rows live in partitions).
     pub partitioned: bool,
+    /// The embedding column is `halfvec(N)` (written as half-precision floats).
+    pub half: bool,
     pub(super) vector: VectorTypes,
     pub(super) sql: Quoted,
 }
@@ -97,7 +99,7 @@ impl Target {
         let vector_columns = table
             .columns
             .iter()
-            .filter(|c| c.type_oid == vector.scalar.oid())
+            .filter(|c| vector.is_dense(c.type_oid))
             .count();
         Target {
             key: format!("{}.{}", sql.table, sql.embedding),
@@ -116,8 +118,18 @@ impl Target {
             embedding_column: embedding.name.clone(),
             dimensions: u32::try_from(embedding.typmod).ok().filter(|d| *d > 0),
             partitioned: table.kind == "p",
+            half: vector.is_half(embedding.type_oid),
             vector,
             sql,
+        }
+    }
+
+    /// The array type a batch's vectors are bound as: `vector[]`, or
+    /// `halfvec[]` for a `halfvec` column.
+    pub(super) fn vector_array(&self) -> postgres::types::Type {
+        match &self.vector.half {
+            Some((_, array)) if self.half => array.clone(),
+            _ => self.vector.array.clone(),
         }
     }
 

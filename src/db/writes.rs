@@ -11,11 +11,24 @@ use super::sql::{text_hash, Params};
 use super::target::{Quoted, Target};
 use super::{is_retryable, Db};
 use crate::error::Result;
-use pgvector::Vector;
+use pgvector::{HalfVector, Vector};
 use postgres::types::Type;
 use postgres::Transaction;
 use std::collections::HashSet;
 use std::time::Duration;
+
+/// A batch's vectors as the column takes them.
+#[derive(Debug)]
+enum Dense {
+    Full(Vec<Vector>),
+    Half(Vec<HalfVector>),
+}
+
+impl Default for Dense {
+    fn default() -> Dense {
+        Dense::Full(Vec::new())
+    }
+}
 
 /// What one batch brings back to the database.
 #[derive(Debug, Default)]
@@ -23,7 +36,7 @@ pub struct BatchWrite<'a> {
     /// Rows that get a vector of their text ([`BatchWrite::push_vector`]),
     /// and those vectors, in the same order, as the write binds them.
     stored: Vec<&'a Claimed>,
-    vectors: Vec<Vector>,
+    vectors: Dense,
     /// Rows and the row, written earlier in the run, whose vector they copy.
     pub copies: Vec<(&'a Claimed, String)>,
     /// Rows the provider rejected, and why.
@@ -34,15 +47,22 @@ pub struct BatchWrite<'a> {
 
 impl<'a> BatchWrite<'a> {
     /// A write of no vectors yet; [`BatchWrite::push_vector`] adds them.
+    /// `half`: the column is `halfvec`.
     pub fn new(
         copies: Vec<(&'a Claimed, String)>,
         failures: Vec<(&'a Claimed, String)>,
         release: Vec<&'a str>,
+        half: bool,
     ) -> BatchWrite<'a> {
         BatchWrite {
             copies,
             failures,
             release,
+            vectors: if half {
+                Dense::Half(Vec::new())
+            } else {
+                Dense::Full(Vec::new())
+            },
             ..BatchWrite::default()
         }
     }
@@ -50,7 +70,10 @@ impl<'a> BatchWrite<'a> {
     /// `row` gets `vector`, the vector of its text.
     pub fn push_vector(&mut self, row: &'a Claimed, vector: Vec<f32>) {
         self.stored.push(row);
-        self.vectors.push(Vector::from(vector));
+        match &mut self.vectors {
+            Dense::Full(v) => v.push(Vector::from(vector)),
+            Dense::Half(v) => v.push(HalfVector::from_f32_slice(&vector)),
+        }
     }
 
     /// How many rows get a vector of their own text.
@@ -202,7 +225,10 @@ impl Target {
                 "SELECT * FROM unnest({}, {}, {}) AS v(id, h, e)",
                 p.bind(&ids, Type::TEXT_ARRAY),
                 p.bind(&hashes, Type::INT8_ARRAY),
-                p.bind(&batch.vectors, self.vector.array.clone()),
+                match &batch.vectors {
+                    Dense::Full(v) => p.bind(v, self.vector_array()),
+                    Dense::Half(v) => p.bind(v, self.vector_array()),
+                },
             );
             written.extend(self.store(&mut tx, p, &source, models, reembed, release.take())?);
         }

@@ -95,7 +95,14 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
     if halt.is_none() {
         ctx.planner.wait_for(&plan.wait_for);
     }
-    let batch = outcome_rows(&plan, kept, vectors, rejected, halt.is_none());
+    let batch = outcome_rows(
+        &plan,
+        kept,
+        vectors,
+        rejected,
+        halt.is_none(),
+        ctx.target.half,
+    );
     let written = ctx.target.write_batch(
         w.db,
         &batch,
@@ -135,6 +142,7 @@ fn outcome_rows<'r>(
     vectors: Vec<(usize, Vec<f32>)>,
     rejected: Vec<(usize, String)>,
     copy: bool,
+    half: bool,
 ) -> BatchWrite<'r> {
     let shared = |i: usize| plan.same_text.get(&i).map(Vec::as_slice).unwrap_or(&[]);
     let failures = rejected
@@ -155,7 +163,7 @@ fn outcome_rows<'r>(
         Vec::new()
     };
     let release = rows.iter().map(|r| r.id.as_str()).collect();
-    let mut batch = BatchWrite::new(copies, failures, release);
+    let mut batch = BatchWrite::new(copies, failures, release, half);
     for (i, v) in vectors {
         for &j in shared(i) {
             batch.push_vector(&rows[j], v.clone());

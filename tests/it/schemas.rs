@@ -490,3 +490,50 @@ fn the_state_an_earlier_version_kept_by_table_is_adopted_by_the_column() {
         0
     );
 }
+
+#[test]
+fn halfvec_columns_are_written_and_sparsevec_and_bit_columns_refused() {
+    let mut db = TestDb::new("halfvec");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, embedding_text text,
+             embedding halfvec(8), sparse sparsevec(8), bits bit(8));
+         INSERT INTO {s}.products SELECT g, 'product ' || g FROM generate_series(1, 5) g;"
+    ));
+    let mock = Mock::start(8);
+    assert_eq!(autoembed(&db, &mock, &["setup"]).code, 0);
+    let v = autoembed(&db, &mock, &["verify", "--json"]);
+    assert_eq!(v.code, 0, "{v:?}");
+    assert_eq!(autoembed(&db, &mock, &["backfill"]).code, 0);
+    // Each row holds its text's vector at half precision, exactly.
+    for id in 1..=5i64 {
+        let exact = vector_for(&format!("product {id}"), 8);
+        let row = db
+            .client
+            .query_one(
+                &format!(
+                    "SELECT embedding::real[] = $2::real[]::vector::halfvec::real[] FROM {s}.products \
+                     WHERE product_id_internal = $1"
+                ),
+                &[&id, &exact],
+            )
+            .expect("compare");
+        assert!(row.get::<_, bool>(0), "row {id}");
+    }
+    for (column, why) in [
+        (
+            "sparse",
+            "is sparsevec(8): embeddings APIs return dense vectors",
+        ),
+        (
+            "bits",
+            "is bit(8): a binary vector is made from a dense one",
+        ),
+    ] {
+        let r = run(cmd(&db, &mock)
+            .env("AUTOEMBED_EMBEDDING_COLUMN", column)
+            .args(["run-once"]));
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains(why), "{r:?}");
+    }
+}
