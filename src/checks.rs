@@ -4,9 +4,10 @@
 
 use crate::config::{Config, Mode};
 use crate::db::access::{Access, Rls, StateAccess};
+use crate::db::catalog::ColumnFacts;
 use crate::db::catalog::{Facts, TableLookup};
 use crate::db::state::StateSchema;
-use crate::db::target::Target;
+use crate::db::target::{Target, Text};
 use crate::db::{quote_ident, Db, VectorTypes};
 use crate::models::ProviderKind;
 
@@ -86,7 +87,7 @@ pub fn open(cfg: &Config) -> crate::error::Result<Opened> {
         "table {} (id {}, text {}, embedding {}), database {}",
         target.table,
         quote_ident(&target.id_column),
-        quote_ident(&target.text_column),
+        target.text_label,
         quote_ident(&target.embedding_column),
         cfg.database_label()
     );
@@ -212,20 +213,49 @@ fn table_checks(
         id.map(|c| (c, format!("{} ({}, unique)", c.name, c.type_sql))),
     );
 
-    let text = match table.column(&cfg.text_column) {
-        None => Err(missing(
-            &cfg.text_column,
-            "--text-column",
-            "AUTOEMBED_TEXT_COLUMN",
-        )),
-        Some(c) if c.category != "S" => Err(format!(
-            "text column {} is {}, not a text type (--text-column, AUTOEMBED_TEXT_COLUMN)",
-            quote_ident(&c.name),
-            c.type_sql
-        )),
-        Some(c) => Ok((c, format!("{} ({})", c.name, c.type_sql))),
+    let text = match &cfg.text_template {
+        None => {
+            let text = match table.column(&cfg.text_column) {
+                None => Err(missing(
+                    &cfg.text_column,
+                    "--text-column",
+                    "AUTOEMBED_TEXT_COLUMN",
+                )),
+                Some(c) if c.category != "S" => Err(format!(
+                    "text column {} is {}, not a text type (--text-column, AUTOEMBED_TEXT_COLUMN)",
+                    quote_ident(&c.name),
+                    c.type_sql
+                )),
+                Some(c) => Ok((c, format!("{} ({})", c.name, c.type_sql))),
+            };
+            push(checks, "text_column", text).map(Text::Column)
+        }
+        Some(template) => {
+            let found: Result<Vec<&ColumnFacts>, String> = template
+                .columns()
+                .iter()
+                .map(|c| {
+                    table
+                        .column(c)
+                        .ok_or_else(|| missing(c, "--text-template", "AUTOEMBED_TEXT_TEMPLATE"))
+                })
+                .collect();
+            match found {
+                Ok(columns) => {
+                    let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+                    checks.push(Check::pass(
+                        "text_column",
+                        format!("a template over {}", names.join(", ")),
+                    ));
+                    Some(Text::Template(template, columns))
+                }
+                Err(e) => {
+                    checks.push(Check::fail("text_column", e));
+                    None
+                }
+            }
+        }
     };
-    let text = push(checks, "text_column", text);
 
     let embedding = match (table.column(&cfg.embedding_column), &vector) {
         (None, _) => Err(missing(&cfg.embedding_column, "--embedding-column", "AUTOEMBED_EMBEDDING_COLUMN")),

@@ -82,7 +82,10 @@ pub struct Common {
     /// Text column, exact catalog name [env: AUTOEMBED_TEXT_COLUMN] [default: embedding_text]
     #[arg(long, value_name = "COLUMN", help_heading = "Database and table")]
     pub text_column: Option<String>,
-    /// vector(N) column, exact catalog name [env: AUTOEMBED_EMBEDDING_COLUMN] [default: embedding]
+    /// The text built from several columns instead, e.g. '{name} by {brand}\n\n{description}' ({{ for a brace) [env: AUTOEMBED_TEXT_TEMPLATE]
+    #[arg(long, value_name = "TEMPLATE", help_heading = "Database and table")]
+    pub text_template: Option<String>,
+    /// vector(N) or halfvec(N) column, exact catalog name [env: AUTOEMBED_EMBEDDING_COLUMN] [default: embedding]
     #[arg(long, value_name = "COLUMN", help_heading = "Database and table")]
     pub embedding_column: Option<String>,
     /// Schema for autoembed's own bookkeeping tables [env: AUTOEMBED_STATE_SCHEMA] [default: autoembed]

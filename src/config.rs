@@ -45,6 +45,8 @@ pub struct Config {
     pub table: String,
     pub id_column: Option<String>,
     pub text_column: String,
+    /// `--text-template`: the text built from several columns, instead of `text_column`.
+    pub text_template: Option<crate::template::Template>,
     pub embedding_column: String,
     pub state_schema: String,
     pub provider: ProviderConfig,
@@ -231,9 +233,19 @@ impl Config {
             .pick(c.table, "AUTOEMBED_TABLE")
             .unwrap_or_else(|| "products".into());
         let id_column = env.pick(c.id_column, "AUTOEMBED_ID_COLUMN");
-        let text_column = env
-            .pick(c.text_column, "AUTOEMBED_TEXT_COLUMN")
-            .unwrap_or_else(|| "embedding_text".into());
+        let text_column = env.pick(c.text_column, "AUTOEMBED_TEXT_COLUMN");
+        let text_template = match env.pick(c.text_template, "AUTOEMBED_TEXT_TEMPLATE") {
+            None => None,
+            Some(_) if text_column.is_some() => {
+                return Err(Error::config(
+                    "--text-template (AUTOEMBED_TEXT_TEMPLATE) replaces --text-column (AUTOEMBED_TEXT_COLUMN): set one of them",
+                ))
+            }
+            Some(t) => Some(crate::template::Template::parse(&t).map_err(|e| {
+                Error::Config(format!("--text-template (AUTOEMBED_TEXT_TEMPLATE): {e}"))
+            })?),
+        };
+        let text_column = text_column.unwrap_or_else(|| "embedding_text".into());
         let embedding_column = env
             .pick(c.embedding_column, "AUTOEMBED_EMBEDDING_COLUMN")
             .unwrap_or_else(|| "embedding".into());
@@ -360,6 +372,7 @@ impl Config {
             table,
             id_column,
             text_column,
+            text_template,
             embedding_column,
             state_schema,
             provider,

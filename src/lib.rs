@@ -8,7 +8,8 @@
 //! [`output`]'s redaction. `docs/architecture.md` draws how a row travels.
 //!
 //! Modules import only modules below them; the leaves ([`error`],
-//! [`output`], [`signals`], [`models`], [`cli`]) import none of the others.
+//! [`output`], [`signals`], [`models`], [`cli`], `template`) import none of
+//! the others.
 
 mod checks;
 pub mod cli;
@@ -22,6 +23,7 @@ mod pacing;
 mod provider;
 mod setup;
 pub mod signals;
+mod template;
 mod tls;
 mod tokens;
 mod verify;

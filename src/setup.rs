@@ -11,7 +11,7 @@
 //! configuration is pasted.
 
 use crate::db::catalog::reset_trigger;
-use crate::db::sql::{dollar_quote, has_text, quote_literal};
+use crate::db::sql::{dollar_quote, quote_literal};
 use crate::db::target::Target;
 use crate::db::{quote_ident, state, Db};
 use crate::error::{describe_pg, Error, Result};
@@ -81,10 +81,13 @@ impl Objects {
             table: target.table.clone(),
             id: quote_ident(&target.id_column),
             sources: target.text_sources.iter().map(|c| quote_ident(c)).collect(),
-            queue_rows: format!(
-                "{embedding} IS NULL AND {}",
-                has_text(&quote_ident(&target.text_column))
-            ),
+            queue_rows: if target.text_indexable {
+                format!("{embedding} IS NULL AND {}", target.has_text_sql())
+            } else {
+                // A template over other types reads casts that are not
+                // immutable (a timestamp's text depends on the session).
+                format!("{embedding} IS NULL")
+            },
             embedding,
             function: format!(
                 "{schema}.{}",

@@ -51,13 +51,11 @@ pub enum StateAccess {
 impl Db {
     /// Read what the connected role may do to `target` and `state_schema`.
     pub fn access(&mut self, target: &Target, state_schema: &str) -> Result<Access> {
-        let columns = [
-            ("SELECT", target.id_column.as_str()),
-            ("SELECT", target.text_column.as_str()),
-            ("SELECT", target.embedding_column.as_str()),
-            ("UPDATE", target.embedding_column.as_str()),
-        ];
-        let (privs, cols): (Vec<&str>, Vec<&str>) = columns.iter().copied().unzip();
+        let mut columns = vec![("SELECT", target.id_column.as_str())];
+        columns.extend(target.text_columns.iter().map(|c| ("SELECT", c.as_str())));
+        columns.push(("SELECT", target.embedding_column.as_str()));
+        columns.push(("UPDATE", target.embedding_column.as_str()));
+        let (privs, cols): (Vec<&str>, Vec<&str>) = columns.into_iter().unzip();
         let row = self.client().query_typed_one(
             "SELECT current_user::text, current_database()::text, pg_is_in_recovery(), \
                     current_setting('transaction_read_only') = 'on', \

@@ -200,13 +200,13 @@ impl Target {
         };
         let selected = self.selected(&own, &key, &mut p);
         let sql = format!(
-            "SELECT t.{id}::text, t.{text}::text, {hash} FROM {table} t \
+            "SELECT t.{id}::text, {text}::text, {hash} FROM {table} t \
              WHERE t.{id} = ANY({ids}::text[]::{id_type}[]) AND {selected} ORDER BY t.{id}",
             id = q.id,
-            text = q.text,
+            text = q.text.on("t"),
             table = q.table,
             id_type = q.id_type,
-            hash = text_hash(&format!("t.{}", q.text)),
+            hash = text_hash(&q.text.on("t")),
             ids = p.bind(&ids, Type::TEXT_ARRAY),
         );
         Ok(p.query(c, &sql)?

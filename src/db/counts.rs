@@ -1,7 +1,7 @@
 //! The counts verify, dry-run and the summary report: rows, embedded,
 //! pending, blank, failed.
 
-use super::sql::{has_text, text_hash};
+use super::sql::text_hash;
 use super::target::{Quoted, Target};
 use crate::error::Result;
 use postgres::types::Type;
@@ -46,7 +46,7 @@ impl Target {
         let sql = format!(
             "SELECT count(*) FROM {state}.failures f JOIN {table} t ON t.{id} = f.row_id::{id_type} \
              WHERE f.table_name = $1 AND t.{embedding} IS NULL AND {hash} = f.text_hash",
-            hash = text_hash(&format!("t.{text}"))
+            hash = text_hash(&text.on("t"))
         );
         Ok(c.query_typed_one(&sql, &[(&self.key, Type::TEXT)])?.get(0))
     }
@@ -65,7 +65,7 @@ impl Target {
                     count(*) FILTER (WHERE t.{embedding} IS NULL AND NOT {has_id}) \
              FROM {table} t",
             pending = self.pending(),
-            with_text = has_text(&format!("t.{text}")),
+            with_text = text.has_text("t"),
             has_id = self.has_id(),
         );
         let r = c.query_typed_one(&sql, &[])?;

@@ -4,7 +4,7 @@
 //! shared by the claim, dry-run and the counts.
 
 use super::catalog::{ColumnFacts, TableFacts};
-use super::sql::{has_text, quote_ident, text_hash, Params};
+use super::sql::{has_text, quote_ident, quote_literal, text_hash, Params};
 use super::VectorTypes;
 use crate::config::Reembed;
 use postgres::types::Type;
@@ -27,10 +27,16 @@ pub struct Target {
     pub schema_name: String,
     pub table_name: String,
     pub id_column: String,
-    pub text_column: String,
-    /// The columns whose edit changes the text: the text column itself, or
-    /// for a stored generated column, the columns its expression reads.
+    /// Where the text comes from, for messages: `"column"`, or the template.
+    pub text_label: String,
+    /// The columns the text is read from (the text column, or a template's).
+    pub text_columns: Vec<String>,
+    /// The columns whose edit changes the text: those, except that a stored
+    /// generated column stands for the columns its expression reads.
     pub text_sources: Vec<String>,
+    /// The text's expression may appear in an index predicate (it is
+    /// immutable: a column, or a template over text columns only).
+    pub text_indexable: bool,
     pub embedding_column: String,
     /// N of `vector(N)`, when the column fixes it.
     pub dimensions: Option<u32>,
@@ -42,16 +48,81 @@ pub struct Target {
     pub(super) sql: Quoted,
 }
 
+/// Where a row's text comes from, as the target is built from it.
+pub enum Text<'a> {
+    Column(&'a ColumnFacts),
+    /// `--text-template` and the columns it names, each checked.
+    Template(&'a crate::template::Template, Vec<&'a ColumnFacts>),
+}
+
 /// The quoted pieces every statement is built from.
 #[derive(Debug, Clone)]
 pub(super) struct Quoted {
     pub table: String,
     pub id: String,
-    pub text: String,
+    pub text: TextSql,
     pub embedding: String,
     /// The id column's type, as `format_type` writes it, for casts from text.
     pub id_type: String,
     pub state: String,
+}
+
+/// A row's text in SQL: a quoted column, or a template's pieces (quoted
+/// columns and literals), rendered by the database.
+#[derive(Debug, Clone)]
+pub(super) enum TextSql {
+    Column(String),
+    /// (is a column, quoted column or literal text).
+    Template(Vec<(bool, String)>),
+}
+
+impl TextSql {
+    /// The text of row `alias` (`t`); with an empty alias, of the row an
+    /// index predicate or a trigger sees. A template's NULL column is empty.
+    pub fn on(&self, alias: &str) -> String {
+        let prefix = if alias.is_empty() {
+            String::new()
+        } else {
+            format!("{alias}.")
+        };
+        match self {
+            TextSql::Column(c) => format!("{prefix}{c}"),
+            TextSql::Template(pieces) => {
+                let parts: Vec<String> = pieces
+                    .iter()
+                    .map(|(column, s)| {
+                        if *column {
+                            format!("coalesce({prefix}{s}::text, '')")
+                        } else {
+                            quote_literal(s)
+                        }
+                    })
+                    .collect();
+                format!("({})", parts.join(" || "))
+            }
+        }
+    }
+
+    /// Whether row `alias` has text to send ([`has_text`]): for a template,
+    /// some column it reads has (its literals alone are no text).
+    pub fn has_text(&self, alias: &str) -> String {
+        match self {
+            TextSql::Column(_) => has_text(&self.on(alias)),
+            TextSql::Template(pieces) => {
+                let prefix = if alias.is_empty() {
+                    String::new()
+                } else {
+                    format!("{alias}.")
+                };
+                let any: Vec<String> = pieces
+                    .iter()
+                    .filter(|(column, _)| *column)
+                    .map(|(_, c)| has_text(&format!("{prefix}{c}")))
+                    .collect();
+                format!("({})", any.join(" OR "))
+            }
+        }
+    }
 }
 
 /// Which rows a claim (or dry-run, or a count) selects.
@@ -83,15 +154,65 @@ impl Target {
     pub fn new(
         table: &TableFacts,
         id: &ColumnFacts,
-        text: &ColumnFacts,
+        text: Text<'_>,
         embedding: &ColumnFacts,
         vector: VectorTypes,
         state_schema: &str,
     ) -> Target {
+        let (text_sql, text_label, text_columns, text_sources, text_indexable) = match &text {
+            Text::Column(c) => (
+                TextSql::Column(quote_ident(&c.name)),
+                quote_ident(&c.name),
+                vec![c.name.clone()],
+                if c.generated_from.is_empty() {
+                    vec![c.name.clone()]
+                } else {
+                    c.generated_from.clone()
+                },
+                true,
+            ),
+            Text::Template(t, columns) => {
+                let mut sources: Vec<String> = Vec::new();
+                for c in columns {
+                    let from = if c.generated_from.is_empty() {
+                        std::slice::from_ref(&c.name)
+                    } else {
+                        c.generated_from.as_slice()
+                    };
+                    for f in from {
+                        if !sources.contains(f) {
+                            sources.push(f.clone());
+                        }
+                    }
+                }
+                (
+                    TextSql::Template(
+                        t.pieces
+                            .iter()
+                            .map(|p| match p {
+                                crate::template::Piece::Column(c) => (true, quote_ident(c)),
+                                crate::template::Piece::Literal(l) => (false, l.clone()),
+                            })
+                            .collect(),
+                    ),
+                    format!(
+                        "a template over {}",
+                        t.columns()
+                            .iter()
+                            .map(|c| quote_ident(c))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    t.columns(),
+                    sources,
+                    columns.iter().all(|c| c.category == "S"),
+                )
+            }
+        };
         let sql = Quoted {
             table: table.qualified(),
             id: quote_ident(&id.name),
-            text: quote_ident(&text.name),
+            text: text_sql,
             embedding: quote_ident(&embedding.name),
             id_type: id.type_sql.clone(),
             state: quote_ident(state_schema),
@@ -109,12 +230,10 @@ impl Target {
             schema_name: table.schema.clone(),
             table_name: table.name.clone(),
             id_column: id.name.clone(),
-            text_column: text.name.clone(),
-            text_sources: if text.generated_from.is_empty() {
-                vec![text.name.clone()]
-            } else {
-                text.generated_from.clone()
-            },
+            text_label,
+            text_columns,
+            text_sources,
+            text_indexable,
             embedding_column: embedding.name.clone(),
             dimensions: u32::try_from(embedding.typmod).ok().filter(|d| *d > 0),
             partitioned: table.kind == "p",
@@ -133,6 +252,11 @@ impl Target {
         }
     }
 
+    /// Whether a row has text to send, as an index predicate says it (no alias).
+    pub fn has_text_sql(&self) -> String {
+        self.sql.text.has_text("")
+    }
+
     /// The schema of the pgvector extension (for a function's `search_path`).
     pub fn vector_schema(&self) -> &str {
         self.vector.scalar.schema()
@@ -146,11 +270,7 @@ impl Target {
     /// Rows of `t` that can be embedded at all: an id to write the vector
     /// back by (a nullable unique column can hold NULLs), and some text.
     fn sendable(&self) -> String {
-        format!(
-            "{} AND {}",
-            self.has_id(),
-            has_text(&format!("t.{}", self.sql.text))
-        )
+        format!("{} AND {}", self.has_id(), self.sql.text.has_text("t"))
     }
 
     /// Rows of `t` whose id is not NULL: the only rows autoembed can claim and write.
@@ -207,7 +327,7 @@ impl Target {
                 " AND NOT EXISTS (SELECT 1 FROM {state}.failures f WHERE f.table_name = {key} \
                  AND f.row_id = t.{id}::text AND f.text_hash = {hash} \
                  AND (f.attempts >= {max_attempts} OR f.next_try_at > now()))",
-                hash = text_hash(&format!("t.{text}"))
+                hash = text_hash(&text.on("t"))
             );
         }
         if sel.skip_claimed {

@@ -169,7 +169,7 @@ impl Target {
              JOIN {table} t ON t.{id} = v.id::{id_type} AND {hash} = v.h {still_null}",
             p.bind(&ids, Type::TEXT_ARRAY),
             p.bind(&hashes, Type::INT8_ARRAY),
-            hash = text_hash(&format!("t.{text}")),
+            hash = text_hash(&text.on("t")),
             still_null = if reembed {
                 String::new()
             } else {
@@ -251,7 +251,7 @@ impl Target {
                 ids = p.bind(&ids, Type::TEXT_ARRAY),
                 hashes = p.bind(&hashes, Type::INT8_ARRAY),
                 sources = p.bind(&sources, Type::TEXT_ARRAY),
-                hash = text_hash(&format!("s.{text}")),
+                hash = text_hash(&text.on("s")),
             );
             written.extend(self.store(&mut tx, p, &source, models, reembed, release.take())?);
         }
@@ -325,7 +325,7 @@ impl Target {
                      RETURNING t.{id}::text AS id), \
              del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = {key} AND f.row_id = upd.id) \
              {note}{end_claims} SELECT id FROM upd",
-            hash = text_hash(&format!("t.{text}")),
+            hash = text_hash(&text.on("t")),
         );
         Ok(p.query(tx, &sql)?.into_iter().map(|r| r.get(0)).collect())
     }
@@ -368,7 +368,7 @@ impl Target {
             ids = p.bind(&ids, Type::TEXT_ARRAY),
             hashes = p.bind(&hashes, Type::INT8_ARRAY),
             errors = p.bind(&errors, Type::TEXT_ARRAY),
-            hash = text_hash(&format!("t.{text}")),
+            hash = text_hash(&text.on("t")),
         );
         p.execute(tx, &sql).map(|_| ())
     }

@@ -592,7 +592,7 @@ fn a_table_without_pgvector_or_with_the_wrong_shape_is_refused_before_any_call()
         (
             "notvec",
             &[],
-            "not a pgvector vector (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
+            "not a pgvector vector or halfvec (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
         ),
         (
             "small",

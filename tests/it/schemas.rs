@@ -537,3 +537,69 @@ fn halfvec_columns_are_written_and_sparsevec_and_bit_columns_refused() {
         assert!(r.stderr.contains(why), "{r:?}");
     }
 }
+
+#[test]
+fn a_text_template_renders_several_columns_and_setup_watches_exactly_those() {
+    let mut db = TestDb::new("template");
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "CREATE TABLE {s}.products (product_id_internal bigint PRIMARY KEY, name text, brand text,
+             description text, price numeric NOT NULL DEFAULT 1, embedding vector(8));
+         INSERT INTO {s}.products VALUES
+             (1, 'Rain jacket', 'Copperleaf', 'Keeps you dry.', 1, NULL),
+             (2, 'Tent', NULL, 'Two people.', 1, NULL),
+             (3, NULL, '  ', NULL, 1, NULL),
+             (4, 'Stove {{x}}', 'Ember', '', 1, NULL);"
+    ));
+    let mock = Mock::start(8);
+    let template = r"{name} by {brand}\n\n{description}";
+    let with = |db: &TestDb, args: &[&str]| {
+        run(cmd(db, &mock)
+            .env("AUTOEMBED_TEXT_TEMPLATE", template)
+            .args(args))
+    };
+    assert_eq!(with(&db, &["setup"]).code, 0);
+    let dry = with(&db, &["dry-run", "--json"]).json();
+    let j = with(&db, &["backfill", "--json"]).json();
+    // Row 3 holds no text in any column the template reads: blank.
+    assert_eq!(j["embedded"], 3, "{j}");
+    assert_eq!(dry["would_embed"], j["embedded"]);
+    assert_eq!(dry["estimated_tokens"], j["tokens"], "{dry} {j}");
+    let table = db.table();
+    for (id, text) in [
+        ("1", "Rain jacket by Copperleaf\n\nKeeps you dry."),
+        ("2", "Tent by \n\nTwo people."),
+        ("4", "Stove {x} by Ember\n\n"),
+    ] {
+        assert_eq!(
+            db.vector(&table, "product_id_internal", id),
+            Some(vector_for(text, 8)),
+            "row {id}"
+        );
+    }
+    // The trigger watches the template's columns, and only those.
+    db.exec(&format!("UPDATE {table} SET price = 2"));
+    assert_eq!(pending(&mut db, &table), 1, "only the blank row");
+    db.exec(&format!(
+        "UPDATE {table} SET brand = 'Granite' WHERE product_id_internal = 2"
+    ));
+    assert_eq!(with(&db, &["run-once"]).code, 0);
+    assert_eq!(
+        db.vector(&table, "product_id_internal", "2"),
+        Some(vector_for("Tent by Granite\n\nTwo people.", 8))
+    );
+    // A template naming a missing column, or malformed, is exit 2 naming the flag.
+    for (bad, says) in [
+        ("{name} {colour}", "column \"colour\" not found"),
+        ("{name", "unclosed {"),
+    ] {
+        let r = run(cmd(&db, &mock)
+            .env("AUTOEMBED_TEXT_TEMPLATE", bad)
+            .args(["run-once"]));
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(
+            r.stderr.contains(says) && r.stderr.contains("--text-template"),
+            "{r:?}"
+        );
+    }
+}
