@@ -10,19 +10,8 @@
 # Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (postgres), PGDATABASE (test).
 set -euo pipefail
 
-export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
-export PGDATABASE="${PGDATABASE:-test}"
-export PGOPTIONS="${PGOPTIONS:--c client_min_messages=warning}"
-export DEBIAN_FRONTEND=noninteractive
-
-log() { printf 'dev-db: %s\n' "$*" >&2; }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-apt_updated=0
-apt_install() {
-  if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-  as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+name=dev-db
+source "$(dirname "$0")/db-env.sh"
 
 # 1. PostgreSQL must answer.
 if ! pg_isready -q; then

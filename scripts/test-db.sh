@@ -11,19 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/dev-db.sh
 
-export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
-export PGDATABASE="${PGDATABASE:-test}"
-export PGOPTIONS="${PGOPTIONS:--c client_min_messages=warning}"
-export DEBIAN_FRONTEND=noninteractive
-
-log() { printf 'test-db: %s\n' "$*" >&2; }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-apt_updated=0
-apt_install() {
-  if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-  as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+name=test-db
+source scripts/db-env.sh
 
 # 1. TLS on the local server with a throwaway CA, for the sslmode tests
 #    (tests/it/tls.rs). Only when the server has TLS off or uses Debian's

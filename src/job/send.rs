@@ -86,18 +86,21 @@ impl Sender<'_> {
         vectors: &mut Vec<(usize, Vec<f32>)>,
         rejected: &mut Vec<(usize, String)>,
     ) -> Result<(), Halt> {
-        let mut search = Search::default();
+        let mut out = Sending {
+            hold,
+            vectors,
+            rejected,
+            search: Search::default(),
+        };
         let policy = self.policy.clone();
-        match self.send(items, hold, vectors, rejected, &policy, &mut search) {
+        match self.send(items, &mut out, &policy) {
             Ok(()) => Ok(()),
             Err(Failure::Halt(h)) => Err(h),
-            Err(Failure::Transient(e)) if items.len() > 1 => {
-                match self.isolate(items, hold, vectors, rejected, &mut search) {
-                    Ok(()) => Ok(()),
-                    Err(Failure::Halt(h)) => Err(h),
-                    Err(Failure::Transient(_)) => Err(self.gave_up(&e)),
-                }
-            }
+            Err(Failure::Transient(e)) if items.len() > 1 => match self.isolate(items, &mut out) {
+                Ok(()) => Ok(()),
+                Err(Failure::Halt(h)) => Err(h),
+                Err(Failure::Transient(_)) => Err(self.gave_up(&e)),
+            },
             Err(Failure::Transient(e)) => Err(self.gave_up(&e)),
         }
     }
@@ -110,24 +113,17 @@ impl Sender<'_> {
     }
 
     /// `items` failed transiently: find the one input the provider fails on.
-    fn isolate(
-        &mut self,
-        items: &[Item],
-        hold: &mut dyn Hold,
-        vectors: &mut Vec<(usize, Vec<f32>)>,
-        rejected: &mut Vec<(usize, String)>,
-        search: &mut Search,
-    ) -> Result<(), Failure> {
+    fn isolate(&mut self, items: &[Item], out: &mut Sending<'_>) -> Result<(), Failure> {
         let quick = RetryPolicy {
             transient_retries: ISOLATING_RETRIES,
             ..self.policy.clone()
         };
         let (left, right) = items.split_at(items.len() / 2);
-        let first = self.send(left, hold, vectors, rejected, &quick, search);
+        let first = self.send(left, out, &quick);
         if let Err(Failure::Halt(h)) = first {
             return Err(Failure::Halt(h));
         }
-        let second = self.send(right, hold, vectors, rejected, &quick, search);
+        let second = self.send(right, out, &quick);
         let (failing, e) = match (first, second) {
             (_, Err(Failure::Halt(h))) => return Err(Failure::Halt(h)),
             (Ok(()), Ok(())) => return Ok(()),
@@ -144,24 +140,21 @@ impl Sender<'_> {
                     "the provider fails on row {} every time; recording it as failed",
                     one.row
                 );
-                rejected.push((
+                out.rejected.push((
                     one.row,
                     format!("the provider fails on this input every time: {e}"),
                 ));
                 Ok(())
             }
-            _ => self.isolate(failing, hold, vectors, rejected, search),
+            _ => self.isolate(failing, out),
         }
     }
 
     fn send(
         &mut self,
         items: &[Item],
-        hold: &mut dyn Hold,
-        vectors: &mut Vec<(usize, Vec<f32>)>,
-        rejected: &mut Vec<(usize, String)>,
+        out: &mut Sending<'_>,
         policy: &RetryPolicy,
-        search: &mut Search,
     ) -> Result<(), Failure> {
         if items.is_empty() {
             return Ok(());
@@ -178,13 +171,13 @@ impl Sender<'_> {
         };
         // No request over the provider's token limit: split before sending.
         if tokens > MAX_REQUEST_TOKENS && self.counter.limits_requests() && items.len() > 1 {
-            return self.halves(items, hold, vectors, rejected, policy, search);
+            return self.halves(items, out, policy);
         }
         let mut items = items.to_vec();
         loop {
-            if Instant::now() >= hold.send_by() {
+            if Instant::now() >= out.hold.send_by() {
                 let rows: Vec<usize> = items.iter().map(|i| i.row).collect();
-                let held = hold.confirm(&rows).map_err(Halt::Error)?;
+                let held = out.hold.confirm(&rows).map_err(Halt::Error)?;
                 if held.len() < items.len() {
                     crate::warn!(
                         "{} rows were taken over by another run while this one waited; not sending them",
@@ -203,7 +196,7 @@ impl Sender<'_> {
                     inputs: &inputs,
                     tokens: tokens as u64,
                     pacer: self.pacer,
-                    send_by: Some(hold.send_by()),
+                    send_by: Some(out.hold.send_by()),
                 },
                 policy,
                 self.deadline,
@@ -217,7 +210,8 @@ impl Sender<'_> {
                     ..
                 }) => {
                     self.tokens += tokens.unwrap_or(0);
-                    vectors.extend(vs.into_iter().zip(&items).map(|(v, i)| (i.row, v)));
+                    out.vectors
+                        .extend(vs.into_iter().zip(&items).map(|(v, i)| (i.row, v)));
                     Ok(())
                 }
                 Err(RetryOutcome::Unconfirmed) => continue,
@@ -228,15 +222,17 @@ impl Sender<'_> {
                         "request of {} rows rejected ({status}: {message}); splitting it",
                         items.len()
                     );
-                    search.whole.get_or_insert(format!("{status}: {message}"));
-                    self.halves(&items, hold, vectors, rejected, policy, search)
+                    out.search
+                        .whole
+                        .get_or_insert(format!("{status}: {message}"));
+                    self.halves(&items, out, policy)
                 }
                 Err(RetryOutcome::Failed(ProviderError::Rejected { status, message })) => {
                     let why = format!("{status}: {message}");
-                    if search.whole.as_ref() == Some(&why) && !search.probed {
-                        search.probed = true;
+                    if out.search.whole.as_ref() == Some(&why) && !out.search.probed {
+                        out.search.probed = true;
                         if self.refuses_any_input(&why, policy) {
-                            rejected.retain(|(_, e)| *e != why);
+                            out.rejected.retain(|(_, e)| *e != why);
                             return Err(Failure::Halt(Halt::Error(Error::Config(format!(
                                 "the provider refuses the request itself, whatever the input ({why}): \
                                  check --model (AUTOEMBED_MODEL), --dimensions (AUTOEMBED_DIMENSIONS) \
@@ -244,7 +240,7 @@ impl Sender<'_> {
                             )))));
                         }
                     }
-                    rejected.push((items[0].row, why));
+                    out.rejected.push((items[0].row, why));
                     Ok(())
                 }
                 Err(RetryOutcome::Failed(ProviderError::Misconfigured { message })) => {
@@ -291,16 +287,23 @@ impl Sender<'_> {
     fn halves(
         &mut self,
         items: &[Item],
-        hold: &mut dyn Hold,
-        vectors: &mut Vec<(usize, Vec<f32>)>,
-        rejected: &mut Vec<(usize, String)>,
+        out: &mut Sending<'_>,
         policy: &RetryPolicy,
-        search: &mut Search,
     ) -> Result<(), Failure> {
         let mid = items.len() / 2;
-        self.send(&items[..mid], hold, vectors, rejected, policy, search)?;
-        self.send(&items[mid..], hold, vectors, rejected, policy, search)
+        self.send(&items[..mid], out, policy)?;
+        self.send(&items[mid..], out, policy)
     }
+}
+
+/// What one batch's requests write to, carried through its splits.
+struct Sending<'s> {
+    hold: &'s mut dyn Hold,
+    /// Vectors by batch index.
+    vectors: &'s mut Vec<(usize, Vec<f32>)>,
+    /// Rejected rows by batch index, and why.
+    rejected: &'s mut Vec<(usize, String)>,
+    search: Search,
 }
 
 /// What the splitting of one batch has seen.
