@@ -10,7 +10,8 @@
 //! - [`writes`]: storing vectors and failures;
 //! - [`counts`]: what verify, dry-run and the summary report;
 //! - [`model_records`]: which model made which vectors;
-//! - [`sweep`]: forgetting the records of deleted rows.
+//! - [`sweep`]: forgetting the records of deleted rows;
+//! - [`legacy`]: adopting the state earlier versions kept by table.
 //!
 //! Two rules shape every statement: identifiers from configuration are
 //! resolved by the database and then quoted, never pasted, and values travel
@@ -26,6 +27,7 @@ pub mod access;
 pub mod catalog;
 pub mod claims;
 pub mod counts;
+pub mod legacy;
 pub mod model_records;
 pub mod sql;
 pub mod state;
