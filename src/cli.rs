@@ -94,9 +94,15 @@ pub struct Common {
     /// openai, openrouter, openai-compatible or local (the built-in model) [env: AUTOEMBED_PROVIDER] [default: openrouter if OPENROUTER_API_KEY is set, else openai]
     #[arg(long, help_heading = "Provider")]
     pub provider: Option<String>,
-    /// Base URL; requests go to <URL>/embeddings [env: AUTOEMBED_API_BASE]
+    /// Base URL; requests go to <URL>/embeddings (azure: the resource URL) [env: AUTOEMBED_API_BASE; azure: else AZURE_OPENAI_ENDPOINT]
     #[arg(long, value_name = "URL", help_heading = "Provider")]
     pub api_base: Option<String>,
+    /// Azure OpenAI's api-version [env: AUTOEMBED_API_VERSION, else OPENAI_API_VERSION] [default: 2024-10-21]
+    #[arg(long, value_name = "VERSION", help_heading = "Provider")]
+    pub api_version: Option<String>,
+    /// A JSON object merged into every request body, e.g. '{"input_type":"document"}' [env: AUTOEMBED_REQUEST_EXTRA]
+    #[arg(long, value_name = "JSON", help_heading = "Provider")]
+    pub request_extra: Option<String>,
     /// Read the API key from this Supabase Vault secret (vault.decrypted_secrets) [env: AUTOEMBED_API_KEY_VAULT_SECRET]
     #[arg(long, value_name = "NAME", help_heading = "Provider")]
     pub api_key_vault_secret: Option<String>,

@@ -109,6 +109,10 @@ pub struct ProviderConfig {
     /// `--price-per-million`, overriding the built-in price.
     pub price_per_million: Option<f64>,
     pub request_timeout: Duration,
+    /// `--provider azure`: the `api-version` query parameter.
+    pub api_version: Option<String>,
+    /// `--request-extra`: fields merged into every request body.
+    pub request_extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ProviderConfig {
@@ -138,6 +142,8 @@ impl std::fmt::Debug for ProviderConfig {
             .field("dimensions", &self.dimensions)
             .field("price_per_million", &self.price_per_million)
             .field("request_timeout", &self.request_timeout)
+            .field("api_version", &self.api_version)
+            .field("request_extra", &self.request_extra)
             .finish()
     }
 }
@@ -514,7 +520,7 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
     let kind = match env.pick(c.provider.clone(), "AUTOEMBED_PROVIDER") {
         Some(name) => ProviderKind::parse(&name).ok_or_else(|| {
             Error::config(format!(
-                "invalid --provider (AUTOEMBED_PROVIDER) {name:?}: expected openai, openrouter, openai-compatible or local"
+                "invalid --provider (AUTOEMBED_PROVIDER) {name:?}: expected openai, openrouter, azure, openai-compatible or local"
             ))
         })?,
         None if env.get("OPENROUTER_API_KEY").is_some() => ProviderKind::OpenRouter,
@@ -528,6 +534,11 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
     }
     let api_base = match env.pick(c.api_base.clone(), "AUTOEMBED_API_BASE") {
         None if kind == ProviderKind::Local => String::from("http://localhost"),
+        None if kind == ProviderKind::Azure => env.get("AZURE_OPENAI_ENDPOINT").ok_or_else(|| {
+            Error::config(
+                "--provider azure needs --api-base (AUTOEMBED_API_BASE, or AZURE_OPENAI_ENDPOINT): the resource URL, https://RESOURCE.openai.azure.com",
+            )
+        })?,
         Some(base) => base,
         None => kind.default_base().map(str::to_string).ok_or_else(|| {
             Error::config(
@@ -607,6 +618,23 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
         3600,
     )?
     .unwrap_or(60);
+    let api_version = match env
+        .pick(c.api_version.clone(), "AUTOEMBED_API_VERSION")
+        .or_else(|| env.get("OPENAI_API_VERSION"))
+    {
+        _ if kind != ProviderKind::Azure => None,
+        Some(v) if v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => Some(v),
+        Some(v) => {
+            return Err(Error::config(format!(
+                "invalid --api-version (AUTOEMBED_API_VERSION) {v:?}: expected a version such as 2024-10-21"
+            )))
+        }
+        None => Some(AZURE_API_VERSION.to_string()),
+    };
+    let request_extra = env
+        .pick(c.request_extra.clone(), "AUTOEMBED_REQUEST_EXTRA")
+        .map(|json| request_extra(&json))
+        .transpose()?;
     Ok(ProviderConfig {
         kind,
         api_base,
@@ -618,7 +646,34 @@ fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConfig> {
         dimensions,
         price_per_million,
         request_timeout: Duration::from_secs(request_timeout),
+        api_version,
+        request_extra,
     })
+}
+
+/// The Azure OpenAI `api-version` used when none is set (the GA version
+/// that takes `dimensions` and `encoding_format`).
+const AZURE_API_VERSION: &str = "2024-10-21";
+
+/// `--request-extra`: a JSON object whose fields are merged into every
+/// request body; it may not replace what autoembed itself sends and reads.
+fn request_extra(json: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let flag = "--request-extra (AUTOEMBED_REQUEST_EXTRA)";
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Error::Config(format!("{flag} is not JSON: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Error::Config(format!(
+            "{flag} must be a JSON object, such as {{\"input_type\":\"document\"}}"
+        )));
+    };
+    for key in ["input", "model", "encoding_format", "dimensions"] {
+        if map.contains_key(key) {
+            return Err(Error::Config(format!(
+                "{flag} may not set {key:?}: autoembed sends it (use --model, --dimensions)"
+            )));
+        }
+    }
+    Ok(map)
 }
 
 /// Where `scripts/fetch-model.sh` puts the model:

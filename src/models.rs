@@ -13,6 +13,8 @@ pub enum ProviderKind {
     OpenAi,
     OpenRouter,
     Compatible,
+    /// Azure OpenAI: a deployment of a resource, `api-key` header.
+    Azure,
     /// The built-in model, in this process (feature `local`).
     Local,
 }
@@ -23,6 +25,7 @@ impl ProviderKind {
             "openai" => Some(Self::OpenAi),
             "openrouter" => Some(Self::OpenRouter),
             "openai-compatible" | "compatible" => Some(Self::Compatible),
+            "azure" | "azure-openai" => Some(Self::Azure),
             "local" => Some(Self::Local),
             _ => None,
         }
@@ -33,6 +36,7 @@ impl ProviderKind {
             Self::OpenAi => "openai",
             Self::OpenRouter => "openrouter",
             Self::Compatible => "openai-compatible",
+            Self::Azure => "azure",
             Self::Local => "local",
         }
     }
@@ -41,7 +45,7 @@ impl ProviderKind {
         match self {
             Self::OpenAi => Some("https://api.openai.com/v1"),
             Self::OpenRouter => Some("https://openrouter.ai/api/v1"),
-            Self::Compatible | Self::Local => None,
+            Self::Compatible | Self::Azure | Self::Local => None,
         }
     }
 
@@ -50,6 +54,7 @@ impl ProviderKind {
         match self {
             Self::OpenAi => Some("OPENAI_API_KEY"),
             Self::OpenRouter => Some("OPENROUTER_API_KEY"),
+            Self::Azure => Some("AZURE_OPENAI_API_KEY"),
             Self::Compatible | Self::Local => None,
         }
     }

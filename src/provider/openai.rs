@@ -1,4 +1,5 @@
-//! The OpenAI wire format, as spoken by OpenAI, OpenRouter and the
+//! The OpenAI wire format, as spoken by OpenAI, OpenRouter, Azure OpenAI
+//! (a deployment's URL with `api-version`, the key in `api-key`) and the
 //! OpenAI-compatible servers (Ollama, text-embeddings-inference, vLLM, LM
 //! Studio). One blocking request per call, mapped to [`ProviderError`] kinds.
 //!
@@ -28,6 +29,8 @@ pub struct OpenAiClient {
     key_var: &'static str,
     model: String,
     dimensions: Option<u32>,
+    /// `--request-extra`, merged into every body.
+    extra: serde_json::Map<String, Value>,
 }
 
 impl OpenAiClient {
@@ -36,14 +39,23 @@ impl OpenAiClient {
             .timeout(cfg.request_timeout)
             .user_agent(concat!("autoembed/", env!("CARGO_PKG_VERSION")))
             .build();
+        let url = match (cfg.kind, &cfg.api_version) {
+            (ProviderKind::Azure, Some(version)) => format!(
+                "{}/openai/deployments/{}/embeddings?api-version={version}",
+                cfg.api_base,
+                path_segment(&cfg.model)
+            ),
+            _ => format!("{}/embeddings", cfg.api_base),
+        };
         OpenAiClient {
             agent,
-            url: format!("{}/embeddings", cfg.api_base),
+            url,
             kind: cfg.kind,
             api_key: cfg.api_key.clone(),
             key_var: cfg.key_var,
             model: cfg.kind.wire_model(&cfg.model),
             dimensions: cfg.dimensions,
+            extra: cfg.request_extra.clone().unwrap_or_default(),
         }
     }
 
@@ -64,6 +76,11 @@ impl OpenAiClient {
         });
         if let Some(d) = self.dimensions {
             body["dimensions"] = d.into();
+        }
+        if let Value::Object(fields) = &mut body {
+            for (k, v) in &self.extra {
+                fields.insert(k.clone(), v.clone());
+            }
         }
         body.to_string()
     }
@@ -248,7 +265,10 @@ impl Embedder for OpenAiClient {
             .post(&self.url)
             .set("content-type", "application/json");
         if let Some(key) = &self.api_key {
-            req = req.set("authorization", &format!("Bearer {key}"));
+            req = match self.kind {
+                ProviderKind::Azure => req.set("api-key", key),
+                _ => req.set("authorization", &format!("Bearer {key}")),
+            };
         }
         if self.kind == ProviderKind::OpenRouter {
             req = req.set("x-title", "autoembed");
@@ -279,6 +299,19 @@ impl Embedder for OpenAiClient {
             }),
         }
     }
+}
+
+/// `s` as one URL path segment: unreserved characters as they are, every
+/// other byte percent-encoded (an Azure deployment's name goes in the path).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn transport_message(t: &ureq::Transport) -> String {
@@ -485,6 +518,8 @@ mod tests {
             model_path: None,
             dimensions: None,
             request_timeout: Duration::from_secs(1),
+            api_version: None,
+            request_extra: None,
         })
     }
 

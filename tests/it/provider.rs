@@ -3,7 +3,7 @@
 //! are waited out and retried, unusable replies are never written.
 
 use crate::support::mock::{Fault, Mock};
-use crate::support::{autoembed, TestDb};
+use crate::support::{autoembed, TestDb, API_KEY};
 use std::time::Duration;
 
 fn pending_and_unfailed(db: &mut TestDb, n: i64) {
@@ -281,4 +281,149 @@ fn an_input_the_provider_fails_on_every_time_is_found_recorded_and_skipped() {
     let j = autoembed(&db, &mock, &["run-once", "--json"]).json();
     assert_eq!(j["embedded"], 1, "{j}");
     assert_eq!(mock.requests().len(), before + 1);
+}
+
+#[test]
+fn azure_openai_is_called_on_its_deployment_url_with_its_api_key_header() {
+    let mut db = TestDb::new("azure");
+    db.products(12, 1536);
+    let mock = Mock::start(1536);
+    let resource = mock.base.trim_end_matches("/v1").to_string();
+    let azure = |db: &TestDb| {
+        let mut c = db.cmd(&mock);
+        c.env_remove("OPENAI_API_KEY")
+            .env_remove("AUTOEMBED_API_BASE")
+            .env("AUTOEMBED_PROVIDER", "azure")
+            .env("AUTOEMBED_MODEL", "prod-embeddings")
+            .env("AZURE_OPENAI_ENDPOINT", &resource)
+            .env("AZURE_OPENAI_API_KEY", API_KEY);
+        c
+    };
+    let r = crate::support::run(azure(&db).args(["run-once", "--json"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(db.correct_rows(1536), (12, 0));
+    let seen = &mock.requests()[0];
+    assert_eq!(
+        seen.path,
+        "/openai/deployments/prod-embeddings/embeddings?api-version=2024-10-21"
+    );
+    assert_eq!(seen.header("api-key"), Some(API_KEY));
+    assert_eq!(seen.header("authorization"), None);
+    // Without the resource or the key: exit 2, naming the variable.
+    for (unset, says) in [
+        ("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_ENDPOINT"),
+        ("AZURE_OPENAI_API_KEY", "set AZURE_OPENAI_API_KEY"),
+    ] {
+        let r = crate::support::run(azure(&db).env_remove(unset).args(["run-once"]));
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains(says), "{r:?}");
+    }
+}
+
+#[test]
+fn request_extra_fields_go_into_every_request_and_may_not_replace_autoembeds_own() {
+    let mut db = TestDb::new("extra");
+    db.products(3, 1536);
+    let mock = Mock::start(1536);
+    let r = crate::support::run(
+        db.cmd(&mock)
+            .env(
+                "AUTOEMBED_REQUEST_EXTRA",
+                r#"{"input_type":"document","truncate":"END"}"#,
+            )
+            .args(["run-once"]),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let body = &mock.requests()[0].body;
+    assert_eq!(body["input_type"], "document");
+    assert_eq!(body["truncate"], "END");
+    assert_eq!(body["model"], "text-embedding-3-small");
+    assert_eq!(db.correct_rows(1536), (3, 0));
+    for (bad, says) in [
+        ("[1]", "must be a JSON object"),
+        ("{oops", "is not JSON"),
+        (r#"{"model":"other"}"#, "may not set \"model\""),
+        (r#"{"input":[]}"#, "may not set \"input\""),
+    ] {
+        let r = crate::support::run(
+            db.cmd(&mock)
+                .env("AUTOEMBED_REQUEST_EXTRA", bad)
+                .args(["run-once"]),
+        );
+        assert_eq!(r.code, 2, "{bad}: {r:?}");
+        assert!(
+            r.stderr.contains(says)
+                && r.stderr
+                    .contains("--request-extra (AUTOEMBED_REQUEST_EXTRA)"),
+            "{bad}: {r:?}"
+        );
+    }
+    assert_eq!(mock.requests().len(), 1);
+}
+
+#[test]
+fn the_documented_provider_settings_send_what_they_say() {
+    // README's rows: (API base path, model, column size, dimensions, extra JSON).
+    for (path, model, size, dimensions, extra) in [
+        (
+            "/v1beta/openai",
+            "gemini-embedding-001",
+            768,
+            Some("768"),
+            None,
+        ),
+        ("/v1", "mistral-embed", 1024, None, None),
+        (
+            "/v1",
+            "jina-embeddings-v3",
+            1024,
+            None,
+            Some(r#"{"task":"retrieval.passage"}"#),
+        ),
+        (
+            "/v1",
+            "voyage-3.5",
+            1024,
+            None,
+            Some(r#"{"input_type":"document"}"#),
+        ),
+    ] {
+        let mut db = TestDb::new("providers");
+        db.products(2, size);
+        let mock = Mock::start(size);
+        let base = mock.base.trim_end_matches("/v1").to_string() + path;
+        let mut c = db.cmd(&mock);
+        c.env("AUTOEMBED_PROVIDER", "openai-compatible")
+            .env("AUTOEMBED_API_BASE", &base)
+            .env("AUTOEMBED_API_KEY", API_KEY)
+            .env("AUTOEMBED_MODEL", model);
+        if let Some(d) = dimensions {
+            c.env("AUTOEMBED_DIMENSIONS", d);
+        }
+        if let Some(e) = extra {
+            c.env("AUTOEMBED_REQUEST_EXTRA", e);
+        }
+        let r = crate::support::run(c.args(["run-once"]));
+        assert_eq!(r.code, 0, "{model}: {r:?}");
+        let requests = mock.requests();
+        let seen = requests.last().expect("a request");
+        assert_eq!(seen.path, format!("{path}/embeddings"), "{model}");
+        assert_eq!(seen.body["model"], model);
+        assert_eq!(
+            seen.body["dimensions"].as_u64(),
+            dimensions.and_then(|d| d.parse().ok()),
+            "{model}"
+        );
+        assert_eq!(
+            seen.header("authorization"),
+            Some(format!("Bearer {API_KEY}").as_str())
+        );
+        if let Some(e) = extra {
+            let extra: serde_json::Value = serde_json::from_str(e).expect("json");
+            for (k, v) in extra.as_object().expect("object") {
+                assert_eq!(&seen.body[k], v, "{model}: {k}");
+            }
+        }
+        assert_eq!(db.correct_rows(size), (2, 0), "{model}");
+    }
 }

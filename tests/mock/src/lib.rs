@@ -561,7 +561,13 @@ fn respond(
             inputs: inputs.clone(),
         })
     };
-    if !path.ends_with("/embeddings") {
+    // Azure's shape too: /openai/deployments/NAME/embeddings?api-version=...
+    if !path
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .ends_with("/embeddings")
+    {
         return send(out, 404, &json!({"error": {"message": "not found", "type": "invalid_request_error", "code": "not_found"}}).to_string(), &[]);
     }
     if inputs.is_empty() || inputs.iter().any(String::is_empty) {
