@@ -78,9 +78,12 @@ fn a_missing_grant_is_named_before_anything_is_paid_for() {
     let v = as_role(&db, &mock, &role, &["verify", "--json"]).json();
     assert_eq!(check(&v, "state_schema")["ok"], false, "{v}");
     assert_eq!(check(&v, "privileges")["ok"], true, "{v}");
-    // Setup as this role changes nothing either.
+    // Setup as this role changes nothing either; printing it works.
     let r = as_role(&db, &mock, &role, &["setup"]);
     assert_eq!(r.code, 2, "{r:?}");
+    let r = as_role(&db, &mock, &role, &["setup", "--print-sql"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("CREATE TRIGGER"), "{r:?}");
     assert_eq!(
         db.count(&format!(
             "SELECT count(*) FROM pg_indexes WHERE schemaname = '{s}' AND indexname LIKE '%autoembed%'"
