@@ -398,24 +398,23 @@ impl Pool<'_> {
             );
         }
         let target = self.ctx.target;
-        let worked = queue.next_seq > 0;
-        let released = db.reconnect_if_closed().and_then(|()| {
-            db.in_transaction(|tx| {
-                let released = target.release_run(tx, &self.run_id)?;
-                if worked {
-                    let forgotten = target.forget_deleted(tx)?;
-                    if forgotten > 0 {
-                        crate::debug!("forgot {forgotten} records of deleted rows");
-                    }
-                }
-                Ok(released)
-            })
-        });
+        let released = db
+            .reconnect_if_closed()
+            .and_then(|()| db.in_transaction(|tx| target.release_run(tx, &self.run_id)));
         match released {
             Ok(0) => {}
             Ok(n) => crate::debug!("released {n} claims"),
             Err(e) => {
                 crate::warn!("cannot release this run's claims (they lapse by themselves): {e}")
+            }
+        }
+        // A run that worked, and did not end on the database, forgets the
+        // records of rows deleted since (the next one will, otherwise).
+        if queue.next_seq > 0 && !matches!(error, Some(Error::Database(_))) {
+            match db.in_transaction(|tx| target.forget_deleted(tx)) {
+                Ok(0) => {}
+                Ok(n) => crate::debug!("forgot {n} records of deleted rows"),
+                Err(e) => crate::warn!("cannot forget the records of deleted rows: {e}"),
             }
         }
         // After a database error the count would most likely fail (or wait) too.
