@@ -357,3 +357,37 @@ pub(super) fn lapsed(c: &str) -> String {
            WHERE a.backend_start IS NULL OR a.backend_start = {c}.backend_start)))"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_renders_quoted_columns_and_literals_with_nulls_empty() {
+        let t = TextSql::Template(vec![
+            (true, quote_ident("name")),
+            (false, " by O'Brien ".into()),
+            (true, quote_ident("My \"Brand\"")),
+        ]);
+        assert_eq!(
+            t.on("t"),
+            "(coalesce(t.\"name\"::text, '') || ' by O''Brien ' || coalesce(t.\"My \"\"Brand\"\"\"::text, ''))"
+        );
+        assert_eq!(
+            t.on(""),
+            "(coalesce(\"name\"::text, '') || ' by O''Brien ' || coalesce(\"My \"\"Brand\"\"\"::text, ''))"
+        );
+        // Its literals alone are no text: some column must have some.
+        assert_eq!(
+            t.has_text("t"),
+            format!(
+                "({} OR {})",
+                has_text("t.\"name\""),
+                has_text("t.\"My \"\"Brand\"\"\"")
+            )
+        );
+        let c = TextSql::Column(quote_ident("body"));
+        assert_eq!(c.on("s"), "s.\"body\"");
+        assert_eq!(c.has_text("s"), has_text("s.\"body\""));
+    }
+}

@@ -506,6 +506,36 @@ fn parse_http_date(s: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_azure_deployment_goes_in_the_path_encoded_and_extra_fields_in_the_body() {
+        assert_eq!(path_segment("prod-embeddings_v2.1"), "prod-embeddings_v2.1");
+        assert_eq!(path_segment("a b/c?d"), "a%20b%2Fc%3Fd");
+        let mut extra = serde_json::Map::new();
+        extra.insert("input_type".into(), "document".into());
+        let c = OpenAiClient::new(&ProviderConfig {
+            kind: ProviderKind::Azure,
+            api_base: "https://r.openai.azure.com".into(),
+            api_key: Some("k".into()),
+            key_var: "AZURE_OPENAI_API_KEY",
+            vault_secret: None,
+            price_per_million: None,
+            model: "my deployment".into(),
+            model_path: None,
+            dimensions: Some(256),
+            request_timeout: Duration::from_secs(1),
+            api_version: Some("2024-10-21".into()),
+            request_extra: Some(extra),
+        });
+        assert_eq!(
+            c.url,
+            "https://r.openai.azure.com/openai/deployments/my%20deployment/embeddings?api-version=2024-10-21"
+        );
+        let body: Value = serde_json::from_str(&c.request_body(&["x"])).unwrap();
+        assert_eq!(body["input_type"], "document");
+        assert_eq!(body["dimensions"], 256);
+        assert_eq!(body["input"][0], "x");
+    }
+
     fn client(kind: ProviderKind) -> OpenAiClient {
         OpenAiClient::new(&ProviderConfig {
             kind,
