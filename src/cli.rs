@@ -33,6 +33,8 @@ pub enum Command {
     Backfill(BackfillArgs),
     /// Say what run-once would do and what it would cost; calls no API, writes nothing.
     DryRun(RunArgs),
+    /// Keep embedding rows as they become pending, until SIGTERM or SIGINT (a service).
+    Watch(WatchArgs),
     /// Check the database, table, columns and key; print the counts (for CI).
     Verify(VerifyArgs),
     /// Prepare the table: a trigger that re-embeds edited rows, an index on pending rows, the state schema.
@@ -46,6 +48,7 @@ impl Command {
             Command::RunOnce(_) => "run-once",
             Command::Backfill(_) => "backfill",
             Command::DryRun(_) => "dry-run",
+            Command::Watch(_) => "watch",
             Command::Verify(_) => "verify",
             Command::Setup(_) => "setup",
         }
@@ -56,6 +59,7 @@ impl Command {
         match self {
             Command::RunOnce(a) | Command::DryRun(a) => &a.output,
             Command::Backfill(a) => &a.output,
+            Command::Watch(a) => &a.output,
             Command::Verify(a) => &a.output,
             Command::Setup(a) => &a.output,
         }
@@ -207,6 +211,19 @@ pub struct BackfillArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Seconds between looks for pending rows (a NOTIFY from `setup --notify` wakes it sooner) [env: AUTOEMBED_POLL_INTERVAL] [default: 1]
+    #[arg(long, value_name = "SECONDS")]
+    pub poll_interval: Option<String>,
+    #[command(flatten)]
+    pub budget: Budget,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub common: Common,
@@ -227,6 +244,9 @@ pub struct SetupArgs {
     /// Remove what setup created: the trigger, the index and this table's bookkeeping
     #[arg(long)]
     pub uninstall: bool,
+    /// Also a trigger that sends NOTIFY when a row becomes pending, so `watch` wakes at once
+    #[arg(long)]
+    pub notify: bool,
     #[command(flatten)]
     pub output: Output,
 }

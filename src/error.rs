@@ -18,10 +18,15 @@ pub enum Error {
     /// Exit 3; batches that were committed stay.
     #[error("database: {0}")]
     Database(String),
-    /// The embeddings provider is unreachable, refused the key or the quota is
-    /// spent. Exit 3; rows of the failed request stay pending.
+    /// The embeddings provider refused the key or the quota is spent. Exit
+    /// 3; rows of the failed request stay pending.
     #[error("provider: {0}")]
     Provider(String),
+    /// The provider kept failing (server errors, timeouts, unusable replies,
+    /// rate limits) past the retries: it may pass. Exit 3; rows stay
+    /// pending; `watch` waits and tries again.
+    #[error("provider: {0}")]
+    Unavailable(String),
 }
 
 impl Error {
@@ -33,8 +38,15 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) => 2,
-            Error::Database(_) | Error::Provider(_) => 3,
+            Error::Database(_) | Error::Provider(_) | Error::Unavailable(_) => 3,
         }
+    }
+
+    /// Whether what stopped the run may pass by itself (the provider down
+    /// or rate limiting, the database connection lost or a lock held):
+    /// `watch` waits and carries on; a key, a grant or a setting won't.
+    pub fn may_pass(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::Database(_))
     }
 }
 

@@ -59,6 +59,13 @@ pub fn run(cfg: &Config, stop: &Stop) -> i32 {
                 e.exit_code()
             }
         },
+        Mode::Watch => match job::watch::run(cfg, stop) {
+            Ok(code) => code,
+            Err(e) => {
+                report_error("watch", cfg.json, &e);
+                e.exit_code()
+            }
+        },
         Mode::RunOnce | Mode::Backfill | Mode::DryRun => match job::run(cfg, stop) {
             Ok(report) => {
                 if let job::report::Report::Run(r) = &report {

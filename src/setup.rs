@@ -10,7 +10,7 @@
 //! Everything is idempotent. Identifiers are quoted; nothing from
 //! configuration is pasted.
 
-use crate::db::catalog::reset_trigger;
+use crate::db::catalog::{notify_trigger, reset_trigger, NOTIFY_CHANNEL};
 use crate::db::sql::{dollar_quote, quote_literal};
 use crate::db::target::Target;
 use crate::db::{quote_ident, state, Db};
@@ -45,6 +45,9 @@ pub struct Objects {
     old_function: String,
     /// This column's key in the state tables, and the table's key of earlier versions.
     keys: [String; 2],
+    /// `--notify`: the function and trigger that send a NOTIFY for `watch`.
+    notify_function: String,
+    notify_trigger: String,
 }
 
 /// The index setup builds on a table or a partition:
@@ -111,6 +114,11 @@ impl Objects {
                 quote_ident(&format!("{old_base}_autoembed_reset"))
             ),
             keys: [target.key.clone(), target.legacy_key.clone()],
+            notify_function: format!(
+                "{schema}.{}",
+                quote_ident(&format!("{base}_autoembed_notify"))
+            ),
+            notify_trigger: quote_ident(&notify_trigger(&target.embedding_column)),
         }
     }
 
@@ -191,6 +199,41 @@ ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};
         )
     }
 
+    /// `setup --notify`: after a row becomes pending (inserted without a
+    /// vector, or its text edited), a NOTIFY on [`NOTIFY_CHANNEL`] with this
+    /// column's state key, which `watch` listens for. PostgreSQL sends one
+    /// notification per transaction for any number of rows, at commit.
+    pub fn notify_sql(&self) -> String {
+        let Objects {
+            table,
+            sources,
+            embedding,
+            notify_function: function,
+            notify_trigger: trigger,
+            keys,
+            ..
+        } = self;
+        let body = dollar_quote(&format!(
+            "
+BEGIN
+  PERFORM pg_notify({}, {});
+  RETURN NULL;
+END
+",
+            quote_literal(NOTIFY_CHANNEL),
+            quote_literal(&keys[0])
+        ));
+        format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+  SET search_path = pg_catalog AS {body};
+DROP TRIGGER IF EXISTS {trigger} ON {table};
+CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OF {columns}, {embedding} ON {table}
+  FOR EACH ROW WHEN (NEW.{embedding} IS NULL) EXECUTE FUNCTION {function}();
+ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};",
+            columns = sources.join(", "),
+        )
+    }
+
     /// Drop the trigger function an earlier version made for this column
     /// (named by the table alone), with its trigger; one it made for
     /// another column stays until setup runs for that one.
@@ -245,10 +288,14 @@ END ",
         format!(
             "DROP TRIGGER IF EXISTS {trigger} ON {table};
 DROP FUNCTION IF EXISTS {function}();
+DROP TRIGGER IF EXISTS {notify_trigger} ON {table};
+DROP FUNCTION IF EXISTS {notify_function}();
 DROP INDEX IF EXISTS {index};
 {old_index}
 {old_function}
 DO {body};",
+            notify_trigger = self.notify_trigger,
+            notify_function = self.notify_function,
             trigger = self.trigger,
             table = self.table,
             function = self.function,
@@ -297,9 +344,9 @@ enum IndexBuild {
 }
 
 /// The whole setup as one script, for `setup --print-sql`.
-pub fn print_sql(target: &Target, state_schema: &str, uninstall: bool) -> String {
+pub fn print_sql(target: &Target, state_schema: &str, how: crate::config::Setup) -> String {
     let o = Objects::new(target);
-    if uninstall {
+    if how.uninstall {
         return format!(
             "-- autoembed setup --uninstall for {}\n{}\n",
             o.table,
@@ -313,7 +360,15 @@ pub fn print_sql(target: &Target, state_schema: &str, uninstall: bool) -> String
          -- Re-embed a row when its text changes: set its embedding to NULL.\n{trigger}\n\n\
          -- Find pending rows without scanning the table. On a large, busy table\n\
          -- prefer CREATE INDEX CONCURRENTLY, outside a transaction (or `autoembed setup`).\n{index}\n\
-         -- The index of earlier versions, which also held rows without text.\n{old_index}\n",
+         -- The index of earlier versions, which also held rows without text.\n{old_index}\n{notify}",
+        notify = if how.notify {
+            format!(
+                "\n-- Wake `autoembed watch` when a row becomes pending (NOTIFY at commit).\n{}\n",
+                o.notify_sql()
+            )
+        } else {
+            String::new()
+        },
         table = o.table,
         state = state::ddl(state_schema),
         trigger = o.trigger_sql(),
@@ -326,13 +381,9 @@ pub fn print_sql(target: &Target, state_schema: &str, uninstall: bool) -> String
 pub fn command(cfg: &crate::config::Config) -> Result<Vec<String>> {
     let crate::checks::Opened { mut db, target, .. } = crate::checks::open(cfg)?;
     if cfg.setup.print_sql {
-        return Ok(vec![print_sql(
-            &target,
-            &cfg.state_schema,
-            cfg.setup.uninstall,
-        )]);
+        return Ok(vec![print_sql(&target, &cfg.state_schema, cfg.setup)]);
     }
-    run(&mut db, &target, &cfg.state_schema, cfg.setup.uninstall)
+    run(&mut db, &target, &cfg.state_schema, cfg.setup)
 }
 
 /// Run setup (or `--uninstall`) against the database. The index is built
@@ -344,13 +395,13 @@ pub fn run(
     db: &mut Db,
     target: &Target,
     state_schema: &str,
-    uninstall: bool,
+    how: crate::config::Setup,
 ) -> Result<Vec<String>> {
     let o = Objects::new(target);
     let failed = |what: &str, e: &postgres::Error| {
         Error::Database(format!("setup failed ({what}): {}", describe_pg(e)))
     };
-    if uninstall {
+    if how.uninstall {
         let what = format!("removed the trigger, index and bookkeeping of {}", o.table);
         db.client()
             .batch_execute(&o.uninstall_sql(state_schema))
@@ -371,6 +422,10 @@ pub fn run(
                 .map_err(|e| failed("state schema", &e))?;
             tx.batch_execute(&o.trigger_sql())
                 .map_err(|e| failed("trigger", &e))?;
+            if how.notify {
+                tx.batch_execute(&o.notify_sql())
+                    .map_err(|e| failed("notify trigger", &e))?;
+            }
             Ok(())
         })
     });
@@ -392,11 +447,17 @@ pub fn run(
             .batch_execute(&format!("DROP INDEX {how}IF EXISTS {old}"))
             .map_err(|e| failed("the index of an earlier version", &e))?;
     }
-    let done = vec![
+    let mut done = vec![
         format!("index {} on {} ready", o.index.name, o.table),
         format!("state schema {} ready", quote_ident(state_schema)),
         format!("trigger {} on {} ready", o.trigger, o.table),
     ];
+    if how.notify {
+        done.push(format!(
+            "trigger {} on {} ready (NOTIFY for autoembed watch)",
+            o.notify_trigger, o.table
+        ));
+    }
     for what in &done {
         crate::info!("{what}");
     }

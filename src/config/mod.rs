@@ -26,6 +26,7 @@ use std::time::Duration;
 pub enum Mode {
     RunOnce,
     Backfill,
+    Watch,
     DryRun,
     Verify,
     Setup,
@@ -36,6 +37,7 @@ impl Mode {
         match self {
             Mode::RunOnce => "run-once",
             Mode::Backfill => "backfill",
+            Mode::Watch => "watch",
             Mode::DryRun => "dry-run",
             Mode::Verify => "verify",
             Mode::Setup => "setup",
@@ -47,6 +49,8 @@ impl Mode {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub mode: Mode,
+    /// `watch`: how often it looks for pending rows when nothing wakes it.
+    pub poll_interval: Duration,
     pub database: postgres::Config,
     /// `sslmode` and `sslrootcert`, which autoembed enforces itself.
     pub tls: crate::tls::Settings,
@@ -97,6 +101,8 @@ pub enum Reembed {
 pub struct Setup {
     pub print_sql: bool,
     pub uninstall: bool,
+    /// Also the trigger that sends NOTIFY for `watch`.
+    pub notify: bool,
 }
 
 /// How much one run may do.
@@ -136,6 +142,7 @@ impl Config {
 
     fn resolve_with(cli: Cli, env: &Env) -> Result<Config> {
         let mut setup = Setup::default();
+        let mut poll_interval = None;
         let mut reembed = None;
         let (mode, c, budget_args, out, retry_failed, offline) = match cli.command {
             cli::Command::RunOnce(a) => (Mode::RunOnce, a.common, a.budget, a.output, false, false),
@@ -160,6 +167,10 @@ impl Config {
                 )
             }
             cli::Command::DryRun(a) => (Mode::DryRun, a.common, a.budget, a.output, false, false),
+            cli::Command::Watch(a) => {
+                poll_interval = a.poll_interval;
+                (Mode::Watch, a.common, a.budget, a.output, false, false)
+            }
             cli::Command::Verify(a) => (
                 Mode::Verify,
                 a.common,
@@ -172,6 +183,7 @@ impl Config {
                 setup = Setup {
                     print_sql: a.print_sql,
                     uninstall: a.uninstall,
+                    notify: a.notify,
                 };
                 (
                     Mode::Setup,
@@ -210,7 +222,19 @@ impl Config {
             .pick(c.state_schema, "AUTOEMBED_STATE_SCHEMA")
             .unwrap_or_else(|| "autoembed".into());
 
-        let backfill = mode == Mode::Backfill;
+        // A backfill and a watch run until nothing is left: no row or time budget by default.
+        let backfill = matches!(mode, Mode::Backfill | Mode::Watch);
+        let poll_interval = match env.pick(poll_interval, "AUTOEMBED_POLL_INTERVAL") {
+            None => Duration::from_secs(1),
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(s) if (0.05..=3600.0).contains(&s) => Duration::from_secs_f64(s),
+                _ => {
+                    return Err(Error::config(format!(
+                        "invalid --poll-interval (AUTOEMBED_POLL_INTERVAL) {v:?}: expected seconds from 0.05 to 3600"
+                    )))
+                }
+            },
+        };
         let batch_size = parse_num(
             env.pick(budget_args.batch_size, "AUTOEMBED_BATCH_SIZE"),
             "--batch-size",
@@ -324,6 +348,7 @@ impl Config {
         };
         Ok(Config {
             mode,
+            poll_interval,
             database,
             tls,
             table,

@@ -13,11 +13,38 @@ use postgres::Client;
 /// embedding column (`autoembed_reset_embedding` for `embedding`, the name
 /// earlier versions gave the table's one trigger).
 pub fn reset_trigger(embedding_column: &str) -> String {
-    let mut end = embedding_column.len().min(47);
-    while !embedding_column.is_char_boundary(end) {
+    format!("autoembed_reset_{}", cut(embedding_column, 47))
+}
+
+/// The trigger `setup --notify` adds: a NOTIFY when a row becomes pending.
+pub fn notify_trigger(embedding_column: &str) -> String {
+    format!("autoembed_notify_{}", cut(embedding_column, 46))
+}
+
+/// The channel of those notifications; the payload is the target's state key.
+pub const NOTIFY_CHANNEL: &str = "autoembed";
+
+/// At most `max` bytes of `s`, cut on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("autoembed_reset_{}", &embedding_column[..end])
+    &s[..end]
+}
+
+impl Db {
+    /// Whether `table` (`"schema"."name"`) has an enabled trigger `name`.
+    pub fn has_trigger(&mut self, table: &str, name: &str) -> Result<bool> {
+        Ok(self
+            .client
+            .query_typed_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass \
+                 AND tgname = $2 AND tgenabled <> 'D')",
+                &[(&table, Type::TEXT), (&name, Type::TEXT)],
+            )?
+            .get(0))
+    }
 }
 
 impl Db {

@@ -7,7 +7,8 @@
 //! - [`batch`]: one batch after its claim: plan, send, write;
 //! - [`send`]: requests, split when rejected or too large;
 //! - [`guard`]: replies must fit the column;
-//! - [`progress`], [`report`]: what the user sees.
+//! - [`progress`], [`report`]: what the user sees;
+//! - [`watch`]: the same, again and again, as rows become pending.
 
 mod batch;
 mod guard;
@@ -16,11 +17,12 @@ mod pool;
 mod progress;
 pub mod report;
 mod send;
+pub mod watch;
 
 use crate::checks::{self, Opened};
 use crate::config::{Config, Mode};
 use crate::db::claims::Candidates;
-use crate::db::model_records::Stamp;
+use crate::db::model_records::{Models, Stamp};
 use crate::db::target::{Selection, Target};
 use crate::db::Db;
 use crate::error::Result;
@@ -46,20 +48,7 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
         let planner = Planner::new(plan::Bounds::of(cfg), provider.counter, true);
         return dry_run(cfg, &mut db, &target, state, &planner).map(Report::DryRun);
     }
-    state.ensure(&mut db, &cfg.state_schema)?;
-    if state.exists {
-        target.adopt_legacy_state(&mut db, &cfg.state_schema)?;
-    }
-    let stamp = Stamp::of(&cfg.provider, &target);
-    let models = db.in_transaction(|tx| target.models(tx, stamp))?;
-    if !models.is_baseline && cfg.reembed.is_none() {
-        crate::debug!(
-            "the table's vectors were first made by another model than {}; `backfill --reembed` replaces them",
-            models.current
-        );
-    }
-    let guarded: Arc<dyn provider::Embedder> =
-        Arc::new(guard::DimensionGuard::new(cfg, &target, provider.embedder));
+    let (models, guarded) = prepare(cfg, &mut db, &target, state, provider.embedder)?;
     let planner = Planner::new(plan::Bounds::of(cfg), provider.counter, false);
     let report = pool::run(cfg, &mut db, &target, guarded, planner, &models, stop);
     if cfg.reembed.is_some() && report.stop_reason == report::StopReason::Drained {
@@ -73,6 +62,33 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
         }
     }
     Ok(Report::Run(report))
+}
+
+/// What a run (or a watch) does before its first claim: the state schema
+/// (created, or an earlier version's adopted), the model records, and the
+/// provider behind the guard that replies fit the column.
+fn prepare(
+    cfg: &Config,
+    db: &mut Db,
+    target: &Target,
+    state: crate::db::state::StateSchema,
+    embedder: Arc<dyn provider::Embedder>,
+) -> Result<(Models, Arc<dyn provider::Embedder>)> {
+    state.ensure(db, &cfg.state_schema)?;
+    if state.exists {
+        target.adopt_legacy_state(db, &cfg.state_schema)?;
+    }
+    let stamp = Stamp::of(&cfg.provider, target);
+    let models = db.in_transaction(|tx| target.models(tx, stamp))?;
+    if !models.is_baseline && cfg.reembed.is_none() {
+        crate::debug!(
+            "the table's vectors were first made by another model than {}; `backfill --reembed` replaces them",
+            models.current
+        );
+    }
+    let guarded: Arc<dyn provider::Embedder> =
+        Arc::new(guard::DimensionGuard::new(cfg, target, embedder));
+    Ok((models, guarded))
 }
 
 /// The run's claim loop and plan, read-only: no claims, no API call, no

@@ -369,7 +369,7 @@ impl Pool<'_> {
                         }
                         Some(Halt::OutOfTime(why)) => self.halt(
                             StopReason::Error,
-                            Some(Error::Provider(format!(
+                            Some(Error::Unavailable(format!(
                                 "still failing when --max-seconds ran out, rows stay pending: {why}"
                             ))),
                         ),
@@ -444,6 +444,7 @@ impl Pool<'_> {
             elapsed_ms: started.elapsed().as_millis() as u64,
             stop_reason,
             error: error.map(|e| output::redact(&e.to_string())),
+            may_pass: error.is_some_and(Error::may_pass),
             exit_code: match (error, self.stop.exit_code()) {
                 (Some(e), _) => e.exit_code(),
                 (None, Some(code)) => code,

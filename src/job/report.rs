@@ -55,6 +55,9 @@ pub struct RunReport {
     pub stop_reason: StopReason,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The error may pass by itself ([`crate::error::Error::may_pass`]).
+    #[serde(skip)]
+    pub may_pass: bool,
     #[serde(skip)]
     pub exit_code: i32,
 }

@@ -106,7 +106,7 @@ impl Sender<'_> {
     }
 
     fn gave_up(&self, e: &ProviderError) -> Halt {
-        Halt::Error(Error::Provider(format!(
+        Halt::Error(Error::Unavailable(format!(
             "gave up after {} retries, rows stay pending: {e}",
             self.policy.transient_retries
         )))
@@ -252,7 +252,7 @@ impl Sender<'_> {
                 Err(RetryOutcome::Failed(e @ ProviderError::Transient { .. })) => {
                     Err(Failure::Transient(e))
                 }
-                Err(RetryOutcome::Failed(e)) => Err(Halt::Error(Error::Provider(format!(
+                Err(RetryOutcome::Failed(e)) => Err(Halt::Error(Error::Unavailable(format!(
                     "gave up after {} retries, rows stay pending: {e}",
                     policy.rate_limit_retries
                 )))

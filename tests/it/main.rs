@@ -19,3 +19,4 @@ mod supabase;
 mod support;
 mod tls;
 mod tokens;
+mod watch;

@@ -232,22 +232,6 @@ fn a_name_holding_setups_own_quote_tag_is_set_up_like_any_other() {
     );
 }
 
-/// Wait until `sql` (on `client`) counts `want`, for at most 30 s.
-fn wait_for_count(client: &mut postgres::Client, sql: &str, want: i64, what: &str) {
-    let start = std::time::Instant::now();
-    loop {
-        let n: i64 = client.query_one(sql, &[]).expect(sql).get(0);
-        if n == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "{what}: {n} of {want} after 30 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn rows_edited_on_the_publisher_are_re_embedded_on_a_subscriber() {
     let mut db = TestDb::new("replica");
@@ -298,7 +282,7 @@ fn rows_edited_on_the_publisher_are_re_embedded_on_a_subscriber() {
     ))
     .expect("subscription");
     let count = format!("SELECT count(*) FROM {s}.products");
-    wait_for_count(&mut sub, &count, 5, "rows copied to the subscriber");
+    crate::support::wait_for_count(&mut sub, &count, 5, "rows copied to the subscriber");
     let mock = Mock::start(8);
     let on_sub = |args: &[&str]| run(cmd(&db, &mock).env("DATABASE_URL", &sub_url).args(args));
     assert_eq!(on_sub(&["setup"]).code, 0);
@@ -309,7 +293,7 @@ fn rows_edited_on_the_publisher_are_re_embedded_on_a_subscriber() {
             "UPDATE {table} SET embedding_text = 'edited upstream' WHERE product_id_internal = 4"
         ))
         .expect("edit on the publisher");
-    wait_for_count(
+    crate::support::wait_for_count(
         &mut sub,
         &format!("SELECT count(*) FROM {table} WHERE embedding_text = 'edited upstream'"),
         1,
@@ -317,7 +301,7 @@ fn rows_edited_on_the_publisher_are_re_embedded_on_a_subscriber() {
     );
     // The replicated edit cleared the old vector (the trigger fires for
     // the subscription's changes too), so the next run embeds it.
-    wait_for_count(
+    crate::support::wait_for_count(
         &mut sub,
         &format!("SELECT count(*) FROM {table} WHERE embedding IS NULL"),
         1,

@@ -266,3 +266,29 @@ pub fn sent_and_distinct(mock: &Mock) -> (usize, usize) {
     distinct.dedup();
     (inputs.len(), distinct.len())
 }
+
+/// Wait until `sql` (on `client`) counts `want`, for at most 30 s: for what
+/// another process does in its own time (a subscription, a watcher).
+pub fn wait_for_count(client: &mut Client, sql: &str, want: i64, what: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        let n: i64 = client.query_one(sql, &[]).expect(sql).get(0);
+        if n == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: {n} of {want} after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Send `signal` (`-TERM`, `-INT`) to a running autoembed.
+pub fn signal(child: &Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {signal}");
+}

@@ -1,0 +1,167 @@
+//! `autoembed watch`: a long-running worker that embeds rows as they become
+//! pending, with the same claims, plan, writes and settings as `run-once`.
+//!
+//! Each round is a run of the pool until nothing is pending; between rounds
+//! it waits `--poll-interval`, or less when a NOTIFY from `setup --notify`
+//! arrives (on a connection of its own; notifications lost while it was
+//! disconnected are made up for by the round after it reconnects, which
+//! looks at the whole table). What will pass (the provider down or rate
+//! limiting, the database gone or a lock held) is waited out with a
+//! back-off; a key, a grant or a setting that is wrong ends it, so that a
+//! supervisor shows it. SIGTERM and SIGINT end it with exit 0: no new
+//! batch, the request in flight abandoned, claims released.
+
+use super::plan::{self, Planner};
+use super::{pool, prepare};
+use crate::checks::{self, Opened};
+use crate::config::Config;
+use crate::db::catalog::{notify_trigger, NOTIFY_CHANNEL};
+use crate::db::quote_ident;
+use crate::db::Db;
+use crate::error::Result;
+use crate::output;
+use crate::provider;
+use crate::signals::{sleep_unless_stopped, Stop};
+use postgres::fallible_iterator::FallibleIterator;
+use std::time::{Duration, Instant};
+
+/// The longest wait between two tries after something that may pass.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a wait for a notification lasts before the stop flag is looked at.
+const SLICE: Duration = Duration::from_millis(200);
+
+/// Watch until stopped; the exit code.
+pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
+    let Opened {
+        cfg,
+        mut db,
+        target,
+        state,
+    } = checks::open(cfg)?;
+    let cfg = &cfg;
+    let provider = provider::build(&cfg.provider)?;
+    let (models, embedder) = prepare(cfg, &mut db, &target, state, provider.embedder)?;
+    let notify = db.has_trigger(&target.table, &notify_trigger(&target.embedding_column))?;
+    let mut listener = Listener::new(notify, &target.key);
+    crate::info!(
+        "watching {} (every {:.1} s{})",
+        target.table,
+        cfg.poll_interval.as_secs_f64(),
+        if notify {
+            ", and at once on NOTIFY"
+        } else {
+            "; `setup --notify` wakes it at once"
+        }
+    );
+    let mut backoff = Duration::ZERO;
+    while !stop.requested() {
+        listener.connect(cfg);
+        let planner = Planner::new(plan::Bounds::of(cfg), provider.counter.clone(), false);
+        let report = pool::run(
+            cfg,
+            &mut db,
+            &target,
+            embedder.clone(),
+            planner,
+            &models,
+            stop,
+        );
+        if report.embedded + report.failed + report.changed > 0 || report.error.is_some() {
+            if cfg.json {
+                output::print(&serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                crate::info!("{}", super::report::Report::Run(report.clone()).human());
+            }
+        }
+        if report.stop_reason == super::report::StopReason::Signal {
+            break;
+        }
+        match &report.error {
+            None => backoff = Duration::ZERO,
+            Some(e) if report.may_pass => {
+                backoff = (backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                crate::warn!("{e}; trying again in {} s", backoff.as_secs());
+                if !sleep_unless_stopped(backoff, stop.flag()) {
+                    break;
+                }
+                continue;
+            }
+            Some(e) => {
+                output::log(-2, &format!("error: {e}"));
+                return Ok(report.exit_code);
+            }
+        }
+        listener.wait(cfg.poll_interval, stop);
+    }
+    crate::info!("{} received: stopped", stop.name());
+    Ok(0)
+}
+
+/// The connection that listens for `setup --notify`'s notifications.
+struct Listener {
+    wanted: bool,
+    /// The state key the notifications for this target carry.
+    key: String,
+    db: Option<Db>,
+}
+
+impl Listener {
+    fn new(wanted: bool, key: &str) -> Listener {
+        Listener {
+            wanted,
+            key: key.to_string(),
+            db: None,
+        }
+    }
+
+    /// Listen, if the table notifies and no connection listens yet. A
+    /// failure leaves polling alone (a transaction pooler cannot LISTEN).
+    fn connect(&mut self, cfg: &Config) {
+        if !self.wanted || self.db.as_mut().is_some_and(|d| !d.client().is_closed()) {
+            return;
+        }
+        self.db = Db::connect(cfg).ok().and_then(|mut db| {
+            match db
+                .client()
+                .batch_execute(&format!("LISTEN {}", quote_ident(NOTIFY_CHANNEL)))
+            {
+                Ok(()) => Some(db),
+                Err(e) => {
+                    crate::warn!("cannot LISTEN ({e}); looking every --poll-interval instead");
+                    None
+                }
+            }
+        });
+    }
+
+    /// Wait up to `every`, until a notification for this target arrives or a
+    /// stop is asked for.
+    fn wait(&mut self, every: Duration, stop: &Stop) {
+        let until = Instant::now() + every;
+        while !stop.requested() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let slice = left.min(SLICE);
+            let Some(db) = self.db.as_mut() else {
+                sleep_unless_stopped(slice, stop.flag());
+                continue;
+            };
+            let next = db
+                .client()
+                .notifications()
+                .timeout_iter(slice)
+                .next()
+                .map(|n| n.is_some_and(|n| n.payload() == self.key));
+            match next {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    crate::warn!("stopped listening ({e}); connecting again after the next look");
+                    self.db = None;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! `autoembed watch`: rows embedded as they become pending, woken by
+//! `setup --notify` or by polling; what will pass is waited out; SIGTERM
+//! ends it cleanly; beside cron nothing is paid twice.
+
+use crate::support::mock::{vector_for, Fault, Mock};
+use crate::support::{
+    autoembed, finish, sent_and_distinct, signal, wait_for_count, SpawnPiped, TestDb,
+};
+use std::process::Child;
+
+fn embedded(db: &TestDb) -> String {
+    format!(
+        "SELECT count(*) FROM {} WHERE embedding IS NOT NULL",
+        db.table()
+    )
+}
+
+fn watch(db: &TestDb, mock: &Mock, poll: &str) -> Child {
+    db.cmd(mock)
+        .env(
+            "DATABASE_URL",
+            format!(
+                "{}?application_name={}",
+                crate::support::url_with_password(),
+                db.schema
+            ),
+        )
+        .args(["watch", "--poll-interval", poll, "--batch-size", "10"])
+        .spawn_piped()
+}
+
+fn stop(child: Child) -> crate::support::Run {
+    signal(&child, "-TERM");
+    finish(child)
+}
+
+#[test]
+fn watch_embeds_new_and_edited_rows_when_notified_and_stops_cleanly_on_sigterm() {
+    let mut db = TestDb::new("watchnotify");
+    db.products(20, 1536);
+    let mock = Mock::start(1536);
+    assert_eq!(autoembed(&db, &mock, &["setup", "--notify"]).code, 0);
+    // An hour between looks: only a notification can wake it.
+    let child = watch(&db, &mock, "3600");
+    let mut c = crate::support::connect();
+    wait_for_count(&mut c, &embedded(&db), 20, "the rows pending at start");
+    let table = db.table();
+    c.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'new ' || g FROM generate_series(21, 25) g;
+         UPDATE {table} SET embedding_text = 'edited' WHERE product_id_internal = 3;"
+    ))
+    .expect("insert");
+    wait_for_count(
+        &mut c,
+        &embedded(&db),
+        25,
+        "rows inserted and edited while it waits",
+    );
+    assert_eq!(
+        db.vector(&table, "product_id_internal", "3"),
+        Some(vector_for("edited", 1536))
+    );
+    let out = stop(child);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("received: stopped"), "{out:?}");
+    let st = db.state_schema();
+    assert_eq!(db.count(&format!("SELECT count(*) FROM {st}.claims")), 0);
+    assert_eq!(db.correct_rows(1536), (25, 0));
+}
+
+#[test]
+fn watch_polls_without_notify_and_carries_on_after_its_connections_are_killed() {
+    let mut db = TestDb::new("watchpoll");
+    db.products(10, 1536);
+    let mock = Mock::start(1536);
+    let child = watch(&db, &mock, "0.2");
+    let mut c = crate::support::connect();
+    wait_for_count(&mut c, &embedded(&db), 10, "the rows pending at start");
+    let killed: i64 = c
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = '{}') k",
+                db.schema
+            ),
+            &[],
+        )
+        .expect("terminate")
+        .get(0);
+    assert!(killed >= 1);
+    c.batch_execute(&format!(
+        "INSERT INTO {} SELECT g, 'product ' || g FROM generate_series(11, 30) g",
+        db.table()
+    ))
+    .expect("insert");
+    wait_for_count(
+        &mut c,
+        &embedded(&db),
+        30,
+        "rows inserted after the connection was lost",
+    );
+    let out = stop(child);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("reconnected") || out.stderr.contains("connection"),
+        "{out:?}"
+    );
+    assert_eq!(db.correct_rows(1536), (30, 0));
+}
+
+#[test]
+fn watch_waits_out_a_provider_outage_and_marks_nothing_failed() {
+    let mut db = TestDb::new("watchdown");
+    db.products(10, 1536);
+    let mock = Mock::start(1536);
+    mock.always(Some(
+        Fault::openai(503, "server_is_overloaded", "Overloaded")
+            .with_header("retry-after-ms", "10"),
+    ));
+    let child = watch(&db, &mock, "0.2");
+    // It keeps trying (several rounds), and gives up on nothing.
+    let start = std::time::Instant::now();
+    while mock.faults_served() < 12 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "it stopped trying"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    mock.always(None);
+    let mut c = crate::support::connect();
+    wait_for_count(&mut c, &embedded(&db), 10, "rows once the provider is back");
+    let out = stop(child);
+    assert_eq!(out.code, 0, "{out:?}");
+    let st = db.state_schema();
+    assert_eq!(db.count(&format!("SELECT count(*) FROM {st}.failures")), 0);
+}
+
+#[test]
+fn watch_ends_on_a_refused_key_so_a_supervisor_shows_it() {
+    let mut db = TestDb::new("watchkey");
+    db.products(5, 1536);
+    let mock = Mock::start(1536);
+    mock.always(Some(Fault::openai(
+        401,
+        "invalid_api_key",
+        "Incorrect API key provided",
+    )));
+    let out = finish(watch(&db, &mock, "0.2"));
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("the API key was refused"), "{out:?}");
+    assert_eq!(mock.faults_served(), 1);
+}
+
+#[test]
+fn a_watcher_beside_cron_runs_pays_for_each_text_once() {
+    let mut db = TestDb::new("watchcron");
+    db.products(2000, 1536);
+    let mock = Mock::start(1536);
+    let child = watch(&db, &mock, "0.2");
+    let crons: Vec<Child> = (0..2)
+        .map(|_| {
+            db.cmd(&mock)
+                .args(["run-once", "--batch-size", "10", "--max-rows", "100000"])
+                .spawn_piped()
+        })
+        .collect();
+    for cron in crons {
+        let out = finish(cron);
+        assert!(out.code == 0, "{out:?}");
+    }
+    let mut c = crate::support::connect();
+    wait_for_count(&mut c, &embedded(&db), 2000, "every row");
+    let out = stop(child);
+    assert_eq!(out.code, 0, "{out:?}");
+    let (sent, distinct) = sent_and_distinct(&mock);
+    assert_eq!(sent, distinct, "a text was paid for twice");
+    assert_eq!(db.correct_rows(1536), (2000, 0));
+}
