@@ -6,7 +6,7 @@
 //! `--provider openai-compatible --api-base <printed URL>`.
 //!
 //! ```text
-//! cargo run --example mock_server -- [PORT] [DIMENSIONS]
+//! cargo run --example mock_server -- [PORT] [DIMENSIONS] [LATENCY_MS]
 //! ```
 
 use autoembed_mock as mock;
@@ -15,7 +15,9 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let port = args.next().unwrap_or_else(|| "0".into());
     let dims = args.next().and_then(|d| d.parse().ok()).unwrap_or(1536);
+    let latency_ms: u64 = args.next().and_then(|d| d.parse().ok()).unwrap_or(0);
     let server = mock::Mock::start_on(&format!("127.0.0.1:{port}"), dims);
+    server.latency(std::time::Duration::from_millis(latency_ms));
     println!("{}", server.base);
     loop {
         std::thread::park();
