@@ -217,6 +217,9 @@ pub struct WatchArgs {
     /// Seconds between looks for pending rows (a NOTIFY from `setup --notify` wakes it sooner) [env: AUTOEMBED_POLL_INTERVAL] [default: 1]
     #[arg(long, value_name = "SECONDS")]
     pub poll_interval: Option<String>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464 [env: AUTOEMBED_METRICS_ADDR] [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub budget: Budget,
     #[command(flatten)]

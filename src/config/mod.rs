@@ -51,6 +51,8 @@ pub struct Config {
     pub mode: Mode,
     /// `watch`: how often it looks for pending rows when nothing wakes it.
     pub poll_interval: Duration,
+    /// `watch --metrics-addr`: where Prometheus metrics are served.
+    pub metrics_addr: Option<String>,
     pub database: postgres::Config,
     /// `sslmode` and `sslrootcert`, which autoembed enforces itself.
     pub tls: crate::tls::Settings,
@@ -143,6 +145,7 @@ impl Config {
     fn resolve_with(cli: Cli, env: &Env) -> Result<Config> {
         let mut setup = Setup::default();
         let mut poll_interval = None;
+        let mut metrics_addr = None;
         let mut reembed = None;
         let (mode, c, budget_args, out, retry_failed, offline) = match cli.command {
             cli::Command::RunOnce(a) => (Mode::RunOnce, a.common, a.budget, a.output, false, false),
@@ -169,6 +172,7 @@ impl Config {
             cli::Command::DryRun(a) => (Mode::DryRun, a.common, a.budget, a.output, false, false),
             cli::Command::Watch(a) => {
                 poll_interval = a.poll_interval;
+                metrics_addr = a.metrics_addr;
                 (Mode::Watch, a.common, a.budget, a.output, false, false)
             }
             cli::Command::Verify(a) => (
@@ -224,6 +228,16 @@ impl Config {
 
         // A backfill and a watch run until nothing is left: no row or time budget by default.
         let backfill = matches!(mode, Mode::Backfill | Mode::Watch);
+        let metrics_addr = env
+            .pick(metrics_addr, "AUTOEMBED_METRICS_ADDR")
+            .filter(|_| mode == Mode::Watch);
+        if let Some(a) = &metrics_addr {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Error::config(format!(
+                    "invalid --metrics-addr (AUTOEMBED_METRICS_ADDR) {a:?}: expected HOST:PORT, such as 127.0.0.1:9464"
+                )));
+            }
+        }
         let poll_interval = match env.pick(poll_interval, "AUTOEMBED_POLL_INTERVAL") {
             None => Duration::from_secs(1),
             Some(v) => match v.trim().parse::<f64>() {
@@ -349,6 +363,7 @@ impl Config {
         Ok(Config {
             mode,
             poll_interval,
+            metrics_addr,
             database,
             tls,
             table,

@@ -12,6 +12,7 @@
 
 mod batch;
 mod guard;
+mod metrics;
 mod plan;
 mod pool;
 mod progress;

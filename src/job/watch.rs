@@ -11,6 +11,7 @@
 //! supervisor shows it. SIGTERM and SIGINT end it with exit 0: no new
 //! batch, the request in flight abandoned, claims released.
 
+use super::metrics::Metrics;
 use super::plan::{self, Planner};
 use super::{pool, prepare};
 use crate::checks::{self, Opened};
@@ -41,6 +42,11 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
     let cfg = &cfg;
     let provider = provider::build(&cfg.provider)?;
     let (models, embedder) = prepare(cfg, &mut db, &target, state, provider.embedder)?;
+    let metrics = cfg
+        .metrics_addr
+        .as_deref()
+        .map(Metrics::serve)
+        .transpose()?;
     let notify = db.has_trigger(&target.table, &notify_trigger(&target.embedding_column))?;
     let mut listener = Listener::new(notify, &target.key);
     crate::info!(
@@ -66,6 +72,9 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
             &models,
             stop,
         );
+        if let Some(m) = &metrics {
+            m.record(&report);
+        }
         if report.embedded + report.failed + report.changed > 0 || report.error.is_some() {
             if cfg.json {
                 output::print(&serde_json::to_string(&report).unwrap_or_default());

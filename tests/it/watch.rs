@@ -177,3 +177,84 @@ fn a_watcher_beside_cron_runs_pays_for_each_text_once() {
     assert_eq!(sent, distinct, "a text was paid for twice");
     assert_eq!(db.correct_rows(1536), (2000, 0));
 }
+
+/// `GET path` on `addr`, the whole reply (empty when it cannot be had).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    if write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").is_ok() {
+        let _ = s.read_to_string(&mut out);
+    }
+    out
+}
+
+#[test]
+fn watch_serves_its_counters_to_prometheus() {
+    use std::io::BufRead;
+    let mut db = TestDb::new("watchmetrics");
+    db.products(10, 1536);
+    let mock = Mock::start(1536);
+    // Port 0: the watcher says where it listens.
+    let mut child = db
+        .cmd(&mock)
+        .args([
+            "watch",
+            "--poll-interval",
+            "0.2",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .spawn_piped();
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let addr = loop {
+        let line = seen
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the metrics address in the log");
+        if let Some(rest) = line.split("metrics on http://").nth(1) {
+            break rest.trim_end_matches("/metrics").to_string();
+        }
+    };
+    let mut c = crate::support::connect();
+    wait_for_count(&mut c, &embedded(&db), 10, "the rows pending at start");
+    let start = std::time::Instant::now();
+    let body = loop {
+        let reply = http_get(&addr, "/metrics");
+        if reply.contains("autoembed_rows_embedded_total 10") {
+            break reply;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "{reply}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for line in [
+        "autoembed_rows_failed_total 0",
+        "autoembed_requests_total 1",
+        "autoembed_pending_rows 0",
+        "# EOF",
+    ] {
+        assert!(body.contains(line), "{line} in {body}");
+    }
+    assert!(
+        !body.contains("autoembed_last_write_timestamp_seconds 0\n"),
+        "{body}"
+    );
+    assert!(http_get(&addr, "/").starts_with("HTTP/1.1 404"));
+    signal(&child, "-TERM");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}
