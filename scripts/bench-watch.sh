@@ -104,6 +104,13 @@ for n in 10000 1000000; do
   $BIN watch --poll-interval 1 > /dev/null 2>&1 & WATCH=$!
   until [ "$($PSQL -tAc "SELECT count(*) FROM b_watch.products WHERE embedding IS NULL")" = 0 ]; do sleep 0.5; done
   echo "watch after $n rows: peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$WATCH/status)"
+  if [ "$n" = 1000000 ]; then
+    # Idle on the million rows: the database CPU of the watcher's backends over 30 s.
+    pids=$($PSQL -tAc "SELECT string_agg(pid::text, ' ') FROM pg_stat_activity WHERE application_name = 'autoembed'")
+    ticks() { local t=0; for p in $pids; do [ -r /proc/$p/stat ] && t=$(( t + $(awk '{print $14 + $15}' /proc/$p/stat) )); done; echo $t; }
+    before=$(ticks); sleep 30; after=$(ticks)
+    echo "idle on 1000000 rows: the watcher's backends used $(( (after - before) * 1000 / $(getconf CLK_TCK) / 30 )) ms of CPU a second"
+  fi
   kill -TERM $WATCH; wait $WATCH 2>/dev/null || true; WATCH=
 done
 $PSQL -c "DROP SCHEMA b_watch CASCADE; DROP SCHEMA b_watch_state CASCADE"

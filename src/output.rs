@@ -64,6 +64,15 @@ pub fn log(level: i8, line: &str) {
 }
 
 /// Write `text` to stdout (redacted).
+/// A JSON object on stderr, one line, without the `autoembed:` prefix (for
+/// log collectors), redacted like every other line.
+pub fn log_json(line: &str) {
+    if level() >= 0 {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{}", redact(line));
+    }
+}
+
 pub fn print(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", redact(text));

@@ -7,7 +7,7 @@
 
 use super::batch::{self, Claim, Context, Worker};
 use super::plan::Planner;
-use super::progress::Progress;
+use super::progress::{BatchLine, Progress};
 use super::report::{RunReport, StopReason, Tally};
 use super::send::{Halt, Sender};
 use crate::config::Config;
@@ -326,17 +326,30 @@ impl Pool<'_> {
             if !decided {
                 self.open_gate(|g| &mut g.connect, more);
             }
+            let batch_started = Instant::now();
             let outcome = batch::process(&self.ctx, &mut w, claim);
             let ok = matches!(&outcome, Ok(b) if b.halt.is_none() && b.budget.is_none());
             {
                 // What this batch's requests did: the sender counts from zero again.
                 let stats = std::mem::take(&mut w.sender.stats);
+                let tokens = std::mem::take(&mut w.sender.tokens);
                 let mut t = lock(&self.tally);
                 t.stats.requests += stats.requests;
                 t.stats.retries += stats.retries;
                 t.stats.rate_limited += stats.rate_limited;
-                t.tokens += std::mem::take(&mut w.sender.tokens);
+                t.tokens += tokens;
                 if let Ok(b) = &outcome {
+                    self.progress.batch(
+                        &self.ctx.target.table,
+                        &BatchLine {
+                            embedded: b.written,
+                            failed: b.failed,
+                            changed: b.changed,
+                            requests: stats.requests,
+                            tokens,
+                            ms: batch_started.elapsed().as_millis() as u64,
+                        },
+                    );
                     t.embedded += b.written;
                     t.changed += b.changed;
                     t.failed += b.failed;

@@ -1,5 +1,7 @@
 //! Progress of a backfill: a bar on a terminal, elsewhere a log line every
-//! ten seconds, so cron mail and CI logs stay short.
+//! ten seconds, so cron mail and CI logs stay short. A watcher logs a line
+//! per batch instead (a JSON object per line with `--json`), for a service's
+//! journal.
 
 use super::report::Tally;
 use crate::config::{Config, Mode};
@@ -14,6 +16,18 @@ pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     log_every: Option<Duration>,
     last: Mutex<Instant>,
+    /// `watch`: a line per batch; `Some(true)` as JSON.
+    per_batch: Option<bool>,
+}
+
+/// What one batch did, for its log line.
+pub struct BatchLine {
+    pub embedded: u64,
+    pub failed: u64,
+    pub changed: u64,
+    pub requests: u64,
+    pub tokens: u64,
+    pub ms: u64,
 }
 
 impl Progress {
@@ -23,6 +37,7 @@ impl Progress {
             bar: None,
             log_every: None,
             last: Mutex::new(Instant::now()),
+            per_batch: (cfg.mode == Mode::Watch).then_some(cfg.json),
         };
         if !backfill || output::level() < 0 {
             return p;
@@ -63,6 +78,35 @@ impl Progress {
                     t.tokens
                 );
             }
+        }
+    }
+
+    /// A watcher's line for one batch (nothing for other commands).
+    pub fn batch(&self, table: &str, b: &BatchLine) {
+        match self.per_batch {
+            None => {}
+            Some(true) => output::log_json(
+                &serde_json::json!({
+                    "event": "batch",
+                    "table": table,
+                    "embedded": b.embedded,
+                    "failed": b.failed,
+                    "changed": b.changed,
+                    "requests": b.requests,
+                    "tokens": b.tokens,
+                    "ms": b.ms,
+                })
+                .to_string(),
+            ),
+            Some(false) => crate::info!(
+                "batch: {} embedded, {} failed, {} changed meanwhile ({} requests, {} tokens, {} ms)",
+                b.embedded,
+                b.failed,
+                b.changed,
+                b.requests,
+                b.tokens,
+                b.ms
+            ),
         }
     }
 

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a wait for a notification lasts before the stop flag is looked at.
 const SLICE: Duration = Duration::from_millis(200);
+/// After a notification, how long to wait for the rows that arrive with it
+/// (an application's inserts in quick succession) before the round starts.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// Watch until stopped; the exit code.
 pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
@@ -60,6 +63,7 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
         }
     );
     let mut backoff = Duration::ZERO;
+    let mut totals = Totals::new(&target.table);
     while !stop.requested() {
         listener.connect(cfg);
         let planner = Planner::new(plan::Bounds::of(cfg), provider.counter.clone(), false);
@@ -75,12 +79,9 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
         if let Some(m) = &metrics {
             m.record(&report);
         }
-        if report.embedded + report.failed + report.changed > 0 || report.error.is_some() {
-            if cfg.json {
-                output::print(&serde_json::to_string(&report).unwrap_or_default());
-            } else {
-                crate::info!("{}", super::report::Report::Run(report.clone()).human());
-            }
+        totals.add(&report);
+        if totals.last_said.elapsed() >= SUMMARY_EVERY && totals.since_said > 0 {
+            totals.say(cfg.json);
         }
         if report.stop_reason == super::report::StopReason::Signal {
             break;
@@ -97,13 +98,105 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
             }
             Some(e) => {
                 output::log(-2, &format!("error: {e}"));
+                totals.finish(cfg.json);
                 return Ok(report.exit_code);
             }
         }
         listener.wait(cfg.poll_interval, stop);
     }
     crate::info!("{} received: stopped", stop.name());
+    totals.finish(cfg.json);
     Ok(0)
+}
+
+/// How often a watcher that has done something says so in sum.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// What a watcher has done since it started.
+struct Totals {
+    table: String,
+    started: Instant,
+    embedded: u64,
+    failed: u64,
+    requests: u64,
+    tokens: u64,
+    pending: Option<i64>,
+    /// Rows done since the last summary, and when that was.
+    since_said: u64,
+    last_said: Instant,
+}
+
+impl Totals {
+    fn new(table: &str) -> Totals {
+        Totals {
+            table: table.to_string(),
+            started: Instant::now(),
+            embedded: 0,
+            failed: 0,
+            requests: 0,
+            tokens: 0,
+            pending: None,
+            since_said: 0,
+            last_said: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, r: &super::report::RunReport) {
+        self.embedded += r.embedded;
+        self.failed += r.failed;
+        self.requests += r.requests;
+        self.tokens += r.tokens;
+        self.pending = r.pending_after.or(self.pending);
+        self.since_said += r.embedded + r.failed;
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "command": "watch",
+            "table": self.table,
+            "embedded": self.embedded,
+            "failed": self.failed,
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "pending": self.pending,
+            "elapsed_s": self.started.elapsed().as_secs(),
+        })
+    }
+
+    fn human(&self) -> String {
+        format!(
+            "watch: embedded {} rows of {} ({} failed, {} requests, {} tokens) in {} s; {} pending",
+            self.embedded,
+            self.table,
+            self.failed,
+            self.requests,
+            self.tokens,
+            self.started.elapsed().as_secs(),
+            self.pending.map_or("?".to_string(), |p| p.to_string())
+        )
+    }
+
+    /// The periodic summary, on stderr.
+    fn say(&mut self, json: bool) {
+        if json {
+            let mut v = self.json();
+            v["event"] = "summary".into();
+            output::log_json(&v.to_string());
+        } else {
+            crate::info!("{}", self.human());
+        }
+        self.since_said = 0;
+        self.last_said = Instant::now();
+    }
+
+    /// The summary at the end, on stdout like every command's.
+    fn finish(&self, json: bool) {
+        output::print(&if json {
+            self.json().to_string()
+        } else {
+            self.human()
+        });
+    }
 }
 
 /// The connection that listens for `setup --notify`'s notifications.
@@ -164,7 +257,10 @@ impl Listener {
                 .next()
                 .map(|n| n.is_some_and(|n| n.payload() == self.key));
             match next {
-                Ok(true) => return,
+                Ok(true) => {
+                    sleep_unless_stopped(LINGER, stop.flag());
+                    return;
+                }
                 Ok(false) => {}
                 Err(e) => {
                     crate::warn!("stopped listening ({e}); connecting again after the next look");

@@ -25,7 +25,14 @@ fn watch(db: &TestDb, mock: &Mock, poll: &str) -> Child {
                 db.schema
             ),
         )
-        .args(["watch", "--poll-interval", poll, "--batch-size", "10"])
+        .args([
+            "watch",
+            "--poll-interval",
+            poll,
+            "--batch-size",
+            "10",
+            "--json",
+        ])
         .spawn_piped()
 }
 
@@ -63,6 +70,24 @@ fn watch_embeds_new_and_edited_rows_when_notified_and_stops_cleanly_on_sigterm()
     let out = stop(child);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stderr.contains("received: stopped"), "{out:?}");
+    // A JSON line per batch on stderr, and the summary on stdout at the end.
+    let batches: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .filter(|v: &serde_json::Value| v["event"] == "batch")
+        .collect();
+    assert_eq!(
+        batches
+            .iter()
+            .map(|b| b["embedded"].as_u64().unwrap_or(0))
+            .sum::<u64>(),
+        26,
+        "20 at start, 5 inserted, 1 edited: {out:?}"
+    );
+    assert!(batches.len() >= 3, "{out:?}");
+    assert_eq!(out.json()["embedded"], 26, "{out:?}");
     let st = db.state_schema();
     assert_eq!(db.count(&format!("SELECT count(*) FROM {st}.claims")), 0);
     assert_eq!(db.correct_rows(1536), (25, 0));
@@ -153,11 +178,11 @@ fn watch_ends_on_a_refused_key_so_a_supervisor_shows_it() {
 }
 
 #[test]
-fn a_watcher_beside_cron_runs_pays_for_each_text_once() {
+fn two_watchers_beside_cron_runs_pay_for_each_text_once() {
     let mut db = TestDb::new("watchcron");
     db.products(2000, 1536);
     let mock = Mock::start(1536);
-    let child = watch(&db, &mock, "0.2");
+    let watchers = [watch(&db, &mock, "0.2"), watch(&db, &mock, "0.2")];
     let crons: Vec<Child> = (0..2)
         .map(|_| {
             db.cmd(&mock)
@@ -171,8 +196,10 @@ fn a_watcher_beside_cron_runs_pays_for_each_text_once() {
     }
     let mut c = crate::support::connect();
     wait_for_count(&mut c, &embedded(&db), 2000, "every row");
-    let out = stop(child);
-    assert_eq!(out.code, 0, "{out:?}");
+    for child in watchers {
+        let out = stop(child);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
     let (sent, distinct) = sent_and_distinct(&mock);
     assert_eq!(sent, distinct, "a text was paid for twice");
     assert_eq!(db.correct_rows(1536), (2000, 0));
