@@ -108,9 +108,16 @@ impl Metrics {
 /// One HTTP exchange: `GET /metrics` gets the registry, anything else 404.
 fn answer(mut stream: TcpStream, registry: &Registry) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut buf = [0u8; 2048];
-    let n = stream.read(&mut buf).unwrap_or(0);
-    let head = String::from_utf8_lossy(&buf[..n]);
+    // The request's head, up to its blank line (or 8 KB).
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, kind, body) = if path == "/metrics" || path.starts_with("/metrics?") {
         let mut body = String::new();
@@ -130,4 +137,6 @@ fn answer(mut stream: TcpStream, registry: &Registry) {
         "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
+    let _ = stream.flush();
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }

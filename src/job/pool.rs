@@ -411,9 +411,15 @@ impl Pool<'_> {
             );
         }
         let target = self.ctx.target;
-        let released = db
-            .reconnect_if_closed()
-            .and_then(|()| db.in_transaction(|tx| target.release_run(tx, &self.run_id)));
+        // A run that claimed nothing holds nothing, and leaves the sweep of
+        // others' lapsed claims to one that worked: an idle look (a quiet
+        // cron tick, a watcher's every second) stays a few index probes.
+        let released = if queue.next_seq == 0 {
+            Ok(0)
+        } else {
+            db.reconnect_if_closed()
+                .and_then(|()| db.in_transaction(|tx| target.release_run(tx, &self.run_id)))
+        };
         match released {
             Ok(0) => {}
             Ok(n) => crate::debug!("released {n} claims"),

@@ -280,7 +280,8 @@ fn watch_serves_its_counters_to_prometheus() {
         !body.contains("autoembed_last_write_timestamp_seconds 0\n"),
         "{body}"
     );
-    assert!(http_get(&addr, "/").starts_with("HTTP/1.1 404"));
+    let other = http_get(&addr, "/");
+    assert!(other.starts_with("HTTP/1.1 404"), "{other:?}");
     signal(&child, "-TERM");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
