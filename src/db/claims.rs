@@ -22,8 +22,9 @@
 //! - Before sending, a holder whose claim may lapse during the request
 //!   extends it ([`Target::confirm`]), and sends only the rows it still holds.
 //! - The write releases the batch's claims in its own transaction; at its
-//!   end a run releases whatever it still holds, and sweeps the table's
-//!   lapsed claims ([`Target::release_run`]).
+//!   end a run that claimed rows releases whatever it still holds, and
+//!   sweeps the table's lapsed claims ([`Target::release_run`]); a run that
+//!   claimed nothing holds nothing and leaves the sweep to the next that works.
 //!
 //! The claim records only a row's id and an expiry, so a claim can equally
 //! last a day (rows handed to a provider's batch job).
