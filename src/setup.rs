@@ -11,7 +11,7 @@
 //! configuration is pasted.
 
 use crate::db::catalog::{notify_trigger, reset_trigger, NOTIFY_CHANNEL};
-use crate::db::sql::{dollar_quote, quote_literal};
+use crate::db::sql::{cut, dollar_quote, quote_literal};
 use crate::db::target::Target;
 use crate::db::{quote_ident, state, Db};
 use crate::error::{describe_pg, Error, Result};
@@ -77,7 +77,7 @@ impl IndexName {
 impl Objects {
     pub fn new(target: &Target) -> Objects {
         let base = per_column(&target.table_name, &target.embedding_column);
-        let old_base = truncate(&target.table_name, 40);
+        let old_base = cut(&target.table_name, 40);
         let schema = quote_ident(&target.schema_name);
         let embedding = quote_ident(&target.embedding_column);
         Objects {
@@ -520,14 +520,5 @@ fn build_indexes(db: &mut Db, target: &Target, o: &Objects, built: &mut Vec<Stri
 /// The stem of the names setup gives a table's objects for one embedding
 /// column: `<table>_<column>`, cut to leave room for a suffix.
 fn per_column(table: &str, column: &str) -> String {
-    format!("{}_{}", truncate(table, 24), truncate(column, 16))
-}
-
-/// At most `max` bytes of `s`, cut on a character boundary.
-fn truncate(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
+    format!("{}_{}", cut(table, 24), cut(column, 16))
 }

@@ -2,7 +2,7 @@
 //! read before anything runs, without judging it (`checks` judges), and
 //! the API key when it lives in Supabase Vault.
 
-use super::sql::quote_ident;
+use super::sql::{cut, quote_ident};
 use super::Db;
 use crate::config::Config;
 use crate::error::{describe_pg, Error, Result};
@@ -23,15 +23,6 @@ pub fn notify_trigger(embedding_column: &str) -> String {
 
 /// The channel of those notifications; the payload is the target's state key.
 pub const NOTIFY_CHANNEL: &str = "autoembed";
-
-/// At most `max` bytes of `s`, cut on a character boundary.
-fn cut(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
 
 impl Db {
     /// Whether `table` (`"schema"."name"`) has an enabled trigger `name`.

@@ -11,6 +11,16 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// At most `max` bytes of `name`, cut on a character boundary: a name built
+/// from the user's names must fit PostgreSQL's 63 bytes.
+pub fn cut(name: &str, max: usize) -> &str {
+    let mut end = name.len().min(max);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// Quote a string as an SQL literal (for DDL, where parameters cannot go).
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
