@@ -155,26 +155,13 @@ impl Target {
             .collect();
         let ids: Vec<&str> = unwritten.iter().map(|c| c.id.as_str()).collect();
         let hashes: Vec<i64> = unwritten.iter().map(|c| c.text_hash).collect();
-        let Quoted {
-            table,
-            id,
-            text,
-            embedding,
-            id_type,
-            ..
-        } = &self.sql;
         let mut p = Params::default();
         let sql = format!(
-            "SELECT v.id FROM unnest({}, {}) AS v(id, h) \
-             JOIN {table} t ON t.{id} = v.id::{id_type} AND {hash} = v.h {still_null}",
+            "SELECT v.id FROM unnest({}, {}) AS v(id, h) JOIN {table} t ON {holds}",
             p.bind(&ids, Type::TEXT_ARRAY),
             p.bind(&hashes, Type::INT8_ARRAY),
-            hash = text_hash(&text.on("t")),
-            still_null = if reembed {
-                String::new()
-            } else {
-                format!("AND t.{embedding} IS NULL")
-            },
+            table = self.sql.table,
+            holds = self.still_holds("v", reembed),
         );
         let unreachable: HashSet<String> = p
             .query(db.client(), &sql)?
@@ -196,7 +183,8 @@ impl Target {
              the role's UPDATE does not reach them (row-level security, or a trigger); \
              add an UPDATE policy for this role or connect as one with BYPASSRLS \
              (`autoembed verify` checks the policies); they are recorded as failed",
-            failed.len()
+            failed.len(),
+            table = self.sql.table,
         )))
     }
 
@@ -263,6 +251,29 @@ impl Target {
         Ok(written)
     }
 
+    /// The compare-and-set: row `t` is the row `id` of `v` names, still
+    /// holds the text whose hash `v.h` is, and (unless re-embedding) still
+    /// has no vector. The write stores only such rows; a row that is one
+    /// and was not stored was out of the write's reach.
+    fn still_holds(&self, v: &str, reembed: bool) -> String {
+        let Quoted {
+            id,
+            text,
+            embedding,
+            id_type,
+            ..
+        } = &self.sql;
+        let still_null = if reembed {
+            String::new()
+        } else {
+            format!(" AND t.{embedding} IS NULL")
+        };
+        format!(
+            "t.{id} = {v}.id::{id_type} AND {} = {v}.h{still_null}",
+            text_hash(&text.on("t"))
+        )
+    }
+
     /// The one statement that stores vectors: from `source` (`id`, `h` the
     /// hash of the text they are for, `e`) into the rows that still hold
     /// that text, their failures forgotten, their model noted, and the
@@ -279,17 +290,11 @@ impl Target {
         let Quoted {
             table,
             id,
-            text,
             embedding,
-            id_type,
             state,
+            ..
         } = &self.sql;
         let key = p.bind(&self.key, Type::TEXT);
-        let still_null = if reembed {
-            String::new()
-        } else {
-            format!("AND t.{embedding} IS NULL")
-        };
         // Rows the baseline model made need no record (and lose an old one);
         // rows another model made are listed.
         let note = match (models.is_baseline, models.listed) {
@@ -320,12 +325,11 @@ impl Target {
         };
         let sql = format!(
             "WITH v AS ({source}), \
-             upd AS (UPDATE {table} t SET {embedding} = v.e FROM v \
-                     WHERE t.{id} = v.id::{id_type} {still_null} AND {hash} = v.h \
+             upd AS (UPDATE {table} t SET {embedding} = v.e FROM v WHERE {holds} \
                      RETURNING t.{id}::text AS id), \
              del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = {key} AND f.row_id = upd.id) \
              {note}{end_claims} SELECT id FROM upd",
-            hash = text_hash(&text.on("t")),
+            holds = self.still_holds("v", reembed),
         );
         Ok(p.query(tx, &sql)?.into_iter().map(|r| r.get(0)).collect())
     }
