@@ -55,23 +55,31 @@ impl Db {
         columns.extend(target.text_columns.iter().map(|c| ("SELECT", c.as_str())));
         columns.push(("SELECT", target.embedding_column.as_str()));
         columns.push(("UPDATE", target.embedding_column.as_str()));
-        let (privs, cols): (Vec<&str>, Vec<&str>) = columns.into_iter().unzip();
+        let (privs, cols): (Vec<&str>, Vec<&str>) = columns.iter().copied().unzip();
+        // A policy for `cmd` (`r` select, `w` update) that applies to this
+        // role: to PUBLIC, or to a role it is a member of.
+        let policy = |cmd: char| {
+            format!(
+                "EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND p.polcmd IN ('{cmd}', '*') \
+                   AND (0::oid = ANY(p.polroles) OR EXISTS (SELECT 1 FROM unnest(p.polroles) pr(o) \
+                        WHERE pg_has_role(pr.o, 'USAGE'))))"
+            )
+        };
         let row = self.client().query_typed_one(
-            "SELECT current_user::text, current_database()::text, pg_is_in_recovery(), \
-                    current_setting('transaction_read_only') = 'on', \
-                    array(SELECT k.p || ' ' || k.c FROM unnest($2::text[], $3::text[]) AS k(p, c) \
-                          WHERE NOT has_column_privilege(c.oid, k.c, k.p)), \
-                    c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls \
-                      OR (pg_has_role(c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)), \
-                    EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND p.polcmd IN ('r', '*') \
-                      AND (0::oid = ANY(p.polroles) OR EXISTS (SELECT 1 FROM unnest(p.polroles) pr(o) \
-                           WHERE pg_has_role(pr.o, 'USAGE')))), \
-                    EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid AND p.polcmd IN ('w', '*') \
-                      AND (0::oid = ANY(p.polroles) OR EXISTS (SELECT 1 FROM unnest(p.polroles) pr(o) \
-                           WHERE pg_has_role(pr.o, 'USAGE')))), \
-                    to_regnamespace($4::text) IS NOT NULL, \
-                    has_database_privilege(current_database(), 'CREATE') \
-             FROM pg_class c, pg_roles r WHERE c.oid = $1::text::regclass AND r.rolname = current_user",
+            &format!(
+                "SELECT current_user::text, current_database()::text, pg_is_in_recovery(), \
+                        current_setting('transaction_read_only') = 'on', \
+                        array(SELECT k.n::int4 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS k(p, c, n) \
+                              WHERE NOT has_column_privilege(c.oid, k.c, k.p)), \
+                        c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls \
+                          OR (pg_has_role(c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)), \
+                        {}, {}, \
+                        to_regnamespace($4::text) IS NOT NULL, \
+                        has_database_privilege(current_database(), 'CREATE') \
+                 FROM pg_class c, pg_roles r WHERE c.oid = $1::text::regclass AND r.rolname = current_user",
+                policy('r'),
+                policy('w'),
+            ),
             &[
                 (&target.table, Type::TEXT),
                 (&privs, Type::TEXT_ARRAY),
@@ -79,7 +87,8 @@ impl Db {
                 (&quote_ident(state_schema), Type::TEXT),
             ],
         )?;
-        let missing_cols: Vec<String> = row.get(4);
+        // 1-based positions in `columns` of the privileges the role lacks.
+        let missing: Vec<i32> = row.get(4);
         let read_only = if row.get::<_, bool>(2) {
             Some("a hot standby")
         } else if row.get::<_, bool>(3) {
@@ -104,13 +113,10 @@ impl Db {
             role: row.get(0),
             database: row.get(1),
             read_only,
-            missing: missing_cols
+            missing: missing
                 .into_iter()
-                .filter_map(|pc| {
-                    let (p, c) = pc.split_once(' ')?;
-                    let p = if p == "UPDATE" { "UPDATE" } else { "SELECT" };
-                    Some((p, c.to_string()))
-                })
+                .filter_map(|n| columns.get(usize::try_from(n).ok()?.checked_sub(1)?))
+                .map(|&(p, c)| (p, c.to_string()))
                 .collect(),
             rls,
             state,
