@@ -7,11 +7,6 @@ use crate::support::mock::{Fault, Mock};
 use crate::support::{self, autoembed, SpawnPiped, TestDb};
 use std::time::{Duration, Instant};
 
-/// autoembed's connections of one test, told apart by `application_name`.
-fn url_named(app: &str) -> String {
-    format!("{}?application_name={app}", support::url_with_password())
-}
-
 /// Wait until no backend of `app` is left (a killed process's backends end
 /// as soon as the server sees the socket close); bounded.
 fn wait_until_gone(db: &mut TestDb, app: &str) {
@@ -42,7 +37,7 @@ fn a_migration_during_a_request_is_not_blocked_and_no_transaction_is_held() {
     let app = db.schema.clone();
     let child = db
         .cmd(&mock)
-        .env("DATABASE_URL", url_named(&app))
+        .env("DATABASE_URL", support::url_named(&app))
         .args(["run-once", "--json", "--batch-size", "10"])
         .spawn_piped();
     held.wait_for("request arrived");
@@ -150,7 +145,7 @@ fn a_killed_run_on_a_direct_connection_frees_its_rows_at_once() {
     let app = db.schema.clone();
     let mut child = db
         .cmd(&mock)
-        .env("DATABASE_URL", url_named(&app))
+        .env("DATABASE_URL", support::url_named(&app))
         .args(["run-once", "--batch-size", "10"])
         .spawn_piped();
     held.wait_for("request arrived");

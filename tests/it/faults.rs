@@ -81,10 +81,7 @@ fn a_killed_database_connection_mid_request_is_reconnected_and_the_paid_batch_la
     let mock = Mock::start(1536);
     let held = mock.hold();
     let app = db.schema.clone();
-    let url = format!(
-        "{}?application_name={app}",
-        crate::support::url_with_password()
-    );
+    let url = crate::support::url_named(&app);
     let child = db
         .cmd(&mock)
         .env("DATABASE_URL", &url)
@@ -206,10 +203,7 @@ fn every_connection_killed_mid_run_is_reconnected_and_the_run_finishes() {
     let mock = Mock::start(1536);
     let held = mock.hold();
     let app = db.schema.clone();
-    let url = format!(
-        "{}?application_name={app}",
-        crate::support::url_with_password()
-    );
+    let url = crate::support::url_named(&app);
     let child = db
         .cmd(&mock)
         .env("DATABASE_URL", &url)

@@ -27,6 +27,12 @@ pub fn url_with_password() -> String {
     admin_url().replacen("postgres@", &format!("postgres:{DB_PASSWORD}@"), 1)
 }
 
+/// [`url_with_password`] with `application_name` set, so that a test can
+/// tell autoembed's connections apart in `pg_stat_activity`.
+pub fn url_named(app: &str) -> String {
+    format!("{}?application_name={app}", url_with_password())
+}
+
 pub fn connect() -> Client {
     Client::connect(&admin_url(), NoTls)
         .expect("connect to the test database (run scripts/dev-db.sh)")

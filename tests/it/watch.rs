@@ -17,14 +17,7 @@ fn embedded(db: &TestDb) -> String {
 
 fn watch(db: &TestDb, mock: &Mock, poll: &str) -> Child {
     db.cmd(mock)
-        .env(
-            "DATABASE_URL",
-            format!(
-                "{}?application_name={}",
-                crate::support::url_with_password(),
-                db.schema
-            ),
-        )
+        .env("DATABASE_URL", crate::support::url_named(&db.schema))
         .args([
             "watch",
             "--poll-interval",
