@@ -18,7 +18,7 @@ use std::path::PathBuf;
         Exit codes: 0 done (also when nothing was pending), 1 some rows failed or a \
         check failed, 2 usage or configuration error (nothing written), 3 the database \
         or the provider is unreachable or refused the credentials, 130/143 stopped by \
-        SIGINT/SIGTERM."
+        SIGINT/SIGTERM (watch: 0)."
 )]
 pub struct Cli {
     #[command(subcommand)]
