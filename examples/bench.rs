@@ -20,8 +20,9 @@
 //! - `memory`: peak RSS of a backfill of 10,000 and of 200,000 pending rows;
 //! - `local`: `--provider local` (all-MiniLM-L6-v2 in process) on
 //!   `--local-rows` product descriptions from `examples/products.csv` into
-//!   `vector(384)`: rows/s, tokens per text, peak RSS and the model's load
-//!   time, at concurrency 1 and 2 (the default).
+//!   `vector(384)`: rows/s, tokens per text, peak RSS, CPU utilisation
+//!   (autoembed's own process) and the model's load time, at concurrency 1
+//!   and 2 (the default), after the CPU's name and vector extensions.
 //!
 //! ```text
 //! cargo run --release --example bench -- [--rows N] [--runs N] [--ref-rows N]
@@ -245,6 +246,9 @@ struct Measured {
     seconds: f64,
     json: serde_json::Value,
     max_rss_kb: u64,
+    /// CPU time over wall time, in percent of one core (200 = both of two
+    /// cores busy throughout), as /usr/bin/time reports it.
+    cpu_percent: f64,
 }
 
 /// Run autoembed under /usr/bin/time -v against the mock server.
@@ -283,12 +287,18 @@ fn measure(opts: &Opts, provider: &[(&str, String)], table: &str, args: &[&str])
         })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
+    let cpu_percent = stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Percent of CPU this job got: "))
+        .and_then(|v| v.trim().trim_end_matches('%').parse().ok())
+        .unwrap_or(0.0);
     let json = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| fail(&format!("autoembed printed no JSON: {stderr}")));
     Measured {
         seconds,
         json,
         max_rss_kb,
+        cpu_percent,
     }
 }
 
@@ -542,8 +552,8 @@ fn memory(opts: &Opts, db: &mut Client) {
 
 /// The local model on product descriptions: texts from examples/products.csv,
 /// each followed by two other products' names and its own number (every text
-/// distinct, so none is copied instead of embedded), about 57 tokens as in the
-/// issue's PyTorch figure (130 texts/s, batch 32, 1.15 GB on this kind of machine).
+/// distinct, so none is copied instead of embedded), about 61 tokens as in
+/// issue 17's figures for PyTorch and ONNX Runtime.
 fn local(opts: &Opts, db: &mut Client) {
     let home = std::env::var("HOME").unwrap_or_default();
     let model = std::env::var("AUTOEMBED_MODEL_PATH").unwrap_or_else(|_| {
@@ -588,6 +598,12 @@ fn local(opts: &Opts, db: &mut Client) {
     );
     exec(db, &format!("VACUUM ANALYZE {t}"));
     println!("## The local model (all-MiniLM-L6-v2, in process)\n");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "CPU: {}; {cores} cores; vector extensions: {}.\n",
+        cpu_model(),
+        cpu_extensions()
+    );
     let loaded = measure(opts, &provider, &t, &["verify"]);
     let load = loaded.json["checks"]
         .as_array()
@@ -595,32 +611,79 @@ fn local(opts: &Opts, db: &mut Client) {
         .map(|c| c["detail"].to_string())
         .unwrap_or_else(|| fail(&format!("verify found no model: {}", loaded.json)));
     println!(
-        "| concurrency | rows/s (median of {}) | tokens per text | peak RSS (MB) |",
+        "| concurrency | rows/s (median of {}) | tokens per text | peak RSS (MB) | CPU busy (% of {cores} cores) |",
         opts.runs
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for conc in ["1", "2"] {
-        let (mut rates, mut peaks, mut tokens) = (Vec::new(), Vec::new(), 0);
+        let (mut rates, mut peaks, mut busy, mut tokens) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for _ in 0..opts.runs {
             reset(db, &t);
             let m = measure(opts, &provider, &t, &["backfill", "--concurrency", conc]);
             assert_done(&m, n);
             rates.push(n as f64 / m.seconds);
             peaks.push(m.max_rss_kb as f64 / 1024.0);
+            busy.push(m.cpu_percent / cores as f64);
             tokens = m.json["tokens"].as_u64().unwrap_or(0);
         }
         println!(
-            "| {conc} | {:.0} | {:.1} | {:.0} |",
+            "| {conc} | {:.0} | {:.1} | {:.0} | {:.0} |",
             median(rates),
             tokens as f64 / n as f64,
-            median(peaks)
+            median(peaks),
+            median(busy)
         );
     }
     println!(
-        "\nTokens include [CLS] and [SEP]. verify's model check (load + one text): {load}.\n\
-         For comparison, the issue's figures on this kind of machine: sentence-transformers on PyTorch \
-         about 130 texts/s (~57 tokens, batch 32) with 1.15 GB RSS; candle's stock BertModel about 48/s.\n"
+        "\nTokens include [CLS] and [SEP]. CPU busy is autoembed's own process (user + system time over wall \
+         time, over all cores); the database's writes run in its backend, outside it. \
+         verify's model check (load + one text): {load}.\n\
+         For comparison, issue 17's figures on a 2-core AVX2-only EPYC (61 tokens a text, batch 32): \
+         sentence-transformers on PyTorch 75-82 texts/s (1.2 GB), ONNX Runtime fp32 75-86 (290 MB), \
+         ONNX Runtime int8 122-138 (210 MB).\n"
     );
+}
+
+/// The CPU's name, from /proc/cpuinfo (Linux), so figures from different
+/// machines can be told apart.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The vector extensions the matrix kernels pick from at run time: AVX2
+/// and FMA, or AVX-512 (with VNNI for int8 dot products).
+fn cpu_extensions() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let found: Vec<&str> = [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            (
+                "avx512vnni",
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        if found.is_empty() {
+            "none of avx2, fma, avx512f, avx512vnni".into()
+        } else {
+            found.join(", ")
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
 }
 
 fn assert_done(m: &Measured, rows: i64) {
