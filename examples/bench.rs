@@ -22,7 +22,11 @@
 //!   `--local-rows` product descriptions from `examples/products.csv` into
 //!   `vector(384)`: rows/s, tokens per text, peak RSS, CPU utilisation
 //!   (autoembed's own process) and the model's load time, at concurrency 1
-//!   and 2 (the default), after the CPU's name and vector extensions.
+//!   and 2 (the default).
+//!
+//! The first line names the machine: the CPU, its cores and the vector
+//! extensions the matrix kernels can pick from, so that figures from
+//! different machines can be told apart.
 //!
 //! ```text
 //! cargo run --release --example bench -- [--rows N] [--runs N] [--ref-rows N]
@@ -58,8 +62,10 @@ fn main() {
     );
     println!("# autoembed benchmark\n");
     println!(
-        "machine: {} cores; PostgreSQL {}; rows {}; runs per figure {} (medians)\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "machine: {}; {} cores; vector extensions: {}; PostgreSQL {}; rows {}; runs per figure {} (medians)\n",
+        cpu_model(),
+        cores(),
+        cpu_extensions(),
         query_text(&mut db, "SHOW server_version"),
         opts.rows,
         opts.runs
@@ -598,12 +604,7 @@ fn local(opts: &Opts, db: &mut Client) {
     );
     exec(db, &format!("VACUUM ANALYZE {t}"));
     println!("## The local model (all-MiniLM-L6-v2, in process)\n");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "CPU: {}; {cores} cores; vector extensions: {}.\n",
-        cpu_model(),
-        cpu_extensions()
-    );
+    let cores = cores();
     let loaded = measure(opts, &provider, &t, &["verify"]);
     let load = loaded.json["checks"]
         .as_array()
@@ -642,6 +643,11 @@ fn local(opts: &Opts, db: &mut Client) {
          sentence-transformers on PyTorch 75-82 texts/s (1.2 GB), ONNX Runtime fp32 75-86 (290 MB), \
          ONNX Runtime int8 122-138 (210 MB).\n"
     );
+}
+
+/// The cores this process may use.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The CPU's name, from /proc/cpuinfo (Linux), so figures from different
