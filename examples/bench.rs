@@ -285,19 +285,8 @@ fn measure(opts: &Opts, provider: &[(&str, String)], table: &str, args: &[&str])
         .unwrap_or_else(|e| fail(&format!("run autoembed (is /usr/bin/time installed?): {e}")));
     let seconds = started.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let max_rss_kb = stderr
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("Maximum resident set size (kbytes): ")
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let cpu_percent = stderr
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Percent of CPU this job got: "))
-        .and_then(|v| v.trim().trim_end_matches('%').parse().ok())
-        .unwrap_or(0.0);
+    let max_rss_kb = time_field(&stderr, "Maximum resident set size (kbytes)").unwrap_or(0);
+    let cpu_percent = time_field(&stderr, "Percent of CPU this job got").unwrap_or(0.0);
     let json = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| fail(&format!("autoembed printed no JSON: {stderr}")));
     Measured {
@@ -306,6 +295,15 @@ fn measure(opts: &Opts, provider: &[(&str, String)], table: &str, args: &[&str])
         max_rss_kb,
         cpu_percent,
     }
+}
+
+/// The value of one line of `/usr/bin/time -v`'s report (`label: value`,
+/// a percentage's `%` left out).
+fn time_field<T: std::str::FromStr>(stderr: &str, label: &str) -> Option<T> {
+    stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(label)?.strip_prefix(": "))
+        .and_then(|v| v.trim().trim_end_matches('%').parse().ok())
 }
 
 /// autoembed, over TLS too, and the database's ceiling, taken in turns
