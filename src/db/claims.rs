@@ -1,35 +1,38 @@
 //! Taking rows for a batch, and letting them go.
 //!
-//! A claim is a row in `<state>.claims` (the table and embedding column's
-//! key, row id, holder, expiry, and, on a direct connection, the holder's
-//! backend), taken in a short
-//! transaction that commits before any request is sent: nothing is held
-//! open, and no lock is kept on the user's table, while the provider works.
+//! A claim is one row in `<state>.claims` per batch: the table and
+//! embedding column's key, the ids of the rows it holds (and the first and
+//! last of them, in id order), the holder, an expiry and, on a direct
+//! connection, the holder's backend. It is taken in a short transaction
+//! that commits before any request is sent: nothing is held open, and no
+//! lock is kept on the user's table, while the provider works.
 //!
-//! - Picking: the candidates after the run's shared cursor that no other
-//!   run holds ([`Target::candidates`], only a read: the one step the
-//!   run's workers take in turn).
-//! - Taking: `INSERT ... ON CONFLICT DO UPDATE ... WHERE` the old claim has
-//!   lapsed, so of two workers racing for a row exactly one gets it
-//!   ([`Target::take`]).
-//! - The snapshot race: a worker can claim a row another worker finished
-//!   after the first statement's snapshot was taken; the texts are re-read in
-//!   a new statement (READ COMMITTED: a new snapshot), and a row that is no
-//!   longer pending drops out before anything is sent.
+//! - Taking ([`Target::claim`]): under a transaction-level advisory lock on
+//!   the table's key, one statement sweeps the table's lapsed claims, picks
+//!   the selected rows after the run's cursor that no live claim holds,
+//!   inserts their claim and returns their texts. Claims of a table are taken one at a time, on every host, so
+//!   two claims never share a row.
+//! - The snapshot race: the lock is taken in a statement of its own, so
+//!   the claim's statement reads with a snapshot taken after the previous
+//!   claim committed; and a batch's vectors are written and its claim ended
+//!   in one transaction, so a snapshot sees a row either still claimed or
+//!   already embedded, never free and pending in between.
 //! - Lapsing: a claim is free once its expiry passes, or at once when the
 //!   backend it names is gone (a SIGKILLed run on a direct connection).
 //!   Through a pooler the backend is the pooler's, so only the expiry counts.
 //! - Before sending, a holder whose claim may lapse during the request
-//!   extends it ([`Target::confirm`]), and sends only the rows it still holds.
-//! - The write releases the batch's claims in its own transaction; at its
-//!   end a run that claimed rows releases whatever it still holds, and
-//!   sweeps the table's lapsed claims ([`Target::release_run`]); a run that
-//!   claimed nothing holds nothing and leaves the sweep to the next that works.
+//!   extends it ([`Target::confirm`]). A claim that lapsed lives only until
+//!   the next claim of the table sweeps it away; one that is gone sends
+//!   nothing, since its rows may be another run's.
+//! - The write ends the batch's claim in its own transaction; at its end a
+//!   run that claimed rows releases whatever it still holds, and sweeps the
+//!   table's lapsed claims ([`Target::release_run`]); a run that claimed
+//!   nothing holds nothing and leaves the sweep to the next that works.
 //!
-//! The claim records only a row's id and an expiry, so a claim can equally
-//! last a day (rows handed to a provider's batch job).
+//! One row a batch keeps a claim cheap (one small insert, one delete), and
+//! lets it last a day: rows handed to a provider's batch job.
 
-use super::sql::{text_hash, Params};
+use super::sql::{quote_literal, text_hash, Params};
 use super::target::{lapsed, Selection, Target};
 use crate::error::Result;
 use postgres::types::Type;
@@ -59,15 +62,6 @@ pub struct Lease<'h> {
     pub direct: bool,
 }
 
-/// The first step of a claim: the rows to try, in id order.
-#[derive(Debug)]
-pub struct Candidates {
-    /// Up to the limit asked for.
-    pub ids: Vec<String>,
-    /// Whether more candidates follow.
-    pub more: bool,
-}
-
 /// One row taken for embedding.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -79,37 +73,47 @@ pub struct Claimed {
     pub text_hash: i64,
 }
 
-/// The claims (alias `c`) of `holder` on the rows `ids` (all three bound
-/// placeholders), found by one probe of the claims index per id.
-///
-/// Written as `c.ctid = ANY (...)` because the plain `c.row_id = ANY (ids)`
-/// lets PostgreSQL read every claim of the table instead: it judges the
-/// table by statistics taken when it was nearly empty, while a backfill
-/// leaves thousands of dead claims behind it (1.5 ms a statement instead of
-/// 0.4 ms for 100 rows among 20,000 dead claims). A claim that another run
-/// took over in the meantime has a new `ctid`, and is left alone.
-pub(super) fn held_by(state: &str, key: &str, holder: &str, ids: &str) -> String {
-    format!(
-        "c.ctid = ANY (ARRAY(SELECT (SELECT h.ctid FROM {state}.claims h \
-           WHERE h.table_name = {key} AND h.row_id = r.id AND h.holder = {holder}) \
-         FROM unnest({ids}::text[]) AS r(id)))"
-    )
+/// The claim record of one batch (its `claim_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimId(pub i64);
+
+/// A batch's rows, in id order, as one claim took them (or dry-run read them).
+#[derive(Debug)]
+pub struct Batch {
+    pub rows: Vec<Claimed>,
+    /// The claim that holds them; `None` when only read (dry-run) or empty.
+    pub claim: Option<ClaimId>,
+    /// Whether more selected rows follow the last one.
+    pub more: bool,
+}
+
+/// The columns [`Target::claim_fields`] gives values for.
+const CLAIM_FIELDS: [&str; 4] = ["holder", "backend_pid", "backend_start", "expires_at"];
+
+/// The statement that ends claim `claim` (a bound placeholder): in the
+/// write that stores its rows, or alone.
+pub(super) fn end_claim(state: &str, claim: &str) -> String {
+    format!("DELETE FROM {state}.claims c WHERE c.claim_id = {claim}")
 }
 
 impl Target {
-    /// Up to `limit` selected rows after `cursor`, in id order, that no
-    /// other run holds; one row more than the limit is read, not returned:
-    /// it says whether more work follows. Only reads: the run's workers
-    /// call this one at a time, since it moves their shared cursor, and
-    /// take the rows ([`Target::take`]) beside each other.
-    pub fn candidates(
+    /// Up to `limit` selected rows after `cursor`, in id order, with their
+    /// texts, claimed under `lease` (or, without one, only read: dry-run).
+    /// One row more than the limit is read, not returned: it says whether
+    /// more work follows. The caller commits before anything is sent.
+    pub fn claim(
         &self,
         c: &mut impl GenericClient,
         cursor: Option<&str>,
         limit: usize,
         sel: &Selection<'_>,
-    ) -> Result<Candidates> {
+        lease: Option<Lease<'_>>,
+    ) -> Result<Batch> {
         let q = &self.sql;
+        if lease.is_some() {
+            // Its own statement: the claim's snapshot is taken after the wait.
+            c.batch_execute(&self.claims_lock())?;
+        }
         let limit = limit as i64;
         let mut p = Params::default();
         let key = p.bind(&self.key, Type::TEXT);
@@ -123,171 +127,129 @@ impl Target {
             ),
             None => String::new(),
         };
-        let sql = format!(
-            "SELECT t.{id}::text FROM {table} t WHERE {selected} {after} \
-             ORDER BY t.{id} LIMIT {n} + 1",
-            id = q.id,
-            table = q.table,
-            n = p.bind(&limit, Type::INT8),
-        );
-        let mut ids: Vec<String> = p.query(c, &sql)?.into_iter().map(|r| r.get(0)).collect();
-        let more = ids.len() as i64 > limit;
-        ids.truncate(limit as usize);
-        Ok(Candidates { ids, more })
-    }
-
-    /// Claim `ids` under `lease`; returns those taken, in order. Of two runs
-    /// racing for a row exactly one takes it: the insert of the other one
-    /// meets the first one's claim, which has not lapsed.
-    pub fn take(
-        &self,
-        c: &mut impl GenericClient,
-        ids: &[String],
-        lease: Lease<'_>,
-    ) -> Result<Vec<String>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let lease_ms = lease.length.as_millis() as i64;
-        let mut p = Params::default();
-        let sql = format!(
-            "INSERT INTO {state}.claims AS c \
-               (table_name, row_id, holder, backend_pid, backend_start, expires_at) \
-             SELECT {key}, id, {holder}, \
-                    CASE WHEN {direct} THEN pg_backend_pid() END, \
-                    CASE WHEN {direct} THEN (SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a) END, \
-                    now() + {lease_ms} * interval '1 millisecond' \
-             FROM unnest({ids}::text[]) WITH ORDINALITY AS i(id, n) ORDER BY n \
-             ON CONFLICT (table_name, row_id) DO UPDATE SET holder = excluded.holder, \
-               backend_pid = excluded.backend_pid, backend_start = excluded.backend_start, \
-               expires_at = excluded.expires_at \
-             WHERE {lapsed} \
-             RETURNING c.row_id",
-            state = self.sql.state,
-            key = p.bind(&self.key, Type::TEXT),
-            holder = p.bind(&lease.holder.name, Type::TEXT),
-            direct = p.bind(&lease.direct, Type::BOOL),
-            lease_ms = p.bind(&lease_ms, Type::INT8),
-            ids = p.bind(&ids, Type::TEXT_ARRAY),
-            lapsed = lapsed("c"),
-        );
-        let taken: std::collections::HashSet<String> =
-            p.query(c, &sql)?.into_iter().map(|r| r.get(0)).collect();
-        Ok(ids
-            .iter()
-            .filter(|id| taken.contains(*id))
-            .cloned()
-            .collect())
-    }
-
-    /// The last step of a claim: the taken rows that are still selected,
-    /// with their texts, read in a new statement (a new snapshot), so a row
-    /// another worker finished just before we took it drops out here.
-    pub fn read(
-        &self,
-        c: &mut impl GenericClient,
-        ids: &[String],
-        sel: &Selection<'_>,
-    ) -> Result<Vec<Claimed>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let q = &self.sql;
-        let mut p = Params::default();
-        let key = p.bind(&self.key, Type::TEXT);
-        let own = Selection {
-            skip_claimed: false,
-            ..*sel
-        };
-        let selected = self.selected(&own, &key, &mut p);
-        let sql = format!(
-            "SELECT t.{id}::text, {text}::text, {hash} FROM {table} t \
-             WHERE t.{id} = ANY({ids}::text[]::{id_type}[]) AND {selected} ORDER BY t.{id}",
+        let n = p.bind(&limit, Type::INT8);
+        let pick = format!(
+            "SELECT t.{id} AS k, t.{id}::text AS id, {text}::text AS text, {hash} AS h \
+             FROM {table} t WHERE {selected} {after} ORDER BY t.{id} LIMIT {n} + 1",
             id = q.id,
             text = q.text.on("t"),
-            table = q.table,
-            id_type = q.id_type,
             hash = text_hash(&q.text.on("t")),
-            ids = p.bind(&ids, Type::TEXT_ARRAY),
+            table = q.table,
         );
-        Ok(p.query(c, &sql)?
-            .into_iter()
-            .map(|r| Claimed {
+        let (take, claim_id) = match lease {
+            None => (String::new(), "NULL::bigint".to_string()),
+            Some(lease) => {
+                let fields = self.claim_fields(&mut p, lease).join(", ");
+                (
+                    format!(
+                        ", swept AS (DELETE FROM {state}.claims c WHERE c.table_name = {key} AND {lapsed}), \
+                         taken AS (INSERT INTO {state}.claims AS c \
+                           (table_name, row_ids, first_id, last_id, {columns}) \
+                         SELECT {key}, b.ids, b.ids[1], b.ids[cardinality(b.ids)], {fields} \
+                         FROM (SELECT array_agg(id ORDER BY k) AS ids FROM \
+                               (SELECT k, id FROM pick ORDER BY k LIMIT {n}) s) b \
+                         WHERE b.ids IS NOT NULL RETURNING c.claim_id)",
+                        state = q.state,
+                        lapsed = lapsed("c"),
+                        columns = CLAIM_FIELDS.join(", "),
+                    ),
+                    "(SELECT claim_id FROM taken)".to_string(),
+                )
+            }
+        };
+        let sql = format!(
+            "WITH pick AS ({pick}){take} \
+             SELECT id, text, h, {claim_id} FROM pick ORDER BY k"
+        );
+        let mut rows = Vec::new();
+        let mut claim = None;
+        for r in p.query(c, &sql)? {
+            claim = r.get::<_, Option<i64>>(3).map(ClaimId);
+            rows.push(Claimed {
                 id: r.get(0),
                 text: r.get(1),
                 text_hash: r.get(2),
-            })
-            .collect())
+            });
+        }
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        Ok(Batch { rows, claim, more })
     }
 
-    /// Extend `holder`'s claims on `ids` by `lease` (and name this
-    /// connection's backend); returns the ids it still holds. Rows whose
-    /// claim lapsed and went to another run are not returned: never send them.
+    /// The lock every claim of this table takes first, for the rest of its
+    /// transaction (a short one: it commits before any request).
+    fn claims_lock(&self) -> String {
+        format!(
+            "SELECT pg_advisory_xact_lock(hashtext('autoembed claims'), hashtext({}))",
+            quote_literal(&self.key)
+        )
+    }
+
+    /// The holder, backend and expiry of a claim taken under `lease`: the
+    /// values for the columns of [`CLAIM_FIELDS`], in order.
+    fn claim_fields<'a>(&self, p: &mut Params<'a>, lease: Lease<'a>) -> [String; 4] {
+        let direct = p.bind_owned(lease.direct, Type::BOOL);
+        [
+            p.bind(&lease.holder.name, Type::TEXT),
+            format!("CASE WHEN {direct} THEN pg_backend_pid() END"),
+            format!(
+                "CASE WHEN {direct} THEN (SELECT a.backend_start \
+                 FROM pg_stat_get_activity(pg_backend_pid()) a) END"
+            ),
+            format!(
+                "now() + {} * interval '1 millisecond'",
+                p.bind_owned(lease.length.as_millis() as i64, Type::INT8)
+            ),
+        ]
+    }
+
+    /// Extend `claim` by `lease`, and name this connection's backend;
+    /// returns the ids it holds. A claim that lapsed is extended only if no
+    /// claim was taken since: each one sweeps the lapsed claims away first.
+    /// An empty list means the rows may be another run's: never send them.
     pub fn confirm(
         &self,
         c: &mut impl GenericClient,
-        ids: &[&str],
+        claim: ClaimId,
         lease: Lease<'_>,
     ) -> Result<Vec<String>> {
-        let lease_ms = lease.length.as_millis() as i64;
+        c.batch_execute(&self.claims_lock())?;
         let mut p = Params::default();
-        let state = &self.sql.state;
+        let claim = p.bind_owned(claim.0, Type::INT8);
+        let set: Vec<String> = CLAIM_FIELDS
+            .iter()
+            .zip(self.claim_fields(&mut p, lease))
+            .map(|(column, value)| format!("{column} = {value}"))
+            .collect();
         let sql = format!(
-            "UPDATE {state}.claims c SET expires_at = now() + {lease_ms} * interval '1 millisecond', \
-               backend_pid = CASE WHEN {direct} THEN pg_backend_pid() END, \
-               backend_start = CASE WHEN {direct} THEN (SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a) END \
-             WHERE {held} RETURNING c.row_id",
-            lease_ms = p.bind(&lease_ms, Type::INT8),
-            direct = p.bind(&lease.direct, Type::BOOL),
-            held = held_by(
-                state,
-                &p.bind(&self.key, Type::TEXT),
-                &p.bind(&lease.holder.name, Type::TEXT),
-                &p.bind(&ids, Type::TEXT_ARRAY),
-            ),
+            "UPDATE {state}.claims c SET {set} WHERE c.claim_id = {claim} RETURNING c.row_ids",
+            state = self.sql.state,
+            set = set.join(", "),
         );
-        Ok(p.query(c, &sql)?.into_iter().map(|r| r.get(0)).collect())
-    }
-
-    /// Let go of `holder`'s claims on `ids`.
-    pub fn release(
-        &self,
-        c: &mut impl GenericClient,
-        holder: &Holder,
-        ids: &[&str],
-    ) -> Result<(), postgres::Error> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut p = Params::default();
-        let state = &self.sql.state;
-        let sql = format!(
-            "DELETE FROM {state}.claims c WHERE {}",
-            held_by(
-                state,
-                &p.bind(&self.key, Type::TEXT),
-                &p.bind(&holder.name, Type::TEXT),
-                &p.bind(&ids, Type::TEXT_ARRAY),
-            )
-        );
-        p.execute(c, &sql).map(|_| ())
+        Ok(p.query(c, &sql)?
+            .into_iter()
+            .flat_map(|r| r.get::<_, Vec<String>>(0))
+            .collect())
     }
 
     /// Let go of every claim of run `run` (all its workers) on this table,
     /// and sweep away the lapsed claims other runs left behind (a killed
-    /// run's, on rows deleted or embedded since), which nothing else would
-    /// ever remove.
-    pub fn release_run(&self, c: &mut impl GenericClient, run: &str) -> Result<u64> {
+    /// run's), which nothing else would ever remove. Returns the rows let go.
+    pub fn release_run(&self, c: &mut impl GenericClient, run: &str) -> Result<i64> {
         let prefix = format!("{run}:");
         let mut p = Params::default();
         let sql = format!(
-            "DELETE FROM {state}.claims c WHERE c.table_name = {key} \
-             AND (starts_with(c.holder, {prefix}) OR {lapsed})",
+            "WITH gone AS (DELETE FROM {state}.claims c WHERE c.table_name = {key} \
+               AND (starts_with(c.holder, {prefix}) OR {lapsed}) RETURNING cardinality(c.row_ids) AS n) \
+             SELECT coalesce(sum(n), 0)::bigint FROM gone",
             state = self.sql.state,
             key = p.bind(&self.key, Type::TEXT),
             prefix = p.bind(&prefix, Type::TEXT),
             lapsed = lapsed("c"),
         );
-        Ok(p.execute(c, &sql)?)
+        Ok(p.query(c, &sql)?
+            .first()
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0))
     }
 }

@@ -163,7 +163,7 @@ impl Db {
     }
 
     /// A transaction at READ COMMITTED, whatever the database's or role's
-    /// default: a claim's re-read must see what other workers committed.
+    /// default: a claim's statement must see what the claims before it committed.
     pub fn begin(&mut self) -> Result<Transaction<'_>, postgres::Error> {
         self.client
             .build_transaction()

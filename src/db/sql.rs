@@ -43,22 +43,47 @@ pub fn dollar_quote(body: &str) -> String {
 /// are the driver's own, so that callers can tell a retryable one.
 #[derive(Default)]
 pub struct Params<'a> {
-    values: Vec<(&'a (dyn ToSql + Sync), Type)>,
+    values: Vec<(Value<'a>, Type)>,
+}
+
+/// A bound value: borrowed from the caller, or kept by the statement.
+enum Value<'a> {
+    Borrowed(&'a (dyn ToSql + Sync)),
+    Owned(Box<dyn ToSql + Sync + 'a>),
 }
 
 impl<'a> Params<'a> {
     /// Bind `value` as `ty`; returns its placeholder (`$1`, `$2`, ...).
     pub fn bind(&mut self, value: &'a (dyn ToSql + Sync), ty: Type) -> String {
-        self.values.push((value, ty));
+        self.values.push((Value::Borrowed(value), ty));
         format!("${}", self.values.len())
     }
 
+    /// Bind a value computed for this statement alone.
+    pub fn bind_owned(&mut self, value: impl ToSql + Sync + 'a, ty: Type) -> String {
+        self.values.push((Value::Owned(Box::new(value)), ty));
+        format!("${}", self.values.len())
+    }
+
+    fn typed(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
+        self.values
+            .iter()
+            .map(|(v, ty)| {
+                let v: &(dyn ToSql + Sync) = match v {
+                    Value::Borrowed(v) => *v,
+                    Value::Owned(v) => v.as_ref(),
+                };
+                (v, ty.clone())
+            })
+            .collect()
+    }
+
     pub fn query(&self, c: &mut impl GenericClient, sql: &str) -> Result<Vec<Row>, Error> {
-        c.query_typed(sql, &self.values)
+        c.query_typed(sql, &self.typed())
     }
 
     pub fn execute(&self, c: &mut impl GenericClient, sql: &str) -> Result<u64, Error> {
-        c.execute_typed(sql, &self.values)
+        c.execute_typed(sql, &self.typed())
     }
 }
 

@@ -1,11 +1,11 @@
 //! Storing a batch's outcome in one short transaction: the vectors (only
 //! into rows that still hold the text that was embedded), the copies of
 //! vectors written earlier in the run, the rows the provider rejected, and
-//! the release of the batch's claims. A deadlock, a serialization failure
+//! the end of the batch's claim. A deadlock, a serialization failure
 //! or a connection lost before the commit is retried (on a new connection
 //! if need be): these vectors were paid for.
 
-use super::claims::{held_by, Claimed, Holder};
+use super::claims::{end_claim, ClaimId, Claimed};
 use super::model_records::Models;
 use super::sql::{text_hash, Params};
 use super::target::{Quoted, Target};
@@ -41,8 +41,8 @@ pub struct BatchWrite<'a> {
     pub copies: Vec<(&'a Claimed, String)>,
     /// Rows the provider rejected, and why.
     pub failures: Vec<(&'a Claimed, String)>,
-    /// Every row of the batch whose claim ends now.
-    pub release: Vec<&'a str>,
+    /// The batch's claim, which ends now.
+    pub release: Option<ClaimId>,
 }
 
 impl<'a> BatchWrite<'a> {
@@ -51,7 +51,7 @@ impl<'a> BatchWrite<'a> {
     pub fn new(
         copies: Vec<(&'a Claimed, String)>,
         failures: Vec<(&'a Claimed, String)>,
-        release: Vec<&'a str>,
+        release: Option<ClaimId>,
         half: bool,
     ) -> BatchWrite<'a> {
         BatchWrite {
@@ -82,13 +82,6 @@ impl<'a> BatchWrite<'a> {
     }
 }
 
-/// Claims a write ends: `holder`'s on `ids`.
-#[derive(Clone, Copy)]
-struct Release<'a> {
-    holder: &'a Holder,
-    ids: &'a Vec<&'a str>,
-}
-
 /// How many tries a write gets before the run gives up on it.
 const WRITE_TRIES: u32 = 6;
 
@@ -101,14 +94,13 @@ impl Target {
         batch: &BatchWrite<'_>,
         models: &Models,
         reembed: bool,
-        holder: &Holder,
     ) -> Result<Vec<String>> {
         let mut tries = 0;
         loop {
             tries += 1;
             let attempt = match db.reconnect_if_closed() {
                 Ok(()) => self
-                    .try_write(db, batch, models, reembed, holder)
+                    .try_write(db, batch, models, reembed)
                     .map_err(|e| (is_retryable(&e), e.into())),
                 Err(e) => Err((true, e)),
             };
@@ -194,17 +186,12 @@ impl Target {
         batch: &BatchWrite<'_>,
         models: &Models,
         reembed: bool,
-        holder: &Holder,
     ) -> Result<Vec<String>, postgres::Error> {
         let mut tx = db.begin()?;
         let mut written = Vec::new();
-        // The batch's claims end in the first statement that stores
-        // something (one statement fewer a batch), else on their own.
-        let mut release = Some(Release {
-            holder,
-            ids: &batch.release,
-        })
-        .filter(|r| !r.ids.is_empty());
+        // The batch's claim ends in the first statement that stores
+        // something (one statement fewer a batch), else on its own.
+        let mut release = batch.release;
         if !batch.stored.is_empty() {
             let ids: Vec<&str> = batch.stored.iter().map(|c| c.id.as_str()).collect();
             let hashes: Vec<i64> = batch.stored.iter().map(|c| c.text_hash).collect();
@@ -244,8 +231,10 @@ impl Target {
             written.extend(self.store(&mut tx, p, &source, models, reembed, release.take())?);
         }
         self.record_failures(&mut tx, &batch.failures)?;
-        if let Some(r) = release {
-            self.release(&mut tx, r.holder, r.ids)?;
+        if let Some(claim) = release {
+            let mut p = Params::default();
+            let sql = end_claim(&self.sql.state, &p.bind_owned(claim.0, Type::INT8));
+            p.execute(&mut tx, &sql)?;
         }
         tx.commit()?;
         Ok(written)
@@ -277,7 +266,7 @@ impl Target {
     /// The one statement that stores vectors: from `source` (`id`, `h` the
     /// hash of the text they are for, `e`) into the rows that still hold
     /// that text, their failures forgotten, their model noted, and the
-    /// claims in `release` ended.
+    /// claim `release` ended.
     fn store<'a>(
         &'a self,
         tx: &mut Transaction<'_>,
@@ -285,7 +274,7 @@ impl Target {
         source: &str,
         models: &'a Models,
         reembed: bool,
-        release: Option<Release<'a>>,
+        release: Option<ClaimId>,
     ) -> Result<Vec<String>, postgres::Error> {
         let Quoted {
             table,
@@ -313,14 +302,9 @@ impl Target {
         };
         let end_claims = match release {
             None => String::new(),
-            Some(r) => format!(
-                ", rel AS (DELETE FROM {state}.claims c WHERE {})",
-                held_by(
-                    state,
-                    &key,
-                    &p.bind(&r.holder.name, Type::TEXT),
-                    &p.bind(r.ids, Type::TEXT_ARRAY),
-                )
+            Some(claim) => format!(
+                ", rel AS ({})",
+                end_claim(state, &p.bind_owned(claim.0, Type::INT8))
             ),
         };
         let sql = format!(

@@ -4,13 +4,12 @@
 use super::plan::{BatchPlan, Planner};
 use super::send::{Halt, Hold, Sender};
 use crate::config::Config;
-use crate::db::claims::{Claimed, Holder, Lease};
+use crate::db::claims::{ClaimId, Claimed, Holder, Lease};
 use crate::db::model_records::Models;
 use crate::db::target::Target;
 use crate::db::writes::BatchWrite;
 use crate::db::Db;
 use crate::error::{Error, Result};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// What every batch of a run shares.
@@ -25,6 +24,8 @@ pub struct Context<'a> {
 pub struct Claim {
     pub seq: u64,
     pub rows: Vec<Claimed>,
+    /// The claim record that holds them.
+    pub claim: ClaimId,
     /// Whether more candidates follow this batch.
     pub more: bool,
     /// Taken no earlier than this (the claims expire a lease after it).
@@ -56,6 +57,7 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
     let Claim {
         seq,
         rows,
+        claim,
         claimed_at,
         ..
     } = claim;
@@ -66,11 +68,9 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
         seq,
         written: Vec::new(),
     };
+    // Rows a budget cut stay in the claim until its write ends it: the
+    // run stops after this batch.
     let kept = &rows[..plan.cut];
-    if plan.cut < rows.len() {
-        let cut: Vec<&str> = rows[plan.cut..].iter().map(|r| r.id.as_str()).collect();
-        w.db.in_transaction(|tx| Ok(ctx.target.release(tx, &w.holder, &cut)?))?;
-    }
 
     let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(plan.send.len());
     let mut rejected: Vec<(usize, String)> = plan.too_long.clone();
@@ -78,6 +78,7 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
         let mut hold = Claims {
             db: &mut *w.db,
             target: ctx.target,
+            claim,
             lease: Lease {
                 holder: &w.holder,
                 length: ctx.cfg.claim_lease,
@@ -102,14 +103,11 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
         rejected,
         halt.is_none(),
         ctx.target.half,
+        claim,
     );
-    let written = ctx.target.write_batch(
-        w.db,
-        &batch,
-        ctx.models,
-        ctx.cfg.reembed.is_some(),
-        &w.holder,
-    )?;
+    let written = ctx
+        .target
+        .write_batch(w.db, &batch, ctx.models, ctx.cfg.reembed.is_some())?;
     for (row, err) in &batch.failures {
         crate::warn!("row {} failed: {err}", row.id);
     }
@@ -134,8 +132,8 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
 }
 
 /// The rows of the write: vectors and failures repeated for the rows that
-/// shared a text, copies (unless the batch stopped), and every kept row's
-/// claim released.
+/// shared a text, copies (unless the batch stopped), and the batch's
+/// claim ended.
 fn outcome_rows<'r>(
     plan: &BatchPlan,
     rows: &'r [Claimed],
@@ -143,6 +141,7 @@ fn outcome_rows<'r>(
     rejected: Vec<(usize, String)>,
     copy: bool,
     half: bool,
+    claim: ClaimId,
 ) -> BatchWrite<'r> {
     let shared = |i: usize| plan.same_text.get(&i).map(Vec::as_slice).unwrap_or(&[]);
     let failures = rejected
@@ -162,8 +161,7 @@ fn outcome_rows<'r>(
     } else {
         Vec::new()
     };
-    let release = rows.iter().map(|r| r.id.as_str()).collect();
-    let mut batch = BatchWrite::new(copies, failures, release, half);
+    let mut batch = BatchWrite::new(copies, failures, Some(claim), half);
     for (i, v) in vectors {
         for &j in shared(i) {
             batch.push_vector(&rows[j], v.clone());
@@ -191,6 +189,7 @@ impl Drop for Settle<'_, '_> {
 struct Claims<'a, 'r> {
     db: &'a mut Db,
     target: &'a Target,
+    claim: ClaimId,
     lease: Lease<'a>,
     rows: &'r [Claimed],
     /// When the claims expire, at the latest (measured from before the claim).
@@ -209,21 +208,19 @@ impl Hold for Claims<'_, '_> {
     }
 
     fn confirm(&mut self, rows: &[usize]) -> std::result::Result<Vec<usize>, Error> {
-        let ids: Vec<&str> = rows.iter().map(|&i| self.rows[i].id.as_str()).collect();
         let asked = Instant::now();
         self.db.reconnect_if_closed()?;
-        let (target, lease) = (self.target, self.lease);
-        let held = self
+        let (target, lease, claim) = (self.target, self.lease, self.claim);
+        let held: std::collections::HashSet<String> = self
             .db
-            .in_transaction(|tx| target.confirm(tx, &ids, lease))?;
-        self.expires = asked + self.lease.length;
-        let index: HashMap<&str, usize> = rows
-            .iter()
-            .map(|&i| (self.rows[i].id.as_str(), i))
+            .in_transaction(|tx| target.confirm(tx, claim, lease))?
+            .into_iter()
             .collect();
-        Ok(held
+        self.expires = asked + self.lease.length;
+        Ok(rows
             .iter()
-            .filter_map(|id| index.get(id.as_str()).copied())
+            .copied()
+            .filter(|&i| held.contains(&self.rows[i].id))
             .collect())
     }
 }

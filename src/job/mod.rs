@@ -22,7 +22,7 @@ pub mod watch;
 
 use crate::checks::{self, Opened};
 use crate::config::{Config, Mode};
-use crate::db::claims::Candidates;
+use crate::db::claims::Batch;
 use crate::db::model_records::{Models, Stamp};
 use crate::db::target::{Selection, Target};
 use crate::db::Db;
@@ -129,13 +129,10 @@ fn dry_run(
         let Ok(limit) = planner.claim_limit() else {
             break;
         };
-        let Candidates { ids: taken, .. } =
-            target.candidates(&mut tx, cursor.as_deref(), limit, &sel)?;
-        let Some(last) = taken.last() else { break };
-        cursor = Some(last.clone());
-        planner.took(taken.len());
-        let rows = target.read(&mut tx, &taken, &sel)?;
-        planner.gave_back(taken.len() - rows.len());
+        let Batch { rows, .. } = target.claim(&mut tx, cursor.as_deref(), limit, &sel, None)?;
+        let Some(last) = rows.last() else { break };
+        cursor = Some(last.id.clone());
+        planner.took(rows.len());
         let plan = planner.plan(seq, &rows);
         let mut embedded: Vec<usize> = plan.send.iter().map(|i| i.row).collect();
         embedded.extend(plan.same_text.values().flatten());

@@ -11,7 +11,7 @@ use super::progress::{BatchLine, Progress};
 use super::report::{RunReport, StopReason, Tally};
 use super::send::{Halt, Sender};
 use crate::config::Config;
-use crate::db::claims::{Holder, Lease};
+use crate::db::claims::{Batch, Holder, Lease};
 use crate::db::model_records::Models;
 use crate::db::target::{Selection, Target};
 use crate::db::Db;
@@ -60,8 +60,6 @@ struct Queue {
 /// The outcome of one attempt to claim a batch.
 enum Next {
     Rows(Claim),
-    /// Every candidate was taken by another run, or done meanwhile: try the next ones.
-    Skipped,
     /// The connection was lost before anything was taken: connect again and retry.
     Reconnect(Error),
     Stop,
@@ -167,11 +165,9 @@ impl Pool<'_> {
         }
     }
 
-    /// Claim the next batch. Only the choice of candidates (a read, which
-    /// moves the cursor) happens under the queue's lock; the transaction is
-    /// opened before it, and the claims are taken and the texts read after
-    /// it, beside other workers. The transaction commits before anything
-    /// is sent.
+    /// Claim the next batch, under the queue's lock (the claim moves the
+    /// run's cursor; claims of a table are taken one at a time anyway, see
+    /// [`crate::db::claims`]). The transaction commits before anything is sent.
     fn claim(&self, db: &mut Db, holder: &Holder) -> Next {
         if lock(&self.queue).stop.is_some() {
             return Next::Stop;
@@ -197,82 +193,59 @@ impl Pool<'_> {
             length: self.ctx.cfg.claim_lease,
             direct,
         };
-        let (seq, candidates, more, claimed_at) = {
-            let mut q = lock(&self.queue);
-            if q.stop.is_some() {
+        let mut q = lock(&self.queue);
+        if q.stop.is_some() {
+            return Next::Stop;
+        }
+        let reason = if self.stop.requested() {
+            Some(StopReason::Signal)
+        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(StopReason::MaxSeconds)
+        } else {
+            None
+        };
+        let limit = match (reason, self.ctx.planner.claim_limit()) {
+            (Some(r), _) | (None, Err(r)) => {
+                q.stop = Some(q.stop.map_or(r, |s| s.max(r)));
                 return Next::Stop;
             }
-            let reason = if self.stop.requested() {
-                Some(StopReason::Signal)
-            } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
-                Some(StopReason::MaxSeconds)
-            } else {
-                None
-            };
-            let limit = match (reason, self.ctx.planner.claim_limit()) {
-                (Some(r), _) | (None, Err(r)) => {
-                    q.stop = Some(q.stop.map_or(r, |s| s.max(r)));
-                    return Next::Stop;
-                }
-                (None, Ok(limit)) => limit,
-            };
-            let claimed_at = Instant::now();
-            match self
-                .ctx
-                .target
-                .candidates(&mut tx, q.cursor.as_deref(), limit, &sel)
-            {
-                Err(e) => {
-                    q.stop = Some(StopReason::Error);
-                    q.error.get_or_insert(e);
-                    return Next::Stop;
-                }
-                Ok(c) if c.ids.is_empty() => {
-                    q.stop.get_or_insert(StopReason::Drained);
-                    return Next::Stop;
-                }
-                Ok(c) => {
-                    q.cursor = c.ids.last().cloned();
-                    let seq = q.next_seq;
-                    q.next_seq += 1;
-                    // Counted now, so that the next claim respects --max-rows;
-                    // rows not taken or dropping out on reading are given back below.
-                    self.ctx.planner.took(c.ids.len());
-                    (seq, c.ids, c.more, claimed_at)
-                }
-            }
+            (None, Ok(limit)) => limit,
         };
-        let target = self.ctx.target;
-        let read = target.take(&mut tx, &candidates, lease).and_then(|taken| {
-            let rows = target.read(&mut tx, &taken, &sel)?;
-            let kept: std::collections::HashSet<&str> =
-                rows.iter().map(|r| r.id.as_str()).collect();
-            let dropped: Vec<&str> = taken
-                .iter()
-                .map(String::as_str)
-                .filter(|id| !kept.contains(id))
-                .collect();
-            self.ctx
-                .planner
-                .gave_back(candidates.len() - taken.len() + dropped.len());
-            target.release(&mut tx, holder, &dropped)?;
-            tx.commit()?;
-            Ok(rows)
-        });
-        match read {
-            Ok(rows) if rows.is_empty() => {
-                self.ctx.planner.skip(seq);
-                Next::Skipped
-            }
-            Ok(rows) => Next::Rows(Claim {
-                seq,
-                rows,
-                more,
-                claimed_at,
-            }),
+        let claimed_at = Instant::now();
+        let taken = self
+            .ctx
+            .target
+            .claim(&mut tx, q.cursor.as_deref(), limit, &sel, Some(lease))
+            .and_then(|batch| {
+                tx.commit()?;
+                Ok(batch)
+            });
+        match taken {
             Err(e) => {
-                self.ctx.planner.skip(seq);
-                self.halt(StopReason::Error, Some(e));
+                q.stop = Some(StopReason::Error);
+                q.error.get_or_insert(e);
+                Next::Stop
+            }
+            Ok(Batch {
+                rows,
+                claim: Some(claim),
+                more,
+            }) if !rows.is_empty() => {
+                q.cursor = rows.last().map(|r| r.id.clone());
+                let seq = q.next_seq;
+                q.next_seq += 1;
+                // Counted now, so that the next claim respects --max-rows.
+                self.ctx.planner.took(rows.len());
+                Next::Rows(Claim {
+                    seq,
+                    rows,
+                    claim,
+                    more,
+                    claimed_at,
+                })
+            }
+            Ok(_) => {
+                q.stop.get_or_insert(StopReason::Drained);
                 Next::Stop
             }
         }
@@ -309,7 +282,6 @@ impl Pool<'_> {
         loop {
             let claim = match self.claim(w.db, &w.holder) {
                 Next::Rows(claim) => claim,
-                Next::Skipped => continue,
                 Next::Reconnect(e) if lost < RECONNECTS => {
                     lost += 1;
                     crate::warn!("the database connection was lost ({e}); connecting again");
@@ -422,7 +394,7 @@ impl Pool<'_> {
         };
         match released {
             Ok(0) => {}
-            Ok(n) => crate::debug!("released {n} claims"),
+            Ok(n) => crate::debug!("released the claims of {n} rows"),
             Err(e) => {
                 crate::warn!("cannot release this run's claims (they lapse by themselves): {e}")
             }

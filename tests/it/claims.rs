@@ -23,9 +23,12 @@ fn wait_until_gone(db: &mut TestDb, app: &str) {
     }
 }
 
+/// The rows claimed (each batch's claim lists its rows).
 fn claims(db: &mut TestDb) -> i64 {
     let state = db.state_schema();
-    db.count(&format!("SELECT count(*) FROM {state}.claims"))
+    db.count(&format!(
+        "SELECT coalesce(sum(cardinality(row_ids)), 0)::bigint FROM {state}.claims"
+    ))
 }
 
 #[test]
@@ -253,7 +256,8 @@ fn a_claim_that_lapsed_during_a_rate_limit_wait_is_confirmed_and_its_rows_are_no
          WHERE n.nspname = '{state}' AND c.relname = 'claims'"
     )) == 0
         || db.count(&format!(
-            "SELECT count(*) FROM {state}.claims WHERE expires_at < now()"
+            "SELECT coalesce(sum(cardinality(row_ids)), 0)::bigint FROM {state}.claims \
+             WHERE expires_at < now()"
         )) < 10
     {
         assert!(
@@ -280,4 +284,36 @@ fn a_claim_that_lapsed_during_a_rate_limit_wait_is_confirmed_and_its_rows_are_no
         "paid twice"
     );
     assert_eq!(db.correct_rows(1536), (10, 0));
+}
+
+#[test]
+fn the_claims_table_of_an_earlier_version_is_replaced_on_first_use() {
+    let mut db = TestDb::new("oldclaims");
+    db.products(12, 1536);
+    let state = db.state_schema();
+    // An earlier version's schema: one claim per row, and one of them left behind.
+    db.exec(&format!(
+        "CREATE SCHEMA {state};
+         CREATE TABLE {state}.failures (table_name text NOT NULL, row_id text NOT NULL,
+           text_hash bigint NOT NULL, attempts integer NOT NULL, last_error text NOT NULL,
+           first_failed_at timestamptz NOT NULL, last_failed_at timestamptz NOT NULL,
+           next_try_at timestamptz NOT NULL, PRIMARY KEY (table_name, row_id));
+         CREATE TABLE {state}.claims (table_name text NOT NULL, row_id text NOT NULL,
+           holder text NOT NULL, backend_pid integer, backend_start timestamptz,
+           expires_at timestamptz NOT NULL, PRIMARY KEY (table_name, row_id));
+         INSERT INTO {state}.claims VALUES ('x', '1', 'old:0', NULL, NULL, now() + interval '1 hour');"
+    ));
+    let mock = Mock::start(1536);
+    let r = autoembed(&db, &mock, &["run-once", "--json", "--batch-size", "5"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["embedded"], 12, "{r:?}");
+    assert_eq!(db.correct_rows(1536), (12, 0));
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_schema = '{state}' AND table_name = 'claims' AND column_name = 'row_ids'"
+        )),
+        1
+    );
+    assert_eq!(claims(&mut db), 0);
 }
