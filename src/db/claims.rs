@@ -9,8 +9,9 @@
 //!
 //! - Taking ([`Target::claim`]): under a transaction-level advisory lock on
 //!   the table's key, one statement sweeps the table's lapsed claims, picks
-//!   the selected rows after the run's cursor that no live claim holds,
-//!   inserts their claim and returns their texts. Claims of a table are taken one at a time, on every host, so
+//!   the selected rows after the run's cursor that no live claim holds and
+//!   inserts their claim. Their texts are read after it commits
+//!   ([`Target::read`]), beside other claims. Claims of a table are taken one at a time, on every host, so
 //!   two claims never share a row.
 //! - The snapshot race: the lock is taken in a statement of its own, so
 //!   the claim's statement reads with a snapshot taken after the previous
@@ -77,11 +78,11 @@ pub struct Claimed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClaimId(pub i64);
 
-/// A batch's rows, in id order, as one claim took them (or dry-run read them).
+/// A batch's row ids, in id order, as one claim took them (or dry-run picked them).
 #[derive(Debug)]
-pub struct Batch {
-    pub rows: Vec<Claimed>,
-    /// The claim that holds them; `None` when only read (dry-run) or empty.
+pub struct Taken {
+    pub ids: Vec<String>,
+    /// The claim that holds them; `None` when only picked (dry-run) or empty.
     pub claim: Option<ClaimId>,
     /// Whether more selected rows follow the last one.
     pub more: bool,
@@ -97,10 +98,23 @@ pub(super) fn end_claim(state: &str, claim: &str) -> String {
 }
 
 impl Target {
-    /// Up to `limit` selected rows after `cursor`, in id order, with their
-    /// texts, claimed under `lease` (or, without one, only read: dry-run).
-    /// One row more than the limit is read, not returned: it says whether
-    /// more work follows. The caller commits before anything is sent.
+    /// End `claim` (its rows need nothing after all).
+    pub fn end_claim(
+        &self,
+        c: &mut impl GenericClient,
+        claim: ClaimId,
+    ) -> Result<(), postgres::Error> {
+        let mut p = Params::default();
+        let sql = end_claim(&self.sql.state, &p.bind_owned(claim.0, Type::INT8));
+        p.execute(c, &sql).map(|_| ())
+    }
+
+    /// Up to `limit` selected rows after `cursor`, in id order, claimed
+    /// under `lease` (or, without one, only picked: dry-run). One row more
+    /// than the limit is read, not returned: it says whether more work
+    /// follows. The caller commits, then reads the texts ([`Target::read`]):
+    /// claims of a table are taken one at a time, so the claim does only
+    /// what must be done under its lock.
     pub fn claim(
         &self,
         c: &mut impl GenericClient,
@@ -108,11 +122,16 @@ impl Target {
         limit: usize,
         sel: &Selection<'_>,
         lease: Option<Lease<'_>>,
-    ) -> Result<Batch> {
+    ) -> Result<Taken> {
         let q = &self.sql;
         if lease.is_some() {
-            // Its own statement: the claim's snapshot is taken after the wait.
-            c.batch_execute(&self.claims_lock())?;
+            // Its own statement: the claim's snapshot is taken after the
+            // wait. A claim lost in a crash frees its rows, which is what
+            // the crash does anyway: its commit need not wait for the disk.
+            c.batch_execute(&format!(
+                "SET LOCAL synchronous_commit = off; {}",
+                self.claims_lock()
+            ))?;
         }
         let limit = limit as i64;
         let mut p = Params::default();
@@ -129,11 +148,9 @@ impl Target {
         };
         let n = p.bind(&limit, Type::INT8);
         let pick = format!(
-            "SELECT t.{id} AS k, t.{id}::text AS id, {text}::text AS text, {hash} AS h \
-             FROM {table} t WHERE {selected} {after} ORDER BY t.{id} LIMIT {n} + 1",
+            "SELECT t.{id} AS k, t.{id}::text AS id FROM {table} t \
+             WHERE {selected} {after} ORDER BY t.{id} LIMIT {n} + 1",
             id = q.id,
-            text = q.text.on("t"),
-            hash = text_hash(&q.text.on("t")),
             table = q.table,
         );
         let (take, claim_id) = match lease {
@@ -159,21 +176,58 @@ impl Target {
         };
         let sql = format!(
             "WITH pick AS ({pick}){take} \
-             SELECT id, text, h, {claim_id} FROM pick ORDER BY k"
+             SELECT id, {claim_id} FROM pick ORDER BY k"
         );
-        let mut rows = Vec::new();
+        let mut ids = Vec::new();
         let mut claim = None;
         for r in p.query(c, &sql)? {
-            claim = r.get::<_, Option<i64>>(3).map(ClaimId);
-            rows.push(Claimed {
+            claim = r.get::<_, Option<i64>>(1).map(ClaimId);
+            ids.push(r.get::<_, String>(0));
+        }
+        let more = ids.len() as i64 > limit;
+        ids.truncate(limit as usize);
+        Ok(Taken { ids, claim, more })
+    }
+
+    /// The texts of the claimed rows `ids` that are still selected, in id
+    /// order, read after the claim committed. A row the claim holds cannot
+    /// be finished by another run meanwhile; one edited since is read as it
+    /// is now, and one that no longer needs a vector (emptied) drops out.
+    pub fn read(
+        &self,
+        c: &mut impl GenericClient,
+        ids: &[String],
+        sel: &Selection<'_>,
+    ) -> Result<Vec<Claimed>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let q = &self.sql;
+        let own = Selection {
+            skip_claimed: false,
+            ..*sel
+        };
+        let mut p = Params::default();
+        let key = p.bind(&self.key, Type::TEXT);
+        let selected = self.selected(&own, &key, &mut p);
+        let sql = format!(
+            "SELECT t.{id}::text, {text}::text, {hash} FROM {table} t \
+             WHERE t.{id} = ANY({ids}::text[]::{id_type}[]) AND {selected} ORDER BY t.{id}",
+            id = q.id,
+            text = q.text.on("t"),
+            table = q.table,
+            id_type = q.id_type,
+            hash = text_hash(&q.text.on("t")),
+            ids = p.bind(&ids, Type::TEXT_ARRAY),
+        );
+        Ok(p.query(c, &sql)?
+            .into_iter()
+            .map(|r| Claimed {
                 id: r.get(0),
                 text: r.get(1),
                 text_hash: r.get(2),
-            });
-        }
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
-        Ok(Batch { rows, claim, more })
+            })
+            .collect())
     }
 
     /// The lock every claim of this table takes first, for the rest of its

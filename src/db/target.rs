@@ -331,15 +331,19 @@ impl Target {
             );
         }
         if sel.skip_claimed {
-            // A probe of the table's few live claims for each candidate
-            // row (`OFFSET 0` keeps it one): only a claim whose id range
-            // covers the row looks through its ids.
+            // A probe of the table's few live claims, of whose ids only a
+            // claim whose range covers the row looks through; and none at
+            // all for a row past every claim's last id (computed once: the
+            // run's own claims all end before its cursor). `OFFSET 0`
+            // keeps the probe a probe.
+            let id_type = &self.sql.id_type;
             cond += &format!(
-                " AND NOT EXISTS (SELECT 1 FROM {state}.claims c WHERE c.table_name = {key} \
-                 AND t.{id} >= c.first_id::{id_type} AND t.{id} <= c.last_id::{id_type} \
-                 AND t.{id}::text = ANY (c.row_ids) AND NOT {} OFFSET 0)",
+                " AND (coalesce(t.{id} > (SELECT c.last_id::{id_type} FROM {state}.claims c \
+                   WHERE c.table_name = {key} ORDER BY 1 DESC LIMIT 1), true) \
+                 OR NOT EXISTS (SELECT 1 FROM {state}.claims c WHERE c.table_name = {key} \
+                   AND t.{id} >= c.first_id::{id_type} AND t.{id} <= c.last_id::{id_type} \
+                   AND t.{id}::text = ANY (c.row_ids) AND NOT {} OFFSET 0))",
                 lapsed("c"),
-                id_type = self.sql.id_type,
             );
         }
         cond

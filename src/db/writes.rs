@@ -232,9 +232,7 @@ impl Target {
         }
         self.record_failures(&mut tx, &batch.failures)?;
         if let Some(claim) = release {
-            let mut p = Params::default();
-            let sql = end_claim(&self.sql.state, &p.bind_owned(claim.0, Type::INT8));
-            p.execute(&mut tx, &sql)?;
+            self.end_claim(&mut tx, claim)?;
         }
         tx.commit()?;
         Ok(written)

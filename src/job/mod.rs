@@ -22,7 +22,7 @@ pub mod watch;
 
 use crate::checks::{self, Opened};
 use crate::config::{Config, Mode};
-use crate::db::claims::Batch;
+use crate::db::claims::Taken;
 use crate::db::model_records::{Models, Stamp};
 use crate::db::target::{Selection, Target};
 use crate::db::Db;
@@ -129,10 +129,12 @@ fn dry_run(
         let Ok(limit) = planner.claim_limit() else {
             break;
         };
-        let Batch { rows, .. } = target.claim(&mut tx, cursor.as_deref(), limit, &sel, None)?;
-        let Some(last) = rows.last() else { break };
-        cursor = Some(last.id.clone());
-        planner.took(rows.len());
+        let Taken { ids, .. } = target.claim(&mut tx, cursor.as_deref(), limit, &sel, None)?;
+        let Some(last) = ids.last() else { break };
+        cursor = Some(last.clone());
+        planner.took(ids.len());
+        let rows = target.read(&mut tx, &ids, &sel)?;
+        planner.gave_back(ids.len() - rows.len());
         let plan = planner.plan(seq, &rows);
         let mut embedded: Vec<usize> = plan.send.iter().map(|i| i.row).collect();
         embedded.extend(plan.same_text.values().flatten());

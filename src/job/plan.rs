@@ -188,6 +188,13 @@ impl Planner {
         }
     }
 
+    /// `n` rows taken were not worked on after all.
+    pub fn gave_back(&self, n: usize) {
+        if let Some(left) = &mut self.state().rows_left {
+            *left += n as u64;
+        }
+    }
+
     /// Plan batch `seq` once every earlier batch is planned.
     pub fn plan<R: PlanRow>(&self, seq: u64, rows: &[R]) -> BatchPlan {
         let mut s = self.state();
@@ -198,6 +205,19 @@ impl Planner {
         s.turn = seq + 1;
         self.changed.notify_all();
         plan
+    }
+
+    /// Batch `seq` took nothing (or failed before planning): pass its turn.
+    pub fn skip(&self, seq: u64) {
+        let mut s = self.state();
+        while s.turn < seq {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.turn == seq {
+            s.turn = seq + 1;
+        }
+        s.settled.insert(seq);
+        self.changed.notify_all();
     }
 
     /// Batch `seq` is done: the texts it sent for `written` rows are there
@@ -436,12 +456,14 @@ mod tests {
     }
 
     #[test]
-    fn the_row_budget_bounds_each_claim() {
+    fn the_row_budget_bounds_each_claim_and_rows_given_back_count_again() {
         let p = planner(Some(6), None, TooLong::Truncate);
         assert_eq!(p.claim_limit(), Ok(4));
         p.took(4);
         assert_eq!(p.claim_limit(), Ok(2));
-        p.took(2);
+        p.gave_back(1);
+        assert_eq!(p.claim_limit(), Ok(3));
+        p.took(3);
         assert_eq!(p.claim_limit(), Err(StopReason::MaxRows));
     }
 

@@ -11,7 +11,7 @@ use super::progress::{BatchLine, Progress};
 use super::report::{RunReport, StopReason, Tally};
 use super::send::{Halt, Sender};
 use crate::config::Config;
-use crate::db::claims::{Batch, Holder, Lease};
+use crate::db::claims::{Holder, Lease, Taken};
 use crate::db::model_records::Models;
 use crate::db::target::{Selection, Target};
 use crate::db::Db;
@@ -60,6 +60,8 @@ struct Queue {
 /// The outcome of one attempt to claim a batch.
 enum Next {
     Rows(Claim),
+    /// Every row claimed was emptied meanwhile: claim the next ones.
+    Skipped,
     /// The connection was lost before anything was taken: connect again and retry.
     Reconnect(Error),
     Stop,
@@ -165,9 +167,10 @@ impl Pool<'_> {
         }
     }
 
-    /// Claim the next batch, under the queue's lock (the claim moves the
+    /// Claim the next batch: the claim under the queue's lock (it moves the
     /// run's cursor; claims of a table are taken one at a time anyway, see
-    /// [`crate::db::claims`]). The transaction commits before anything is sent.
+    /// [`crate::db::claims`]), the texts read after it commits, beside the
+    /// other workers. Nothing is open when the request is sent.
     fn claim(&self, db: &mut Db, holder: &Holder) -> Next {
         if lock(&self.queue).stop.is_some() {
             return Next::Stop;
@@ -193,49 +196,75 @@ impl Pool<'_> {
             length: self.ctx.cfg.claim_lease,
             direct,
         };
-        let mut q = lock(&self.queue);
-        if q.stop.is_some() {
-            return Next::Stop;
-        }
-        let reason = if self.stop.requested() {
-            Some(StopReason::Signal)
-        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            Some(StopReason::MaxSeconds)
-        } else {
-            None
-        };
-        let limit = match (reason, self.ctx.planner.claim_limit()) {
-            (Some(r), _) | (None, Err(r)) => {
-                q.stop = Some(q.stop.map_or(r, |s| s.max(r)));
+        let (seq, taken, claimed_at) = {
+            let mut q = lock(&self.queue);
+            if q.stop.is_some() {
                 return Next::Stop;
             }
-            (None, Ok(limit)) => limit,
-        };
-        let claimed_at = Instant::now();
-        let taken = self
-            .ctx
-            .target
-            .claim(&mut tx, q.cursor.as_deref(), limit, &sel, Some(lease))
-            .and_then(|batch| {
-                tx.commit()?;
-                Ok(batch)
-            });
-        match taken {
-            Err(e) => {
-                q.stop = Some(StopReason::Error);
-                q.error.get_or_insert(e);
-                Next::Stop
+            let reason = if self.stop.requested() {
+                Some(StopReason::Signal)
+            } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(StopReason::MaxSeconds)
+            } else {
+                None
+            };
+            let limit = match (reason, self.ctx.planner.claim_limit()) {
+                (Some(r), _) | (None, Err(r)) => {
+                    q.stop = Some(q.stop.map_or(r, |s| s.max(r)));
+                    return Next::Stop;
+                }
+                (None, Ok(limit)) => limit,
+            };
+            let claimed_at = Instant::now();
+            let taken = self
+                .ctx
+                .target
+                .claim(&mut tx, q.cursor.as_deref(), limit, &sel, Some(lease))
+                .and_then(|taken| {
+                    tx.commit()?;
+                    Ok(taken)
+                });
+            match taken {
+                Err(e) => {
+                    q.stop = Some(StopReason::Error);
+                    q.error.get_or_insert(e);
+                    return Next::Stop;
+                }
+                Ok(Taken {
+                    ids,
+                    claim: Some(claim),
+                    more,
+                }) if !ids.is_empty() => {
+                    q.cursor = ids.last().cloned();
+                    let seq = q.next_seq;
+                    q.next_seq += 1;
+                    // Counted now, so that the next claim respects --max-rows;
+                    // rows dropping out on reading are given back below.
+                    self.ctx.planner.took(ids.len());
+                    (seq, (ids, claim, more), claimed_at)
+                }
+                Ok(_) => {
+                    q.stop.get_or_insert(StopReason::Drained);
+                    return Next::Stop;
+                }
             }
-            Ok(Batch {
-                rows,
-                claim: Some(claim),
-                more,
-            }) if !rows.is_empty() => {
-                q.cursor = rows.last().map(|r| r.id.clone());
-                let seq = q.next_seq;
-                q.next_seq += 1;
-                // Counted now, so that the next claim respects --max-rows.
-                self.ctx.planner.took(rows.len());
+        };
+        let (ids, claim, more) = taken;
+        match self.ctx.target.read(db.client(), &ids, &sel) {
+            Ok(rows) => {
+                self.ctx.planner.gave_back(ids.len() - rows.len());
+                if rows.is_empty() {
+                    // Every row was emptied meanwhile: the claim holds nothing to send.
+                    self.ctx.planner.skip(seq);
+                    let target = self.ctx.target;
+                    return match db.in_transaction(|tx| Ok(target.end_claim(tx, claim)?)) {
+                        Ok(()) => Next::Skipped,
+                        Err(e) => {
+                            self.halt(StopReason::Error, Some(e));
+                            Next::Stop
+                        }
+                    };
+                }
                 Next::Rows(Claim {
                     seq,
                     rows,
@@ -244,8 +273,9 @@ impl Pool<'_> {
                     claimed_at,
                 })
             }
-            Ok(_) => {
-                q.stop.get_or_insert(StopReason::Drained);
+            Err(e) => {
+                self.ctx.planner.skip(seq);
+                self.halt(StopReason::Error, Some(e));
                 Next::Stop
             }
         }
@@ -282,6 +312,7 @@ impl Pool<'_> {
         loop {
             let claim = match self.claim(w.db, &w.holder) {
                 Next::Rows(claim) => claim,
+                Next::Skipped => continue,
                 Next::Reconnect(e) if lost < RECONNECTS => {
                     lost += 1;
                     crate::warn!("the database connection was lost ({e}); connecting again");
