@@ -1,0 +1,371 @@
+//! The BERT forward pass, on the CPU with candle: the model's shape, its
+//! weights taken by name, and the kernels candle would run on one core.
+
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// The sizes in `config.json` that the forward pass needs.
+pub(super) struct Shape {
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+    intermediate: usize,
+    eps: f64,
+}
+
+impl Shape {
+    pub(super) fn from_config(c: &serde_json::Value) -> Result<Shape, String> {
+        let num = |k: &str| {
+            c[k].as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| format!("config.json has no {k}"))
+        };
+        if c["model_type"] != "bert" {
+            return Err(format!(
+                "model_type {} is not bert; only BERT models are supported",
+                c["model_type"]
+            ));
+        }
+        if !matches!(c["hidden_act"].as_str(), Some("gelu")) {
+            return Err(format!("hidden_act {} is not gelu", c["hidden_act"]));
+        }
+        let shape = Shape {
+            hidden: num("hidden_size")?,
+            heads: num("num_attention_heads")?,
+            layers: num("num_hidden_layers")?,
+            intermediate: num("intermediate_size")?,
+            eps: c["layer_norm_eps"].as_f64().unwrap_or(1e-12),
+        };
+        if shape.heads == 0 || !shape.hidden.is_multiple_of(shape.heads) {
+            return Err("hidden_size is not a multiple of num_attention_heads".into());
+        }
+        Ok(shape)
+    }
+}
+
+/// The tensors of model.safetensors, taken by name with their shape checked.
+struct Weights {
+    tensors: HashMap<String, Tensor>,
+    /// Some exports prefix every name with "bert.".
+    prefix: &'static str,
+    eps: f64,
+}
+
+impl Weights {
+    fn new(tensors: HashMap<String, Tensor>, eps: f64) -> Weights {
+        let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") {
+            ""
+        } else {
+            "bert."
+        };
+        Weights {
+            tensors,
+            prefix,
+            eps,
+        }
+    }
+
+    /// The tensor `name`, whose shape must be `dims` (0: any size).
+    fn take(&mut self, name: &str, dims: &[usize]) -> Result<Tensor, String> {
+        let t = self
+            .tensors
+            .remove(&format!("{}{name}", self.prefix))
+            .ok_or_else(|| format!("model.safetensors has no {name}"))?;
+        let got = t.dims();
+        let ok = got.len() == dims.len() && got.iter().zip(dims).all(|(g, d)| *d == 0 || g == d);
+        if !ok {
+            return Err(format!("{name} has shape {got:?}, expected {dims:?}"));
+        }
+        Ok(t)
+    }
+
+    fn norm(&mut self, name: &str, size: usize) -> Result<LayerNorm, String> {
+        Ok(LayerNorm::new(
+            self.take(&format!("{name}.weight"), &[size])?,
+            self.take(&format!("{name}.bias"), &[size])?,
+            self.eps,
+        ))
+    }
+
+    fn dense(&mut self, name: &str, out: usize, inp: usize) -> Result<Dense, String> {
+        Dense::new(
+            self.take(&format!("{name}.weight"), &[out, inp])?,
+            self.take(&format!("{name}.bias"), &[out])?,
+        )
+    }
+}
+
+/// A dense layer whose bias is added on every core (candle's own
+/// broadcast addition runs on one).
+struct Dense {
+    /// `(in, out)`: the weight transposed once, at load.
+    weight_t: Tensor,
+    bias: Vec<f32>,
+}
+
+impl Dense {
+    fn new(weight: Tensor, bias: Tensor) -> Result<Dense, String> {
+        let e = |e: candle_core::Error| e.to_string();
+        Ok(Dense {
+            weight_t: weight.t().map_err(e)?,
+            bias: bias.to_vec1().map_err(e)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight_t)?;
+        y.inplace_op1(&AddBias(&self.bias))?;
+        Ok(y)
+    }
+}
+
+/// Adds a bias to every row, in place, the rows spread over every core.
+struct AddBias<'b>(&'b [f32]);
+
+impl InplaceOp1 for AddBias<'_> {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let w = self.0.len();
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) if w > 0 && (b - a) % w == 0 => {
+                v[a..b].par_chunks_mut(w).for_each(|row| {
+                    row.iter_mut().zip(self.0).for_each(|(x, b)| *x += b);
+                });
+                Ok(())
+            }
+            _ => candle_core::bail!("add-bias: expected contiguous f32 rows of {w}"),
+        }
+    }
+}
+
+/// Adds another tensor of the same shape, in place, on every core (the
+/// residual connections).
+struct AddInPlace;
+
+impl candle_core::InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b)), CpuStorage::F32(r), Some((c, d)))
+                if b - a == d - c =>
+            {
+                v[a..b]
+                    .par_chunks_mut(1 << 14)
+                    .zip(r[c..d].par_chunks(1 << 14))
+                    .for_each(|(x, r)| x.iter_mut().zip(r).for_each(|(x, r)| *x += r));
+                Ok(())
+            }
+            _ => candle_core::bail!("add-in-place: expected two contiguous f32 of one size"),
+        }
+    }
+}
+
+struct Layer {
+    /// Query, key and value in one matrix: one matmul instead of three.
+    qkv: Dense,
+    attn_out: Dense,
+    attn_norm: LayerNorm,
+    up: Dense,
+    down: Dense,
+    out_norm: LayerNorm,
+}
+
+pub(super) struct Bert {
+    words: Embedding,
+    positions: Embedding,
+    token_type: Tensor,
+    norm: LayerNorm,
+    layers: Vec<Layer>,
+    pub(super) hidden: usize,
+    heads: usize,
+}
+
+impl Bert {
+    pub(super) fn new(shape: &Shape, weights: HashMap<String, Tensor>) -> Result<Bert, String> {
+        let h = shape.hidden;
+        let mut w = Weights::new(weights, shape.eps);
+        let words = Embedding::new(w.take("embeddings.word_embeddings.weight", &[0, h])?, h);
+        let positions =
+            Embedding::new(w.take("embeddings.position_embeddings.weight", &[0, h])?, h);
+        let token_type = w
+            .take("embeddings.token_type_embeddings.weight", &[0, h])?
+            .get(0)
+            .map_err(|e| e.to_string())?;
+        let norm = w.norm("embeddings.LayerNorm", h)?;
+        let mut layers = Vec::with_capacity(shape.layers);
+        for i in 0..shape.layers {
+            let p = format!("encoder.layer.{i}");
+            let a = format!("{p}.attention.self");
+            let cat = |parts: Vec<Tensor>| Tensor::cat(&parts, 0).map_err(|e| e.to_string());
+            let weight = cat(vec![
+                w.take(&format!("{a}.query.weight"), &[h, h])?,
+                w.take(&format!("{a}.key.weight"), &[h, h])?,
+                w.take(&format!("{a}.value.weight"), &[h, h])?,
+            ])?;
+            let bias = cat(vec![
+                w.take(&format!("{a}.query.bias"), &[h])?,
+                w.take(&format!("{a}.key.bias"), &[h])?,
+                w.take(&format!("{a}.value.bias"), &[h])?,
+            ])?;
+            let inner = shape.intermediate;
+            layers.push(Layer {
+                qkv: Dense::new(weight, bias)?,
+                attn_out: w.dense(&format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: w.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
+                up: w.dense(&format!("{p}.intermediate.dense"), inner, h)?,
+                down: w.dense(&format!("{p}.output.dense"), h, inner)?,
+                out_norm: w.norm(&format!("{p}.output.LayerNorm"), h)?,
+            });
+        }
+        Ok(Bert {
+            words,
+            positions,
+            token_type,
+            norm,
+            layers,
+            hidden: h,
+            heads: shape.heads,
+        })
+    }
+
+    /// One normalised vector per sequence of token ids.
+    pub(super) fn forward(&self, seqs: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let dev = Device::Cpu;
+        let h = self.hidden;
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let n: usize = lens.iter().sum();
+        let ids = Tensor::from_vec(seqs.concat(), n, &dev)?;
+        let pos: Vec<u32> = lens.iter().flat_map(|&t| 0..t as u32).collect();
+        let pos = Tensor::from_vec(pos, n, &dev)?;
+        let mut x = (self.words.forward(&ids)? + self.positions.forward(&pos)?)?
+            .broadcast_add(&self.token_type)?;
+        x = self.norm.forward(&x)?;
+        let hd = h / self.heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Where each sequence starts in the packed tokens.
+        let spans: Vec<(usize, usize)> = lens
+            .iter()
+            .scan(0, |at, &t| {
+                *at += t;
+                Some((*at - t, t))
+            })
+            .collect();
+        for l in &self.layers {
+            let qkv = l.qkv.forward(&x)?;
+            // Each sequence's attention is a few small matrix products,
+            // which keep one core busy: the sequences go to every core.
+            let ctx = spans
+                .par_iter()
+                .map(|&(at, t)| {
+                    // (t, 3, heads, hd) -> (3, heads, t, hd)
+                    let s = qkv
+                        .narrow(0, at, t)?
+                        .reshape((t, 3, self.heads, hd))?
+                        .permute((1, 2, 0, 3))?;
+                    let q = (s.get(0)?.contiguous()? * scale)?;
+                    let k = s.get(1)?.contiguous()?;
+                    let v = s.get(2)?.contiguous()?;
+                    let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+                    att.matmul(&v)?.transpose(0, 1)?.reshape((t, h))
+                })
+                .collect::<candle_core::Result<Vec<Tensor>>>()?;
+            let ctx = Tensor::cat(&ctx, 0)?;
+            let attended = l.attn_out.forward(&ctx)?;
+            attended.inplace_op2(&x, &AddInPlace)?;
+            x = l.attn_norm.forward(&attended)?;
+            let up = l.up.forward(&x)?;
+            up.inplace_op1(&Gelu)?;
+            let down = l.down.forward(&up)?;
+            down.inplace_op2(&x, &AddInPlace)?;
+            x = l.out_norm.forward(&down)?;
+        }
+        let mut out = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for &t in &lens {
+            let mut v: Vec<f32> = x.narrow(0, at, t)?.mean(0)?.to_vec1()?;
+            at += t;
+            let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|a| *a /= norm);
+            out.push(v);
+        }
+        Ok(out)
+    }
+}
+
+/// GELU (the erf form BERT uses), in place.
+struct Gelu;
+
+impl InplaceOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => {
+                v[a..b].par_chunks_mut(1 << 14).for_each(|chunk| {
+                    for x in chunk {
+                        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+                    }
+                });
+                Ok(())
+            }
+            _ => candle_core::bail!("gelu: expected contiguous f32"),
+        }
+    }
+}
+
+/// erf as a rational function on [-4, 4] (Eigen's float erf): no branches
+/// and no libm call, so the loop above vectorises; absolute error < 5e-7.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p - 2.101_024e-6;
+    p = x2 * p - 5.692_506_4e-5;
+    p = x2 * p - 7.349_906_3e-4;
+    p = x2 * p - 2.954_600_1e-3;
+    p = x2 * p - 1.609_603_3e-2;
+    p *= x;
+    let mut q = x2 * -1.456_607_2e-5 - 2.133_740_6e-4;
+    q = x2 * q - 1.682_827e-3;
+    q = x2 * q - 7.373_329_2e-3;
+    q = x2 * q - 1.426_473_9e-2;
+    p / q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_is_within_5e7_of_libm() {
+        extern "C" {
+            #[link_name = "erf"]
+            fn libm_erf(x: f64) -> f64;
+        }
+        let mut worst = 0f64;
+        for i in -60_000..60_000 {
+            let x = i as f64 * 1e-4;
+            // SAFETY: erf from the C library is a pure function.
+            let want = unsafe { libm_erf(x) };
+            worst = worst.max((erf(x as f32) as f64 - want).abs());
+        }
+        assert!(worst < 5e-7, "worst error {worst:e}");
+    }
+}
