@@ -197,7 +197,7 @@ fn products(db: &mut Client, name: &str, n: i64, pending: i64) {
 /// one run and not the next (it makes the first write of each page after it
 /// log the whole page). autoembed's own tables are vacuumed too, as
 /// autovacuum would have done between two real backfills: each run inserts
-/// and deletes a claim per row, and without it the dead claims of all the
+/// and deletes a claim per batch, and without it the dead claims of all the
 /// earlier rounds would weigh on the later ones.
 fn reset(db: &mut Client, t: &str) {
     exec(db, &format!("UPDATE {t} SET embedding = NULL"));
