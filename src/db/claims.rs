@@ -10,9 +10,9 @@
 //! - Taking ([`Target::claim`]): under a transaction-level advisory lock on
 //!   the table's key, one statement sweeps the table's lapsed claims, picks
 //!   the selected rows after the run's cursor that no live claim holds and
-//!   inserts their claim. Their texts are read after it commits
-//!   ([`Target::read`]), beside other claims. Claims of a table are taken one at a time, on every host, so
-//!   two claims never share a row.
+//!   inserts their claim. Claims of a table are taken one at a time, on
+//!   every host, so two live claims never share a row. The texts are read
+//!   after the claim commits ([`Target::read`]), beside other claims.
 //! - The snapshot race: the lock is taken in a statement of its own, so
 //!   the claim's statement reads with a snapshot taken after the previous
 //!   claim committed; and a batch's vectors are written and its claim ended
