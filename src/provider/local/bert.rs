@@ -143,6 +143,10 @@ impl InplaceOp1 for AddBias<'_> {
     }
 }
 
+/// Floats per task when an element-wise step is spread over the cores:
+/// enough that a task outweighs its scheduling.
+const PAR_CHUNK: usize = 1 << 14;
+
 /// Adds another tensor of the same shape, in place, on every core (the
 /// residual connections).
 struct AddInPlace;
@@ -164,8 +168,8 @@ impl candle_core::InplaceOp2 for AddInPlace {
                 if b - a == d - c =>
             {
                 v[a..b]
-                    .par_chunks_mut(1 << 14)
-                    .zip(r[c..d].par_chunks(1 << 14))
+                    .par_chunks_mut(PAR_CHUNK)
+                    .zip(r[c..d].par_chunks(PAR_CHUNK))
                     .for_each(|(x, r)| x.iter_mut().zip(r).for_each(|(x, r)| *x += r));
                 Ok(())
             }
@@ -293,11 +297,9 @@ impl Bert {
             down.inplace_op2(&x, &AddInPlace)?;
             x = l.out_norm.forward(&down)?;
         }
-        let mut out = Vec::with_capacity(lens.len());
-        let mut at = 0;
-        for &t in &lens {
+        let mut out = Vec::with_capacity(spans.len());
+        for &(at, t) in &spans {
             let mut v: Vec<f32> = x.narrow(0, at, t)?.mean(0)?.to_vec1()?;
-            at += t;
             let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
             v.iter_mut().for_each(|a| *a /= norm);
             out.push(v);
@@ -317,7 +319,7 @@ impl InplaceOp1 for Gelu {
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         match (storage, layout.contiguous_offsets()) {
             (CpuStorage::F32(v), Some((a, b))) => {
-                v[a..b].par_chunks_mut(1 << 14).for_each(|chunk| {
+                v[a..b].par_chunks_mut(PAR_CHUNK).for_each(|chunk| {
                     for x in chunk {
                         *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
                     }
