@@ -5,9 +5,9 @@
 use crate::config::{Config, Mode};
 use crate::db::access::{Access, Rls, StateAccess};
 use crate::db::catalog::ColumnFacts;
-use crate::db::catalog::{Facts, TableLookup};
+use crate::db::catalog::{Facts, TableFacts, TableLookup};
 use crate::db::state::StateSchema;
-use crate::db::target::{Target, Text};
+use crate::db::target::{ChunkTable, Embedding, Target, Text};
 use crate::db::{quote_ident, Db, VectorTypes};
 use crate::models::ProviderKind;
 
@@ -264,8 +264,58 @@ fn table_checks(
         }
     };
 
-    let embedding = match (table.column(&cfg.embedding_column), &vector) {
-        (None, _) => Err(missing(&cfg.embedding_column, "--embedding-column", "AUTOEMBED_EMBEDDING_COLUMN")),
+    let (embedding, chunks) = match (&facts.chunks, id) {
+        (None, _) => (
+            push(
+                checks,
+                "embedding_column",
+                embedding_column(cfg, table, &vector),
+            )
+            .zip(vector.as_ref())
+            .map(|(c, v)| Embedding::of(c, v)),
+            None,
+        ),
+        (Some(_), None) => (None, None),
+        (Some(lookup), Some(id)) => match chunks_table(cfg, table, id, lookup, &vector, checks) {
+            Some((e, c)) => (Some(e), Some(c)),
+            None => (None, None),
+        },
+    };
+
+    let (Some(id), Some(text), Some(embedding), Some(vector)) = (id, text, embedding, vector)
+    else {
+        return None;
+    };
+    let target = Target::new(
+        table,
+        id,
+        text,
+        embedding,
+        chunks,
+        vector,
+        &cfg.state_schema,
+    );
+    if let Some(check) = dimension_check(cfg, &target) {
+        checks.push(check);
+    }
+    Some(target)
+}
+
+/// The embedding column of `table` (the table's, or the chunks table's).
+fn embedding_column<'t>(
+    cfg: &Config,
+    table: &'t TableFacts,
+    vector: &Option<VectorTypes>,
+) -> Result<(&'t ColumnFacts, String), String> {
+    let missing = |col: &str| {
+        format!(
+            "column {} not found in {} (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN; the name is matched exactly, as the catalog stores it)",
+            quote_ident(col),
+            table.qualified()
+        )
+    };
+    match (table.column(&cfg.embedding_column), vector) {
+        (None, _) => Err(missing(&cfg.embedding_column)),
         (Some(c), Some(v)) if v.is_dense(c.type_oid) => Ok((c, format!("{} ({})", c.name, c.type_sql))),
         (Some(c), _) if c.type_sql.starts_with("sparsevec") => Err(format!(
             "embedding column {} is {}: embeddings APIs return dense vectors; use a vector(N) or halfvec(N) column (--embedding-column, AUTOEMBED_EMBEDDING_COLUMN)",
@@ -282,18 +332,133 @@ fn table_checks(
             quote_ident(&c.name),
             c.type_sql
         )),
-    };
-    let embedding = push(checks, "embedding_column", embedding);
-
-    let (Some(id), Some(text), Some(embedding), Some(vector)) = (id, text, embedding, vector)
-    else {
-        return None;
-    };
-    let target = Target::new(table, id, text, embedding, vector, &cfg.state_schema);
-    if let Some(check) = dimension_check(cfg, &target) {
-        checks.push(check);
     }
-    Some(target)
+}
+
+/// `--chunks-table`: the table exists with the columns a run writes (or,
+/// for `setup`, will be created); returns its embedding column and place.
+fn chunks_table(
+    cfg: &Config,
+    source: &TableFacts,
+    id: &ColumnFacts,
+    (lookup, parts): &(TableLookup, Vec<String>),
+    vector: &Option<VectorTypes>,
+    checks: &mut Vec<Check>,
+) -> Option<(Embedding, ChunkTable)> {
+    let flag = "--chunks-table, AUTOEMBED_CHUNKS_TABLE";
+    let name = cfg.chunks.as_ref().map_or("", |c| c.table.as_str());
+    let table = match lookup {
+        TableLookup::Found(t) if t.kind == "r" => t,
+        TableLookup::Found(t) => {
+            checks.push(Check::fail(
+                "chunks_table",
+                format!("{} is not a plain table ({flag})", t.qualified()),
+            ));
+            return None;
+        }
+        TableLookup::Invalid(msg) => {
+            checks.push(Check::fail(
+                "chunks_table",
+                format!("{flag} {name:?} is not a valid table name: {msg}"),
+            ));
+            return None;
+        }
+        TableLookup::NotFound if cfg.mode != Mode::Setup => {
+            checks.push(Check::fail(
+                "chunks_table",
+                format!("chunks table {name:?} not found ({flag}): `autoembed setup` creates it (`setup --print-sql` prints its DDL)"),
+            ));
+            return None;
+        }
+        TableLookup::NotFound => {
+            // Setup creates it, in the source table's schema unless named.
+            let (schema, table_name) = match parts.as_slice() {
+                [name] => (source.schema.clone(), name.clone()),
+                [schema, name] => (schema.clone(), name.clone()),
+                _ => {
+                    checks.push(Check::fail(
+                        "chunks_table",
+                        format!("{flag} {name:?}: name a table as schema.table"),
+                    ));
+                    return None;
+                }
+            };
+            let Some(dimensions) = cfg.provider.expected_dimensions() else {
+                checks.push(Check::fail(
+                    "chunks_table",
+                    format!(
+                        "setup creates the chunks table, and the size of {}'s vectors is not known: set --dimensions (AUTOEMBED_DIMENSIONS)",
+                        cfg.provider.model
+                    ),
+                ));
+                return None;
+            };
+            let chunks = ChunkTable {
+                table: format!("{}.{}", quote_ident(&schema), quote_ident(&table_name)),
+                schema_name: schema,
+                table_name,
+                exists: false,
+            };
+            checks.push(Check::pass(
+                "chunks_table",
+                format!("{} will be created", chunks.table),
+            ));
+            let embedding = Embedding {
+                name: cfg.embedding_column.clone(),
+                dimensions: Some(dimensions),
+                half: dimensions > crate::db::MAX_INDEXED_VECTOR,
+            };
+            return Some((embedding, chunks));
+        }
+    };
+    // The columns a run reads and writes, of the types it binds.
+    let wanted = [
+        ("source_id", id.type_sql.as_str()),
+        ("chunk_index", "integer"),
+        ("chunk_text", "text"),
+        ("source_hash", "bigint"),
+    ];
+    for (column, type_sql) in wanted {
+        if table.column(column).is_none_or(|c| c.type_sql != type_sql) {
+            checks.push(Check::fail(
+                "chunks_table",
+                format!(
+                    "chunks table {} has no column {column} {type_sql} ({flag}): autoembed writes source_id, chunk_index, chunk_text, source_hash and the embedding; `autoembed setup --print-sql` shows the table it expects",
+                    table.qualified()
+                ),
+            ));
+            return None;
+        }
+    }
+    if table.primary_key != ["source_id", "chunk_index"] {
+        checks.push(Check::fail(
+            "chunks_table",
+            format!(
+                "chunks table {} needs PRIMARY KEY (source_id, chunk_index) ({flag}): a row's chunks are replaced by it",
+                table.qualified()
+            ),
+        ));
+        return None;
+    }
+    checks.push(Check::pass(
+        "chunks_table",
+        format!("{} (chunks of {})", table.qualified(), source.qualified()),
+    ));
+    let embedding = push(
+        checks,
+        "embedding_column",
+        embedding_column(cfg, table, vector),
+    )?;
+    let embedding = Embedding::of(embedding, vector.as_ref()?);
+    Some((
+        embedding,
+        ChunkTable {
+            table: table.qualified(),
+            schema_name: table.schema.clone(),
+            table_name: table.name.clone(),
+            exists: true,
+        },
+    ))
 }
 
 /// What the role may do, judged for `mode`: a dry-run only reads the
@@ -331,7 +496,10 @@ pub fn access_checks(mode: Mode, a: &Access, target: &Target, state_schema: &str
         checks.push(if missing.is_empty() {
             Check::pass(
                 "privileges",
-                format!("{role} may read the table and write the embedding column"),
+                match &target.chunks {
+                    None => format!("{role} may read the table and write the embedding column"),
+                    Some(c) => format!("{role} may read the table and write {}", c.table),
+                },
             )
         } else {
             Check::fail(
@@ -342,6 +510,18 @@ pub fn access_checks(mode: Mode, a: &Access, target: &Target, state_schema: &str
                 ),
             )
         });
+        if let Some(chunks) = target.chunks.as_ref().filter(|_| runs) {
+            if !a.chunk_grants.is_empty() {
+                checks.push(Check::fail(
+                    "privileges",
+                    format!(
+                        "{role} may not write the chunks table: GRANT {} ON {} TO {role}",
+                        a.chunk_grants.join(", "),
+                        chunks.table
+                    ),
+                ));
+            }
+        }
         let policy = |cmd: &str| {
             format!(
                 "row-level security on {table} lets {role} {} no rows: add a policy (CREATE POLICY autoembed_{} ON {table} FOR {cmd} TO {role} USING (true)) or connect as a role with BYPASSRLS",
@@ -355,7 +535,7 @@ pub fn access_checks(mode: Mode, a: &Access, target: &Target, state_schema: &str
                 "row-level security does not apply to this role",
             ),
             Rls::Policies { select: false, .. } => Check::fail("row_security", policy("SELECT")),
-            Rls::Policies { update: false, .. } if runs => Check::fail(
+            Rls::Policies { update: false, .. } if runs && target.chunks.is_none() => Check::fail(
                 "row_security",
                 format!(
                     "{} (the vectors would be paid for and never stored)",

@@ -92,6 +92,15 @@ pub struct Common {
     /// vector(N) or halfvec(N) column, exact catalog name [env: AUTOEMBED_EMBEDDING_COLUMN] [default: embedding]
     #[arg(long, value_name = "COLUMN", help_heading = "Database and table")]
     pub embedding_column: Option<String>,
+    /// Split each row's text into chunks of their own rows in this table (source_id, chunk_index, chunk_text, source_hash, embedding); `setup` creates it [env: AUTOEMBED_CHUNKS_TABLE]
+    #[arg(long, value_name = "TABLE", help_heading = "Database and table")]
+    pub chunks_table: Option<String>,
+    /// The most tokens of one chunk, in the model's own tokens [env: AUTOEMBED_CHUNK_TOKENS] [default: 512, or the model's limit when lower]
+    #[arg(long, value_name = "N", help_heading = "Database and table")]
+    pub chunk_tokens: Option<String>,
+    /// Tokens each chunk repeats of the one before it [env: AUTOEMBED_CHUNK_OVERLAP] [default: 50]
+    #[arg(long, value_name = "N", help_heading = "Database and table")]
+    pub chunk_overlap: Option<String>,
     /// Schema for autoembed's own bookkeeping tables [env: AUTOEMBED_STATE_SCHEMA] [default: autoembed]
     #[arg(long, value_name = "SCHEMA", help_heading = "Database and table")]
     pub state_schema: Option<String>,

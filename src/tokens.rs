@@ -72,6 +72,15 @@ impl Counter {
         }
     }
 
+    /// Tokens of `text` before any cut (what sizes a chunk): for the local
+    /// model, its two special tokens included.
+    pub fn tokens(&self, text: &str) -> usize {
+        match self {
+            Counter::Model(wp) => wp.count(text),
+            _ => self.count(text),
+        }
+    }
+
     /// The input limit autoembed enforces, when it knows one.
     pub fn max_input(&self) -> Option<usize> {
         match self {
@@ -123,11 +132,7 @@ impl Counter {
         if self.at_most(text.len()) <= limit {
             return None;
         }
-        let n = match self {
-            Counter::Model(wp) => wp.count(text),
-            _ => self.count(text),
-        };
-        Some(n).filter(|n| *n > limit)
+        Some(self.tokens(text)).filter(|n| *n > limit)
     }
 }
 

@@ -53,6 +53,9 @@ impl VerifyReport {
                 "rows {}, embedded {}, pending {}, blank {}, failed {}",
                 c.rows, c.embedded, c.pending, c.blank, c.failed
             );
+            if let Some(n) = c.chunks {
+                s += &format!(", chunks {n}");
+            }
             if c.no_id > 0 {
                 s += &format!(
                     ", without an id {} (never embedded: the id column is NULL)",
@@ -288,6 +291,15 @@ fn local_model_check(cfg: &Config, cell: &Embedder) -> Check {
 /// Whether `autoembed setup`'s trigger and index are there, and what to run if not.
 /// A missing index fails only on a large table, where every run would scan it.
 fn setup_checks(target: &Target, facts: &TableFacts) -> Vec<Check> {
+    if let Some(chunks) = &target.chunks {
+        return vec![Check::pass(
+            "reset_trigger",
+            format!(
+                "none needed: a row whose text changes is pending until {} holds chunks of its new text",
+                chunks.table
+            ),
+        )];
+    }
     let objects = crate::setup::Objects::new(target);
     let index = if facts.has_pending_index {
         Check::pass("pending_index", "a partial index finds pending rows")

@@ -62,6 +62,9 @@ pub struct Config {
     /// `--text-template`: the text built from several columns, instead of `text_column`.
     pub text_template: Option<crate::template::Template>,
     pub embedding_column: String,
+    /// `--chunks-table`: each row's text is split into chunks, embedded
+    /// into that table's rows instead of a column of the row.
+    pub chunks: Option<Chunking>,
     pub state_schema: String,
     pub provider: ProviderConfig,
     pub budget: Budget,
@@ -79,6 +82,23 @@ pub struct Config {
     pub json: bool,
     pub verbosity: i8,
 }
+
+/// `--chunks-table`, `--chunk-tokens`, `--chunk-overlap`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunking {
+    /// The chunks table, as SQL writes it.
+    pub table: String,
+    /// The most tokens of a chunk; `None`: [`DEFAULT_CHUNK_TOKENS`], or the
+    /// model's limit when lower.
+    pub tokens: Option<usize>,
+    /// Tokens a chunk repeats of the one before.
+    pub overlap: usize,
+}
+
+/// A chunk's size unless `--chunk-tokens` says otherwise.
+pub const DEFAULT_CHUNK_TOKENS: usize = 512;
+/// The overlap of chunks unless `--chunk-overlap` says otherwise.
+pub const DEFAULT_CHUNK_OVERLAP: usize = 50;
 
 /// What to do with a text over the model's input limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +242,7 @@ impl Config {
         let embedding_column = env
             .pick(c.embedding_column, "AUTOEMBED_EMBEDDING_COLUMN")
             .unwrap_or_else(|| "embedding".into());
+        let chunks = chunking(env, c.chunks_table, c.chunk_tokens, c.chunk_overlap)?;
         let state_schema = env
             .pick(c.state_schema, "AUTOEMBED_STATE_SCHEMA")
             .unwrap_or_else(|| "autoembed".into());
@@ -371,6 +392,7 @@ impl Config {
             text_column,
             text_template,
             embedding_column,
+            chunks,
             state_schema,
             provider,
             budget: Budget {
@@ -411,4 +433,52 @@ impl Config {
     pub fn database_label(&self) -> String {
         describe_database(&self.database)
     }
+}
+
+/// `--chunks-table` and the sizes of its chunks, which mean nothing without it.
+fn chunking(
+    env: &Env,
+    table: Option<String>,
+    tokens: Option<String>,
+    overlap: Option<String>,
+) -> Result<Option<Chunking>> {
+    let tokens = parse_num(
+        env.pick(tokens, "AUTOEMBED_CHUNK_TOKENS"),
+        "--chunk-tokens",
+        "AUTOEMBED_CHUNK_TOKENS",
+        16,
+        crate::tokens::MAX_INPUT_TOKENS as u64,
+    )?
+    .map(|n| n as usize);
+    let overlap = parse_num(
+        env.pick(overlap, "AUTOEMBED_CHUNK_OVERLAP"),
+        "--chunk-overlap",
+        "AUTOEMBED_CHUNK_OVERLAP",
+        0,
+        crate::tokens::MAX_INPUT_TOKENS as u64,
+    )?
+    .map(|n| n as usize);
+    let Some(table) = env
+        .pick(table, "AUTOEMBED_CHUNKS_TABLE")
+        .filter(|t| !t.trim().is_empty())
+    else {
+        if tokens.is_some() || overlap.is_some() {
+            return Err(Error::config(
+                "--chunk-tokens and --chunk-overlap (AUTOEMBED_CHUNK_TOKENS, AUTOEMBED_CHUNK_OVERLAP) size the chunks of --chunks-table (AUTOEMBED_CHUNKS_TABLE): set it too",
+            ));
+        }
+        return Ok(None);
+    };
+    let overlap = overlap.unwrap_or(DEFAULT_CHUNK_OVERLAP);
+    if overlap >= tokens.unwrap_or(DEFAULT_CHUNK_TOKENS) {
+        return Err(Error::config(format!(
+            "--chunk-overlap (AUTOEMBED_CHUNK_OVERLAP) {overlap} must be less than --chunk-tokens (AUTOEMBED_CHUNK_TOKENS, {})",
+            tokens.unwrap_or(DEFAULT_CHUNK_TOKENS)
+        )));
+    }
+    Ok(Some(Chunking {
+        table,
+        tokens,
+        overlap,
+    }))
 }

@@ -24,6 +24,8 @@ pub struct Access {
     pub missing: Vec<(&'static str, String)>,
     pub rls: Rls,
     pub state: StateAccess,
+    /// With a chunks table: the privileges on it the role lacks (`INSERT`, ...).
+    pub chunk_grants: Vec<String>,
 }
 
 /// Row-level security on the table, as it applies to this role.
@@ -53,8 +55,10 @@ impl Db {
     pub fn access(&mut self, target: &Target, state_schema: &str) -> Result<Access> {
         let mut columns = vec![("SELECT", target.id_column.as_str())];
         columns.extend(target.text_columns.iter().map(|c| ("SELECT", c.as_str())));
-        columns.push(("SELECT", target.embedding_column.as_str()));
-        columns.push(("UPDATE", target.embedding_column.as_str()));
+        if target.chunks.is_none() {
+            columns.push(("SELECT", target.embedding_column.as_str()));
+            columns.push(("UPDATE", target.embedding_column.as_str()));
+        }
         let (privs, cols): (Vec<&str>, Vec<&str>) = columns.iter().copied().unzip();
         // A policy for `cmd` (`r` select, `w` update) that applies to this
         // role: to PUBLIC, or to a role it is a member of.
@@ -120,7 +124,22 @@ impl Db {
                 .collect(),
             rls,
             state,
+            chunk_grants: self.chunk_grants(target)?,
         })
+    }
+
+    /// The grants on an existing chunks table this role lacks: a run
+    /// reads, inserts, updates and deletes its rows.
+    fn chunk_grants(&mut self, target: &Target) -> Result<Vec<String>> {
+        let Some(chunks) = target.chunks.as_ref().filter(|c| c.exists) else {
+            return Ok(Vec::new());
+        };
+        let rows = self.client().query_typed(
+            "SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p \
+             WHERE NOT has_table_privilege($1::text, p)",
+            &[(&chunks.table, Type::TEXT)],
+        )?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
     /// The grants on the existing state schema this role lacks.

@@ -150,6 +150,9 @@ pub enum TableLookup {
 #[derive(Debug, Clone)]
 pub struct Facts {
     pub table: TableLookup,
+    /// The chunks table (`--chunks-table`), when one is named, and its
+    /// name's parts as `parse_ident` reads them (for one to be created).
+    pub chunks: Option<(TableLookup, Vec<String>)>,
     pub state: super::state::StateSchema,
 }
 
@@ -197,25 +200,34 @@ impl TableFacts {
 }
 
 fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
-    let state = super::state::StateSchema::look_up(client, &cfg.state_schema)?;
-    let oid: Option<u32> = match client.query_typed_one(
-        "SELECT to_regclass($1::text)::oid",
-        &[(&cfg.table, Type::TEXT)],
-    ) {
+    Ok(Facts {
+        state: super::state::StateSchema::look_up(client, &cfg.state_schema)?,
+        table: look_up(client, &cfg.table, &cfg.embedding_column)?,
+        chunks: match &cfg.chunks {
+            Some(c) => Some((
+                look_up(client, &c.table, &cfg.embedding_column)?,
+                client
+                    .query_typed_one("SELECT parse_ident($1::text)", &[(&c.table, Type::TEXT)])
+                    .map(|r| r.get(0))
+                    .unwrap_or_default(),
+            )),
+            None => None,
+        },
+    })
+}
+
+/// The table `name` (as SQL writes it) and its columns; `embedding_column`
+/// names the column setup's trigger and index are for.
+fn look_up(client: &mut Client, name: &str, embedding_column: &str) -> Result<TableLookup> {
+    let oid: Option<u32> = match client
+        .query_typed_one("SELECT to_regclass($1::text)::oid", &[(&name, Type::TEXT)])
+    {
         Ok(row) => row.get(0),
-        Err(e) if e.as_db_error().is_some() => {
-            return Ok(Facts {
-                table: TableLookup::Invalid(describe_pg(&e)),
-                state,
-            })
-        }
+        Err(e) if e.as_db_error().is_some() => return Ok(TableLookup::Invalid(describe_pg(&e))),
         Err(e) => return Err(e.into()),
     };
     let Some(oid) = oid else {
-        return Ok(Facts {
-            table: TableLookup::NotFound,
-            state,
-        });
+        return Ok(TableLookup::NotFound);
     };
     let row = client.query_typed_one(
         "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
@@ -223,7 +235,7 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
         &[
             (&oid, Type::OID),
-            (&reset_trigger(&cfg.embedding_column), Type::TEXT),
+            (&reset_trigger(embedding_column), Type::TEXT),
         ],
     )?;
     let columns = client
@@ -261,8 +273,8 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
     let mut primary_key = Vec::new();
     let mut unique_columns = Vec::new();
     let mut has_pending_index = false;
-    let emb_null = format!("({} IS NULL)", quote_ident(&cfg.embedding_column));
-    let emb_null_bare = format!("({} IS NULL)", cfg.embedding_column);
+    let emb_null = format!("({} IS NULL)", quote_ident(embedding_column));
+    let emb_null_bare = format!("({} IS NULL)", embedding_column);
     for r in indexes {
         let (primary, unique, partial): (bool, bool, bool) = (r.get(0), r.get(1), r.get(2));
         let predicate: Option<String> = r.get(3);
@@ -280,18 +292,15 @@ fn inspect(client: &mut Client, cfg: &Config) -> Result<Facts> {
             }
         }
     }
-    Ok(Facts {
-        table: TableLookup::Found(TableFacts {
-            schema: row.get(0),
-            name: row.get(1),
-            kind: row.get(2),
-            columns,
-            primary_key,
-            unique_columns,
-            has_pending_index,
-            has_reset_trigger: row.get(4),
-            estimated_rows: row.get(3),
-        }),
-        state,
-    })
+    Ok(TableLookup::Found(TableFacts {
+        schema: row.get(0),
+        name: row.get(1),
+        kind: row.get(2),
+        columns,
+        primary_key,
+        unique_columns,
+        has_pending_index,
+        has_reset_trigger: row.get(4),
+        estimated_rows: row.get(3),
+    }))
 }

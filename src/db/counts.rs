@@ -1,5 +1,5 @@
 //! The counts verify, dry-run and the summary report: rows, embedded,
-//! pending, blank, failed.
+//! pending, blank, failed (and chunks, with a chunks table).
 
 use super::sql::text_hash;
 use super::target::{Quoted, Target};
@@ -18,6 +18,9 @@ pub struct Counts {
     /// Rows without a vector whose id is NULL: never embedded, since the
     /// vector could not be written back to them.
     pub no_id: i64,
+    /// With `--chunks-table`: the chunks it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<i64>,
 }
 
 impl Target {
@@ -39,31 +42,33 @@ impl Target {
             table,
             id,
             text,
-            embedding,
             id_type,
             state,
+            ..
         } = &self.sql;
         let sql = format!(
             "SELECT count(*) FROM {state}.failures f JOIN {table} t ON t.{id} = f.row_id::{id_type} \
-             WHERE f.table_name = $1 AND t.{embedding} IS NULL AND {hash} = f.text_hash",
+             WHERE f.table_name = $1 AND NOT {embedded} AND {hash} = f.text_hash",
+            embedded = self.has_vector("t"),
             hash = text_hash(&text.on("t"))
         );
         Ok(c.query_typed_one(&sql, &[(&self.key, Type::TEXT)])?.get(0))
     }
 
     pub fn counts(&self, c: &mut impl GenericClient, state_exists: bool) -> Result<Counts> {
-        let Quoted {
-            table,
-            text,
-            embedding,
-            ..
-        } = &self.sql;
+        let Quoted { table, text, .. } = &self.sql;
         let sql = format!(
-            "SELECT count(*), count(*) FILTER (WHERE t.{embedding} IS NOT NULL), \
+            "SELECT count(*), count(*) FILTER (WHERE {embedded}), \
                     count(*) FILTER (WHERE {pending}), \
-                    count(*) FILTER (WHERE t.{embedding} IS NULL AND NOT {with_text}), \
-                    count(*) FILTER (WHERE t.{embedding} IS NULL AND NOT {has_id}) \
+                    count(*) FILTER (WHERE NOT {embedded} AND NOT {with_text}), \
+                    count(*) FILTER (WHERE NOT {embedded} AND NOT {has_id}), \
+                    {chunks} \
              FROM {table} t",
+            embedded = self.has_vector("t"),
+            chunks = match &self.sql.chunks {
+                Some(chunks) => format!("(SELECT count(*) FROM {chunks})"),
+                None => "NULL::int8".into(),
+            },
             pending = self.pending(),
             with_text = text.has_text("t"),
             has_id = self.has_id(),
@@ -75,6 +80,7 @@ impl Target {
             pending: r.get(2),
             blank: r.get(3),
             no_id: r.get(4),
+            chunks: r.get(5),
             failed: self.count_failed(c, state_exists)?,
         })
     }

@@ -25,6 +25,7 @@
 
 pub mod access;
 pub mod catalog;
+pub mod chunks;
 pub mod claims;
 pub mod counts;
 pub mod legacy;
@@ -58,6 +59,10 @@ pub struct Db {
     /// then a claim can name the backend, and a dead holder frees its rows at once.
     pub direct: bool,
 }
+
+/// The most dimensions pgvector indexes as `vector` (HNSW and IVFFlat);
+/// wider vectors are indexed as `halfvec` (up to 4,000).
+pub const MAX_INDEXED_VECTOR: u32 = 2000;
 
 /// The `vector` and `vector[]` types, whose OIDs differ between databases,
 /// and `halfvec`, `halfvec[]` (pgvector 0.7 and later).

@@ -111,11 +111,7 @@ impl Target {
     /// autoembed's first run on the table).
     pub fn model_counts(&self, c: &mut impl GenericClient) -> Result<Option<ModelCounts>> {
         let Quoted {
-            table,
-            id,
-            embedding,
-            state,
-            ..
+            table, id, state, ..
         } = &self.sql;
         let Some(base) = c.query_typed_opt(
             &format!("SELECT model, dimensions FROM {state}.models WHERE table_name = $1"),
@@ -132,7 +128,8 @@ impl Target {
             &format!(
                 "SELECT coalesce(r.model, $2), coalesce(r.dimensions, $3), count(*) \
                  FROM {table} t LEFT JOIN {state}.vectors r ON r.table_name = $1 AND r.row_id = t.{id}::text \
-                 WHERE t.{embedding} IS NOT NULL GROUP BY 1, 2 ORDER BY 3 DESC, 1"
+                 WHERE {embedded} GROUP BY 1, 2 ORDER BY 3 DESC, 1",
+                embedded = self.has_vector("t"),
             ),
             &[
                 (&self.key, Type::TEXT),
@@ -162,18 +159,15 @@ impl Target {
             return Ok(false);
         }
         let Quoted {
-            table,
-            id,
-            embedding,
-            state,
-            ..
+            table, id, state, ..
         } = &self.sql;
         let others: i64 = c
             .query_typed_one(
                 &format!(
-                    "SELECT count(*) FROM {table} t WHERE t.{embedding} IS NOT NULL AND NOT EXISTS (\
+                    "SELECT count(*) FROM {table} t WHERE {embedded} AND NOT EXISTS (\
                        SELECT 1 FROM {state}.vectors r WHERE r.table_name = $1 \
-                       AND r.row_id = t.{id}::text AND r.model = $2 AND r.dimensions = $3)"
+                       AND r.row_id = t.{id}::text AND r.model = $2 AND r.dimensions = $3)",
+                    embedded = self.has_vector("t"),
                 ),
                 &[
                     (&self.key, Type::TEXT),

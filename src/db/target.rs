@@ -44,8 +44,44 @@ pub struct Target {
     pub partitioned: bool,
     /// The embedding column is `halfvec(N)` (written as half-precision floats).
     pub half: bool,
+    /// `--chunks-table`: the text goes there in chunks, each with its
+    /// vector (the embedding column is that table's).
+    pub chunks: Option<ChunkTable>,
     pub(super) vector: VectorTypes,
     pub(super) sql: Quoted,
+}
+
+/// The embedding column as the checks found it (or, for a chunks table
+/// that setup is about to create, as it will be).
+pub struct Embedding {
+    pub name: String,
+    /// N of `vector(N)`, when the column fixes it.
+    pub dimensions: Option<u32>,
+    pub half: bool,
+}
+
+impl Embedding {
+    pub fn of(c: &ColumnFacts, vector: &VectorTypes) -> Embedding {
+        Embedding {
+            name: c.name.clone(),
+            dimensions: u32::try_from(c.typmod).ok().filter(|d| *d > 0),
+            half: vector.is_half(c.type_oid),
+        }
+    }
+}
+
+/// `--chunks-table`: where a row's chunks and their vectors live. Its
+/// columns are autoembed's own: `source_id` (the row's id), `chunk_index`
+/// (from 0), `chunk_text`, `source_hash` (the hash of the row's text the
+/// chunks were split from) and the embedding column.
+#[derive(Debug, Clone)]
+pub struct ChunkTable {
+    /// `"schema"."table"`.
+    pub table: String,
+    pub schema_name: String,
+    pub table_name: String,
+    /// Whether it exists yet (`setup` creates it).
+    pub exists: bool,
 }
 
 /// Where a row's text comes from, as the target is built from it.
@@ -65,6 +101,8 @@ pub(super) struct Quoted {
     /// The id column's type, as `format_type` writes it, for casts from text.
     pub id_type: String,
     pub state: String,
+    /// The chunks table, `"schema"."table"`, when the text goes there.
+    pub chunks: Option<String>,
 }
 
 /// A row's text in SQL: a quoted column, or a template's pieces (quoted
@@ -155,7 +193,8 @@ impl Target {
         table: &TableFacts,
         id: &ColumnFacts,
         text: Text<'_>,
-        embedding: &ColumnFacts,
+        embedding: Embedding,
+        chunks: Option<ChunkTable>,
         vector: VectorTypes,
         state_schema: &str,
     ) -> Target {
@@ -216,6 +255,7 @@ impl Target {
             embedding: quote_ident(&embedding.name),
             id_type: id.type_sql.clone(),
             state: quote_ident(state_schema),
+            chunks: chunks.as_ref().map(|c| c.table.clone()),
         };
         let vector_columns = table
             .columns
@@ -223,7 +263,11 @@ impl Target {
             .filter(|c| vector.is_dense(c.type_oid))
             .count();
         Target {
-            key: format!("{}.{}", sql.table, sql.embedding),
+            key: format!(
+                "{}.{}",
+                chunks.as_ref().map_or(&sql.table, |c| &c.table),
+                sql.embedding
+            ),
             legacy_key: sql.table.clone(),
             sole_vector_column: vector_columns == 1,
             table: sql.table.clone(),
@@ -234,10 +278,11 @@ impl Target {
             text_columns,
             text_sources,
             text_indexable,
-            embedding_column: embedding.name.clone(),
-            dimensions: u32::try_from(embedding.typmod).ok().filter(|d| *d > 0),
+            embedding_column: embedding.name,
+            dimensions: embedding.dimensions,
             partitioned: table.kind == "p",
-            half: vector.is_half(embedding.type_oid),
+            half: embedding.half,
+            chunks,
             vector,
             sql,
         }
@@ -252,6 +297,11 @@ impl Target {
         }
     }
 
+    /// The id column's type, as `format_type` writes it.
+    pub fn id_type(&self) -> &str {
+        &self.sql.id_type
+    }
+
     /// Whether a row has text to send, as an index predicate says it (no alias).
     pub fn has_text_sql(&self) -> String {
         self.sql.text.has_text("")
@@ -264,7 +314,28 @@ impl Target {
 
     /// Rows of `t` that need an embedding: none yet, and [`Target::sendable`].
     pub(super) fn pending(&self) -> String {
-        format!("t.{} IS NULL AND {}", self.sql.embedding, self.sendable())
+        format!("NOT {} AND {}", self.has_vector("t"), self.sendable())
+    }
+
+    /// Whether row `alias` has its vector: in its embedding column, or, with
+    /// a chunks table, chunks split from the text it holds now (a row whose
+    /// text changed is pending again, with no trigger needed).
+    pub(super) fn has_vector(&self, alias: &str) -> String {
+        let Quoted {
+            id,
+            text,
+            embedding,
+            chunks,
+            ..
+        } = &self.sql;
+        match chunks {
+            None => format!("{alias}.{embedding} IS NOT NULL"),
+            Some(chunks) => format!(
+                "EXISTS (SELECT 1 FROM {chunks} k WHERE k.source_id = {alias}.{id} \
+                 AND k.chunk_index = 0 AND k.source_hash = {})",
+                text_hash(&text.on(alias))
+            ),
+        }
     }
 
     /// Rows of `t` that can be embedded at all: an id to write the vector
@@ -286,11 +357,7 @@ impl Target {
         p: &mut Params<'a>,
     ) -> String {
         let Quoted {
-            id,
-            text,
-            embedding,
-            state,
-            ..
+            id, text, state, ..
         } = &self.sql;
         let mut cond = match &sel.reembed {
             None => self.pending(),
@@ -316,8 +383,9 @@ impl Target {
                     )
                 };
                 format!(
-                    "{} AND (t.{embedding} IS NULL OR {made_by_other})",
-                    self.sendable()
+                    "{} AND (NOT {} OR {made_by_other})",
+                    self.sendable(),
+                    self.has_vector("t")
                 )
             }
         };

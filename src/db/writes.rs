@@ -85,6 +85,34 @@ impl<'a> BatchWrite<'a> {
 /// How many tries a write gets before the run gives up on it.
 const WRITE_TRIES: u32 = 6;
 
+/// Run `write` (one transaction) until it commits, retrying what may pass:
+/// a deadlock, a serialization failure, a lost connection (on a new one).
+pub(super) fn with_retries<T>(
+    db: &mut Db,
+    mut write: impl FnMut(&mut Db) -> Result<T, postgres::Error>,
+) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = match db.reconnect_if_closed() {
+            Ok(()) => write(db).map_err(|e| (is_retryable(&e), e.into())),
+            Err(e) => Err((true, e)),
+        };
+        match attempt {
+            Ok(done) => return Ok(done),
+            Err((true, e)) if tries < WRITE_TRIES => {
+                let wait = Duration::from_millis(100 << tries);
+                crate::warn!(
+                    "writing a batch failed ({e}); trying again in {} ms",
+                    wait.as_millis()
+                );
+                std::thread::sleep(wait);
+            }
+            Err((_, e)) => return Err(e),
+        }
+    }
+}
+
 impl Target {
     /// Write `batch` in one transaction, retrying what may pass; returns
     /// the ids whose vector was written (the others changed meanwhile).
@@ -95,31 +123,9 @@ impl Target {
         models: &Models,
         reembed: bool,
     ) -> Result<Vec<String>> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let attempt = match db.reconnect_if_closed() {
-                Ok(()) => self
-                    .try_write(db, batch, models, reembed)
-                    .map_err(|e| (is_retryable(&e), e.into())),
-                Err(e) => Err((true, e)),
-            };
-            match attempt {
-                Ok(written) => {
-                    self.check_reachable(db, batch, &written, reembed)?;
-                    return Ok(written);
-                }
-                Err((true, e)) if tries < WRITE_TRIES => {
-                    let wait = Duration::from_millis(100 << tries);
-                    crate::warn!(
-                        "writing a batch failed ({e}); trying again in {} ms",
-                        wait.as_millis()
-                    );
-                    std::thread::sleep(wait);
-                }
-                Err((_, e)) => return Err(e),
-            }
-        }
+        let written = with_retries(db, |db| self.try_write(db, batch, models, reembed))?;
+        self.check_reachable(db, batch, &written, reembed)?;
+        Ok(written)
     }
 
     /// A row the write did not store normally changed meanwhile. If one
@@ -278,9 +284,29 @@ impl Target {
             table,
             id,
             embedding,
-            state,
             ..
         } = &self.sql;
+        let sql = format!(
+            "WITH v AS ({source}), \
+             upd AS (UPDATE {table} t SET {embedding} = v.e FROM v WHERE {holds} \
+                     RETURNING t.{id}::text AS id) \
+             {} SELECT id FROM upd",
+            self.bookkeeping(&mut p, models, release),
+            holds = self.still_holds("v", reembed),
+        );
+        Ok(p.query(tx, &sql)?.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    /// What follows the rows `upd` (`id`, as text) a write stored, in the
+    /// same statement: their failures forgotten, their model noted, and the
+    /// claim `release` ended.
+    pub(super) fn bookkeeping<'a>(
+        &'a self,
+        p: &mut Params<'a>,
+        models: &'a Models,
+        release: Option<ClaimId>,
+    ) -> String {
+        let state = &self.sql.state;
         let key = p.bind(&self.key, Type::TEXT);
         // Rows the baseline model made need no record (and lose an old one);
         // rows another model made are listed.
@@ -305,20 +331,15 @@ impl Target {
                 end_claim(state, &p.bind_owned(claim.0, Type::INT8))
             ),
         };
-        let sql = format!(
-            "WITH v AS ({source}), \
-             upd AS (UPDATE {table} t SET {embedding} = v.e FROM v WHERE {holds} \
-                     RETURNING t.{id}::text AS id), \
-             del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = {key} AND f.row_id = upd.id) \
-             {note}{end_claims} SELECT id FROM upd",
-            holds = self.still_holds("v", reembed),
-        );
-        Ok(p.query(tx, &sql)?.into_iter().map(|r| r.get(0)).collect())
+        format!(
+            ", del AS (DELETE FROM {state}.failures f USING upd WHERE f.table_name = {key} AND f.row_id = upd.id) \
+             {note}{end_claims}"
+        )
     }
 
     /// Record rows the provider rejected, with their next try: 10 minutes
     /// after the first failure, doubling after each further one of the same text.
-    fn record_failures(
+    pub(super) fn record_failures(
         &self,
         tx: &mut Transaction<'_>,
         failed: &[(&Claimed, String)],

@@ -1,9 +1,12 @@
-//! One batch, after its claim: plan it, send its texts, write what came
-//! back, release its claims. No transaction is open while the provider works.
+//! One batch, after its claim: plan it (its rows, or their chunks), send
+//! its texts, write what came back, release its claims. No transaction is
+//! open while the provider works.
 
-use super::plan::{BatchPlan, Planner};
+use super::plan::{BatchPlan, PlanRow, Planner};
 use super::send::{Halt, Hold, Sender};
+use super::units::{chunk_of, Unit};
 use crate::config::Config;
+use crate::db::chunks::{ChunkOut, ChunkVector, ChunkWrite};
 use crate::db::claims::{ClaimId, Claimed, Holder, Lease};
 use crate::db::model_records::Models;
 use crate::db::target::Target;
@@ -44,6 +47,8 @@ pub struct BatchOutcome {
     /// Rows sent cut to the model's input limit.
     pub truncated: u64,
     pub written: u64,
+    /// Chunks written, with a chunks table.
+    pub chunks: u64,
     pub changed: u64,
     pub failed: u64,
     /// Why the run must stop after this batch, if it must.
@@ -61,7 +66,8 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
         claimed_at,
         ..
     } = claim;
-    let plan = ctx.planner.plan(seq, &rows);
+    let units = ctx.planner.units(&rows);
+    let plan = ctx.planner.plan(seq, &units);
     // Whatever happens below, later batches waiting on this one go on.
     let mut settle = Settle {
         ctx,
@@ -70,7 +76,7 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
     };
     // Rows a budget cut stay in the claim until its write ends it: the
     // run stops after this batch.
-    let kept = &rows[..plan.cut];
+    let kept = &units[..plan.cut];
 
     let mut vectors: Vec<(usize, Vec<f32>)> = Vec::with_capacity(plan.send.len());
     let mut rejected: Vec<(usize, String)> = plan.too_long.clone();
@@ -84,7 +90,7 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
                 length: ctx.cfg.claim_lease,
                 direct: false,
             },
-            rows: kept,
+            rows: kept.iter().map(|u| rows[u.row].id.as_str()).collect(),
             expires: claimed_at + ctx.cfg.claim_lease,
             request_timeout: ctx.cfg.provider.request_timeout,
         };
@@ -96,27 +102,43 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
     if halt.is_none() {
         ctx.planner.wait_for(&plan.wait_for);
     }
-    let batch = outcome_rows(
-        &plan,
-        kept,
-        vectors,
-        rejected,
-        halt.is_none(),
-        ctx.target.half,
-        claim,
-    );
-    let written = ctx
-        .target
-        .write_batch(w.db, &batch, ctx.models, ctx.cfg.reembed.is_some())?;
-    for (row, err) in &batch.failures {
+    let copy = halt.is_none();
+    let (written, sent, failures, chunks) = if ctx.target.chunks.is_some() {
+        let batch = chunk_rows(&plan, &rows, kept, vectors, rejected, copy, claim);
+        let written = ctx.target.write_chunks(w.db, &batch, ctx.models)?;
+        let chunks = batch
+            .rows
+            .iter()
+            .filter(|(r, _)| written.contains(&r.id))
+            .map(|(_, c)| c.len() as u64)
+            .sum();
+        (written, batch.rows.len(), batch.failures, chunks)
+    } else {
+        // One unit a row: unit `i` is row `i`.
+        let batch = outcome_rows(
+            &plan,
+            &rows,
+            vectors,
+            rejected,
+            copy,
+            ctx.target.half,
+            claim,
+        );
+        let written =
+            ctx.target
+                .write_batch(w.db, &batch, ctx.models, ctx.cfg.reembed.is_some())?;
+        let sent = batch.vector_count() + batch.copies.len();
+        (written, sent, batch.failures, 0)
+    };
+    for (row, err) in &failures {
         crate::warn!("row {} failed: {err}", row.id);
     }
-    let sent = batch.vector_count() + batch.copies.len();
     let outcome = BatchOutcome {
         truncated: plan.truncated,
         written: written.len() as u64,
+        chunks,
         changed: (sent - written.len()) as u64,
-        failed: batch.failures.len() as u64,
+        failed: failures.len() as u64,
         halt,
         budget: plan.stop,
     };
@@ -127,8 +149,81 @@ pub fn process(ctx: &Context<'_>, w: &mut Worker<'_>, claim: Claim) -> Result<Ba
         outcome.changed,
         outcome.failed
     );
-    settle.written = written;
+    // The plan copies from the units of the rows that were written.
+    let written: std::collections::HashSet<&str> = written.iter().map(String::as_str).collect();
+    settle.written = kept
+        .iter()
+        .filter(|u| written.contains(rows[u.row].id.as_str()))
+        .map(|u| u.id().to_string())
+        .collect();
     Ok(outcome)
+}
+
+/// The rows of a chunked write: a row goes when every one of its chunks
+/// has a vector (sent, shared with a chunk of the batch, or copied unless
+/// the batch stopped); a row one of whose chunks was rejected fails, the
+/// chunk named; the rest (a batch that stopped) stay pending.
+fn chunk_rows<'r>(
+    plan: &BatchPlan,
+    rows: &'r [Claimed],
+    units: &[Unit<'r>],
+    vectors: Vec<(usize, Vec<f32>)>,
+    rejected: Vec<(usize, String)>,
+    copy: bool,
+    claim: ClaimId,
+) -> ChunkWrite<'r> {
+    let mut got: Vec<Option<ChunkVector>> = units.iter().map(|_| None).collect();
+    for (i, v) in vectors {
+        for &j in plan.same_text.get(&i).into_iter().flatten() {
+            got[j] = Some(ChunkVector::Sent(v.clone()));
+        }
+        got[i] = Some(ChunkVector::Sent(v));
+    }
+    if copy {
+        for (i, from) in &plan.copy {
+            if let Some((chunk, row)) = chunk_of(from) {
+                got[*i] = Some(ChunkVector::Copy {
+                    row: row.to_string(),
+                    chunk,
+                });
+            }
+        }
+    }
+    let mut why: std::collections::BTreeMap<usize, String> = Default::default();
+    for (i, e) in rejected {
+        let same = plan.same_text.get(&i).into_iter().flatten().copied();
+        for j in same.chain([i]) {
+            let u = &units[j];
+            why.entry(u.row)
+                .or_insert_with(|| format!("chunk {}: {e}", u.chunk.unwrap_or(0)));
+        }
+    }
+    let mut write = ChunkWrite {
+        rows: Vec::new(),
+        failures: Vec::new(),
+        release: claim,
+    };
+    let mut start = 0;
+    while start < units.len() {
+        let row = units[start].row;
+        let end = start + units[start..].iter().take_while(|u| u.row == row).count();
+        if let Some(e) = why.remove(&row) {
+            write.failures.push((&rows[row], e));
+        } else if got[start..end].iter().all(Option::is_some) {
+            let parts = (start..end)
+                .filter_map(|j| {
+                    let vector = got[j].take()?;
+                    Some(ChunkOut {
+                        text: units[j].text,
+                        vector,
+                    })
+                })
+                .collect();
+            write.rows.push((&rows[row], parts));
+        }
+        start = end;
+    }
+    write
 }
 
 /// The rows of the write: vectors and failures repeated for the rows that
@@ -191,7 +286,8 @@ struct Claims<'a, 'r> {
     target: &'a Target,
     claim: ClaimId,
     lease: Lease<'a>,
-    rows: &'r [Claimed],
+    /// The row id of each unit of the batch.
+    rows: Vec<&'r str>,
     /// When the claims expire, at the latest (measured from before the claim).
     expires: Instant,
     request_timeout: Duration,
@@ -220,7 +316,7 @@ impl Hold for Claims<'_, '_> {
         Ok(rows
             .iter()
             .copied()
-            .filter(|&i| held.contains(&self.rows[i].id))
+            .filter(|&i| held.contains(self.rows[i]))
             .collect())
     }
 }

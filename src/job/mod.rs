@@ -18,6 +18,7 @@ mod pool;
 mod progress;
 pub mod report;
 mod send;
+mod units;
 pub mod watch;
 
 use crate::checks::{self, Opened};
@@ -29,7 +30,7 @@ use crate::db::Db;
 use crate::error::Result;
 use crate::provider;
 use crate::signals::Stop;
-use plan::Planner;
+use plan::{PlanRow, Planner};
 use report::{DryRunReport, Report};
 use std::sync::Arc;
 
@@ -46,11 +47,11 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
     let cfg = &cfg;
     let provider = provider::build(&cfg.provider)?;
     if cfg.mode == Mode::DryRun {
-        let planner = Planner::new(plan::Bounds::of(cfg), provider.counter, true);
+        let planner = Planner::new(plan::Shape::of(cfg), provider.counter, true)?;
         return dry_run(cfg, &mut db, &target, state, &planner).map(Report::DryRun);
     }
     let (models, guarded) = prepare(cfg, &mut db, &target, state, provider.embedder)?;
-    let planner = Planner::new(plan::Bounds::of(cfg), provider.counter, false);
+    let planner = Planner::new(plan::Shape::of(cfg), provider.counter, false)?;
     let report = pool::run(cfg, &mut db, &target, guarded, planner, &models, stop);
     if cfg.reembed.is_some() && report.stop_reason == report::StopReason::Drained {
         // Every vector is the current model's now: it becomes the baseline.
@@ -118,6 +119,7 @@ fn dry_run(
         pending,
         failed,
         would_embed: 0,
+        chunks: target.chunks.as_ref().map(|_| 0),
         truncated: 0,
         too_long: 0,
         estimated_tokens: 0,
@@ -135,19 +137,29 @@ fn dry_run(
         planner.took(ids.len());
         let rows = target.read(&mut tx, &ids, &sel)?;
         planner.gave_back(ids.len() - rows.len());
-        let plan = planner.plan(seq, &rows);
+        let units = planner.units(&rows);
+        let plan = planner.plan(seq, &units);
+        // The units that would get a vector, and the rows they are of.
         let mut embedded: Vec<usize> = plan.send.iter().map(|i| i.row).collect();
         embedded.extend(plan.same_text.values().flatten());
         embedded.extend(plan.copy.iter().map(|(i, _)| *i));
         embedded.sort_unstable();
-        for &i in embedded.iter().take(10 - report.sample_ids.len().min(10)) {
-            report.sample_ids.push(rows[i].id.clone());
+        let mut embedded_rows: Vec<usize> = embedded.iter().map(|&i| units[i].row).collect();
+        embedded_rows.dedup();
+        for &r in embedded_rows
+            .iter()
+            .take(10 - report.sample_ids.len().min(10))
+        {
+            report.sample_ids.push(rows[r].id.clone());
         }
-        report.would_embed += embedded.len() as u64;
+        report.would_embed += embedded_rows.len() as u64;
+        if let Some(chunks) = &mut report.chunks {
+            *chunks += embedded.len() as u64;
+        }
         report.truncated += plan.truncated;
         report.too_long += plan.too_long.len() as u64;
         report.estimated_tokens += plan.tokens();
-        let written: Vec<&str> = embedded.iter().map(|&i| rows[i].id.as_str()).collect();
+        let written: Vec<&str> = embedded.iter().map(|&i| units[i].id()).collect();
         planner.settle(seq, &written);
         if plan.stop.is_some() {
             break;

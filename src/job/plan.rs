@@ -17,7 +17,10 @@
 //! - the row budget (`--max-rows`) bounds what each claim may take.
 
 use super::report::StopReason;
-use crate::config::{Config, TooLong};
+use super::units::{Splitter, Unit};
+use crate::config::{Chunking, Config, TooLong};
+use crate::db::claims::Claimed;
+use crate::error::Result;
 use crate::tokens::Counter;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -26,22 +29,16 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 /// memory stays flat however long the backfill.
 const EARLIER_TEXTS: usize = 20_000;
 
-/// A row as the plan sees it: its id, text and the text's hash.
+/// A text as the plan sees it (a row, or a chunk of one: [`super::units`]):
+/// its id, text and the text's hash.
 pub trait PlanRow {
     fn id(&self) -> &str;
     fn text(&self) -> &str;
     fn text_hash(&self) -> i64;
-}
-
-impl PlanRow for crate::db::claims::Claimed {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn text(&self) -> &str {
-        &self.text
-    }
-    fn text_hash(&self) -> i64 {
-        self.text_hash
+    /// Whether it begins a row: a budget cuts a batch only there, so that
+    /// a row is sent whole (all its chunks) or not at all.
+    fn starts_row(&self) -> bool {
+        true
     }
 }
 
@@ -110,6 +107,7 @@ struct State {
 /// The run's plan, shared by its workers.
 pub struct Planner {
     counter: Counter,
+    splitter: Splitter,
     on_too_long: TooLong,
     batch_size: usize,
     /// Count every text's tokens (dry-run reports them); otherwise only
@@ -130,6 +128,21 @@ pub struct Bounds {
     pub max_tokens: Option<(u64, StopReason)>,
 }
 
+/// What a run plans on: `Bounds`, and the chunks a row's text is split into.
+pub struct Shape<'c> {
+    pub bounds: Bounds,
+    pub chunking: Option<&'c Chunking>,
+}
+
+impl Shape<'_> {
+    pub fn of(cfg: &Config) -> Shape<'_> {
+        Shape {
+            bounds: Bounds::of(cfg),
+            chunking: cfg.chunks.as_ref(),
+        }
+    }
+}
+
 impl Bounds {
     pub fn of(cfg: &Config) -> Bounds {
         Bounds {
@@ -142,8 +155,11 @@ impl Bounds {
 }
 
 impl Planner {
-    pub fn new(bounds: Bounds, counter: Counter, count_always: bool) -> Planner {
-        Planner {
+    /// The plan of a run; fails on chunk sizes the model cannot take.
+    pub fn new(shape: Shape<'_>, counter: Counter, count_always: bool) -> Result<Planner> {
+        let Shape { bounds, chunking } = shape;
+        Ok(Planner {
+            splitter: Splitter::new(chunking, &counter)?,
             counter,
             on_too_long: bounds.on_too_long,
             batch_size: bounds.batch_size,
@@ -157,11 +173,16 @@ impl Planner {
                 earlier: HashMap::new(),
             }),
             changed: Condvar::new(),
-        }
+        })
     }
 
     pub fn counter(&self) -> &Counter {
         &self.counter
+    }
+
+    /// What the plan of claimed `rows` decides about: the rows, or their chunks.
+    pub fn units<'r>(&self, rows: &'r [Claimed]) -> Vec<Unit<'r>> {
+        self.splitter.units(rows)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -325,9 +346,23 @@ impl Planner {
                 tokens,
             });
         }
+        // A row is sent whole or not at all: a cut inside a row's chunks
+        // moves back to its first.
+        if plan.cut < rows.len() {
+            while plan.cut > 0 && !rows[plan.cut].starts_row() {
+                plan.cut -= 1;
+            }
+            let cut = plan.cut;
+            plan.send.retain(|item| item.row < cut);
+            plan.same_text.retain(|&i, _| i < cut);
+            for same in plan.same_text.values_mut() {
+                same.retain(|&j| j < cut);
+            }
+            plan.copy.retain(|(i, _)| *i < cut);
+        }
         // Rows cut off do not count against --max-rows.
         if let Some(left) = &mut s.rows_left {
-            *left += (rows.len() - plan.cut) as u64;
+            *left += rows[plan.cut..].iter().filter(|r| r.starts_row()).count() as u64;
         }
         // Too-long rows after the cut were never part of the batch.
         let cut = plan.cut;
@@ -408,15 +443,19 @@ mod tests {
 
     fn planner(max_rows: Option<u64>, max_tokens: Option<u64>, on_too_long: TooLong) -> Planner {
         Planner::new(
-            Bounds {
-                batch_size: 4,
-                on_too_long,
-                max_rows,
-                max_tokens: max_tokens.map(|t| (t, StopReason::MaxTokens)),
+            Shape {
+                bounds: Bounds {
+                    batch_size: 4,
+                    on_too_long,
+                    max_rows,
+                    max_tokens: max_tokens.map(|t| (t, StopReason::MaxTokens)),
+                },
+                chunking: None,
             },
             Counter::for_model("text-embedding-3-small", ProviderKind::OpenAi),
             true,
         )
+        .expect("planner")
     }
 
     #[test]
@@ -453,6 +492,45 @@ mod tests {
         assert_eq!(plan.tokens(), 4);
         // Nothing more is taken.
         assert_eq!(p.claim_limit(), Err(StopReason::MaxTokens));
+    }
+
+    /// A chunk of a row: it starts the row only when it is the first.
+    struct Chunk(&'static str, &'static str, bool);
+
+    impl PlanRow for Chunk {
+        fn id(&self) -> &str {
+            self.0
+        }
+        fn text(&self) -> &str {
+            self.1
+        }
+        fn text_hash(&self) -> i64 {
+            self.1.len() as i64
+        }
+        fn starts_row(&self) -> bool {
+            self.2
+        }
+    }
+
+    #[test]
+    fn a_token_budget_cuts_before_the_row_whose_chunks_do_not_all_fit() {
+        // Row a: 1 + 3 tokens; row b: 1 + 3 + 4 (the last does not fit in 10).
+        let p = planner(Some(10), Some(10), TooLong::Truncate);
+        let chunks = [
+            Chunk("0:a", "four", true),
+            Chunk("1:a", "one two three", false),
+            Chunk("0:b", "five", true),
+            Chunk("1:b", "six seven eight", false),
+            Chunk("2:b", "nine ten eleven twelve", false),
+        ];
+        let plan = p.plan(0, &chunks);
+        assert_eq!(plan.cut, 2, "row b goes whole or not at all");
+        assert_eq!(plan.send.iter().map(|i| i.row).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(plan.tokens(), 4);
+        // Row b counts against --max-rows no more: 10 - 2 taken + 1 given back.
+        p.took(2);
+        assert_eq!(p.claim_limit(), Err(StopReason::MaxTokens));
+        assert_eq!(p.state().rows_left, Some(9));
     }
 
     #[test]

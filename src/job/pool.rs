@@ -354,6 +354,7 @@ impl Pool<'_> {
                         },
                     );
                     t.embedded += b.written;
+                    t.chunks += b.chunks;
                     t.changed += b.changed;
                     t.failed += b.failed;
                     t.truncated += b.truncated;
@@ -455,6 +456,7 @@ impl Pool<'_> {
             table: self.ctx.target.table.clone(),
             model: self.ctx.cfg.provider.model.clone(),
             embedded: tally.embedded,
+            chunks: self.ctx.target.chunks.as_ref().map(|_| tally.chunks),
             failed: tally.failed,
             truncated: tally.truncated,
             changed: tally.changed,

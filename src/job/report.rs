@@ -9,6 +9,7 @@ use serde::Serialize;
 pub struct Tally {
     pub truncated: u64,
     pub embedded: u64,
+    pub chunks: u64,
     pub failed: u64,
     pub changed: u64,
     pub stats: RequestStats,
@@ -39,6 +40,9 @@ pub struct RunReport {
     pub model: String,
     /// Rows whose vector was written.
     pub embedded: u64,
+    /// With a chunks table: the chunks those rows were written as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u64>,
     /// Rows the provider rejected in this run (recorded in the state schema).
     pub failed: u64,
     /// Rows whose text was cut to the model's input limit before sending.
@@ -71,6 +75,9 @@ pub struct DryRunReport {
     pub pending: i64,
     pub failed: i64,
     pub would_embed: u64,
+    /// With a chunks table: the chunks those rows would be written as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u64>,
     /// Rows that would be sent cut to the model's input limit.
     pub truncated: u64,
     /// Rows over the limit that `--on-too-long skip` would not send.
@@ -115,6 +122,9 @@ impl Report {
                     r.requests,
                     r.tokens
                 );
+                if let Some(n) = r.chunks {
+                    s += &format!(" as {n} chunks");
+                }
                 if r.failed > 0 {
                     s += &format!(
                         "; {} rows failed (see the state schema's failures table)",
@@ -149,6 +159,9 @@ impl Report {
                     r.estimated_tokens,
                     r.model
                 );
+                if let Some(n) = r.chunks {
+                    s += &format!("; {n} chunks");
+                }
                 if r.truncated > 0 {
                     s += &format!("; {} texts cut to the model's limit", r.truncated);
                 }

@@ -66,7 +66,7 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<i32> {
     let mut totals = Totals::new(&target.table);
     while !stop.requested() {
         listener.connect(cfg);
-        let planner = Planner::new(plan::Bounds::of(cfg), provider.counter.clone(), false);
+        let planner = Planner::new(plan::Shape::of(cfg), provider.counter.clone(), false)?;
         let report = pool::run(
             cfg,
             &mut db,

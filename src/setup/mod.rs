@@ -5,10 +5,14 @@
 //!   only then), so edited rows become pending and the next run re-embeds them;
 //! - a partial index on the id of rows without an embedding, so finding
 //!   pending rows stays cheap on large tables;
-//! - the bookkeeping schema (failed rows).
+//! - the bookkeeping schema (failed rows);
+//! - with `--chunks-table`, instead of the trigger and the index: the
+//!   chunks table and its similarity index ([`chunks`]).
 //!
 //! Everything is idempotent. Identifiers are quoted; nothing from
 //! configuration is pasted.
+
+mod chunks;
 
 use crate::db::catalog::{notify_trigger, reset_trigger, NOTIFY_CHANNEL};
 use crate::db::sql::{cut, dollar_quote, quote_literal};
@@ -48,6 +52,9 @@ pub struct Objects {
     /// `--notify`: the function and trigger that send a NOTIFY for `watch`.
     notify_function: String,
     notify_trigger: String,
+    /// The text goes to a chunks table ([`chunks`]): no trigger or queue
+    /// index on the table, whose rows are pending by their text's hash.
+    chunked: bool,
 }
 
 /// The index setup builds on a table or a partition:
@@ -119,6 +126,7 @@ impl Objects {
                 quote_ident(&format!("{base}_autoembed_notify"))
             ),
             notify_trigger: quote_ident(&notify_trigger(&target.embedding_column)),
+            chunked: target.chunks.is_some(),
         }
     }
 
@@ -211,6 +219,7 @@ ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};
             notify_function: function,
             notify_trigger: trigger,
             keys,
+            chunked,
             ..
         } = self;
         let body = dollar_quote(&format!(
@@ -227,10 +236,20 @@ END
             "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
   SET search_path = pg_catalog AS {body};
 DROP TRIGGER IF EXISTS {trigger} ON {table};
-CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OF {columns}, {embedding} ON {table}
-  FOR EACH ROW WHEN (NEW.{embedding} IS NULL) EXECUTE FUNCTION {function}();
+CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OF {columns} ON {table}
+  FOR EACH ROW {when}EXECUTE FUNCTION {function}();
 ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};",
-            columns = sources.join(", "),
+            // With a chunks table every insert and text edit is pending.
+            columns = if *chunked {
+                sources.join(", ")
+            } else {
+                format!("{}, {embedding}", sources.join(", "))
+            },
+            when = if *chunked {
+                String::new()
+            } else {
+                format!("WHEN (NEW.{embedding} IS NULL) ")
+            },
         )
     }
 
@@ -346,6 +365,9 @@ enum IndexBuild {
 /// The whole setup as one script, for `setup --print-sql`.
 pub fn print_sql(target: &Target, state_schema: &str, how: crate::config::Setup) -> String {
     let o = Objects::new(target);
+    if let Some(c) = chunks::ChunkObjects::new(target) {
+        return c.print_sql(&o, state_schema, how);
+    }
     if how.uninstall {
         return format!(
             "-- autoembed setup --uninstall for {}\n{}\n",
@@ -398,6 +420,9 @@ pub fn run(
     how: crate::config::Setup,
 ) -> Result<Vec<String>> {
     let o = Objects::new(target);
+    if let Some(c) = chunks::ChunkObjects::new(target) {
+        return c.run(db, &o, state_schema, how);
+    }
     let failed = |what: &str, e: &postgres::Error| {
         Error::Database(format!("setup failed ({what}): {}", describe_pg(e)))
     };
