@@ -324,3 +324,92 @@ fn chunk_sizes_without_a_chunks_table_or_past_the_model_are_refused() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("--chunk-overlap"), "{r:?}");
 }
+
+#[test]
+fn a_chunk_many_rows_share_is_paid_for_once_and_copied() {
+    let mut db = TestDb::new("chunkcopy");
+    let footer = paragraph("the shared footer");
+    let docs: Vec<String> = (0..4)
+        .map(|i| format!("{}\n\n{footer}", paragraph(&format!("item {i}"))))
+        .collect();
+    documents(
+        &mut db,
+        &[(1, &docs[0]), (2, &docs[1]), (3, &docs[2]), (4, &docs[3])],
+    );
+    let mock = Mock::start(DIMS);
+    assert_eq!(go(&db, &mock, &["setup"]).code, 0);
+    // Two batches of two: the footer is sent once in the first, shared
+    // within it, and copied into the second from what the first wrote.
+    let r = go(
+        &db,
+        &mock,
+        &[
+            "run-once",
+            "--json",
+            "--batch-size",
+            "2",
+            "--concurrency",
+            "1",
+        ],
+    );
+    assert_eq!(r.json()["embedded"], 4, "{r:?}");
+    let footers = mock
+        .embedded_inputs()
+        .iter()
+        .filter(|t| **t == footer)
+        .count();
+    assert_eq!(footers, 1, "the shared chunk was paid for {footers} times");
+    for (i, doc) in docs.iter().enumerate() {
+        assert_eq!(assert_chunked(&mut db, i as i64 + 1, doc), 2);
+    }
+}
+
+#[test]
+fn wide_vectors_go_to_a_halfvec_chunks_table_with_its_index() {
+    let mut db = TestDb::new("chunkhalf");
+    documents(&mut db, &[(1, &document("tides", 2))]);
+    let mock = Mock::start(3072);
+    let mut c = cmd(&db, &mock);
+    c.env("AUTOEMBED_MODEL", "text-embedding-3-large")
+        .env("AUTOEMBED_DIMENSIONS", "3072");
+    let r = crate::support::run(c.arg("setup"));
+    assert_eq!(r.code, 0, "{r:?}");
+    let s = db.schema.clone();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = '{s}' \
+             AND tablename = 'document_chunks' AND indexdef LIKE '%USING hnsw%halfvec_cosine_ops%'"
+        )),
+        1
+    );
+    let mut c = cmd(&db, &mock);
+    c.env("AUTOEMBED_MODEL", "text-embedding-3-large")
+        .env("AUTOEMBED_DIMENSIONS", "3072");
+    let r = crate::support::run(c.args(["run-once", "--json"]));
+    assert_eq!(r.json()["embedded"], 1, "{r:?}");
+    let texts: Vec<String> = db
+        .client
+        .query(&format!("SELECT chunk_text FROM {s}.document_chunks"), &[])
+        .expect("chunks")
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(texts.len(), 2);
+    for text in texts {
+        let exact: bool = db
+            .client
+            .query_one(
+                &format!(
+                    "SELECT embedding::real[] = $2::real[]::vector::halfvec::real[] \
+                     FROM {s}.document_chunks WHERE chunk_text = $1"
+                ),
+                &[&text, &vector_for(&text, 3072)],
+            )
+            .expect("compare")
+            .get(0);
+        assert!(
+            exact,
+            "chunk {text:?} is not the half-precision vector of its text"
+        );
+    }
+}

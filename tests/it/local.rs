@@ -329,3 +329,61 @@ fn a_tick_with_nothing_to_do_does_not_load_the_model() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["requests"], 0, "{r:?}");
 }
+
+#[test]
+fn chunks_are_sized_by_the_model_tokenizer_and_hold_its_vectors() {
+    // The fox text has about 600 tokens; the model takes 256, the default chunk size.
+    let r = reference();
+    let fox = r
+        .texts
+        .iter()
+        .find(|t| t.len() > 2000)
+        .expect("the long reference text")
+        .clone();
+    let mut db = reference_table("localchunks", 384, std::slice::from_ref(&fox));
+    let s = db.schema.clone();
+    let chunked = |db: &TestDb, args: &[&str]| {
+        let mut c = local_cmd(db, &model_dir(), args);
+        c.env("AUTOEMBED_CHUNKS_TABLE", format!("{s}.product_chunks"));
+        run(&mut c)
+    };
+    assert_eq!(chunked(&db, &["setup"]).code, 0);
+    let out = chunked(&db, &["backfill", "--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let j = out.json();
+    assert_eq!(
+        (j["embedded"].as_u64(), j["truncated"].as_u64()),
+        (Some(1), Some(0)),
+        "{j}"
+    );
+    let chunks: Vec<(String, Vec<f32>)> = db
+        .client
+        .query(
+            &format!(
+                "SELECT chunk_text, embedding::real[] FROM {s}.product_chunks ORDER BY chunk_index"
+            ),
+            &[],
+        )
+        .expect("chunks")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+    assert_eq!(j["chunks"].as_u64(), Some(chunks.len() as u64));
+    // Each chunk's vector is the one the model gives that text on its own.
+    let mut plain = reference_table(
+        "localchunkref",
+        384,
+        &chunks.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+    );
+    let out = local(&plain, &model_dir(), &["backfill", "--json"]);
+    assert_eq!(
+        out.json()["truncated"],
+        0,
+        "a chunk was over the model's limit"
+    );
+    for (i, (text, got)) in chunks.iter().enumerate() {
+        let c = cosine(got, &stored(&mut plain, i));
+        assert!(c >= 0.9999, "chunk {i} {text:?}: cosine {c}");
+    }
+}
