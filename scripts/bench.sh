@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The benchmark (examples/bench.rs): autoembed's backfill rate next to the
+# The benchmark (examples/bench/): autoembed's backfill rate next to the
 # database's own ceiling and the reference cron script, a cron tick on a
 # 1,000,000-row table, and peak memory. Prints a Markdown report on stdout.
 #
 #   scripts/bench.sh                       # everything (the 1M-row table takes a few minutes, once)
-#   scripts/bench.sh --skip tick,memory    # arguments go to examples/bench.rs
+#   scripts/bench.sh --skip tick,memory    # arguments go to examples/bench/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/test-db.sh

@@ -23,6 +23,11 @@ fn cl100k() -> &'static CoreBPE {
     tiktoken_rs::cl100k_base_singleton()
 }
 
+/// `cl100k_base`'s tokens of `text`.
+fn encode(text: &str) -> Vec<tiktoken_rs::Rank> {
+    cl100k().encode_ordinary(text)
+}
+
 /// The most tokens one input may have (OpenAI's embedding models).
 pub const MAX_INPUT_TOKENS: usize = 8192;
 /// The most tokens one request may carry in all (OpenAI).
@@ -66,7 +71,7 @@ impl Counter {
     /// since it cuts longer inputs itself.
     pub fn count(&self, text: &str) -> usize {
         match self {
-            Counter::Exact => cl100k().encode_ordinary(text).len(),
+            Counter::Exact => encode(text).len(),
             Counter::Estimate => text.len().div_ceil(4).max(1),
             Counter::Model(wp) => wp.count(text).min(wp.max_tokens()),
         }
@@ -79,6 +84,23 @@ impl Counter {
             Counter::Model(wp) => wp.count(text),
             _ => self.count(text),
         }
+    }
+
+    /// Where each token of `text` ends, in bytes, from one encoding of it:
+    /// for `cl100k_base` only (other counters size a slice by counting it).
+    pub fn token_ends(&self, text: &str) -> Option<Vec<usize>> {
+        if !matches!(self, Counter::Exact) {
+            return None;
+        }
+        let bpe = cl100k();
+        let mut end = 0;
+        encode(text)
+            .into_iter()
+            .map(|t| {
+                end += bpe.decode_bytes(&[t]).ok()?.len();
+                Some(end)
+            })
+            .collect()
     }
 
     /// The input limit autoembed enforces, when it knows one.
@@ -115,7 +137,7 @@ impl Counter {
             return None;
         }
         let bpe = cl100k();
-        let tokens = bpe.encode_ordinary(text);
+        let tokens = encode(text);
         if tokens.len() <= max {
             return None;
         }

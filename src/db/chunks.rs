@@ -74,8 +74,10 @@ impl Target {
 
     /// The one statement that stores chunks: upserted by (row, number),
     /// the row's higher-numbered old chunks deleted (two sets of rows that
-    /// never meet, so one statement does both), for the rows that still
-    /// hold their text and whose every chunk has a vector.
+    /// never meet, so one statement does both), for the rows whose every
+    /// chunk has a vector and that still hold their text (read and hashed
+    /// once a row, by its id: in a join the planner may hash every row of
+    /// a small table's texts instead).
     fn store_chunks<'a>(
         &'a self,
         tx: &mut postgres::Transaction<'_>,
@@ -146,8 +148,9 @@ impl Target {
              f AS (SELECT v.id, v.h, v.k, v.body, coalesce(v.e, (SELECT s.{embedding} FROM {chunks} s \
                      WHERE s.source_id = v.crow::{id_type} AND s.chunk_index = v.ck AND s.chunk_text = v.body)) AS e \
                    FROM v), \
-             upd AS (SELECT f.id, max(f.k) AS last FROM f JOIN {table} t ON t.{id} = f.id::{id_type} AND {hash} = f.h \
-                     GROUP BY f.id HAVING bool_and(f.e IS NOT NULL)), \
+             r AS (SELECT f.id, f.h, max(f.k) AS last FROM f GROUP BY f.id, f.h HAVING bool_and(f.e IS NOT NULL)), \
+             upd AS (SELECT r.id, r.last FROM r \
+                     WHERE (SELECT {hash} FROM {table} t WHERE t.{id} = r.id::{id_type}) = r.h), \
              put AS (INSERT INTO {chunks} AS c (source_id, chunk_index, chunk_text, source_hash, {embedding}) \
                      SELECT f.id::{id_type}, f.k, f.body, f.h, f.e FROM f JOIN upd USING (id) \
                      ON CONFLICT (source_id, chunk_index) DO UPDATE SET chunk_text = excluded.chunk_text, \

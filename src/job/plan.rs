@@ -40,6 +40,10 @@ pub trait PlanRow {
     fn starts_row(&self) -> bool {
         true
     }
+    /// Its tokens, when they were counted already (a chunk's, when it was cut).
+    fn tokens(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One text to send.
@@ -101,6 +105,9 @@ struct State {
     turn: u64,
     /// Batches that have written (or given up).
     settled: HashSet<u64>,
+    /// Rows planned so far, and the units (chunks) they gave.
+    rows_planned: u64,
+    units_planned: u64,
     earlier: HashMap<i64, Source>,
 }
 
@@ -170,6 +177,8 @@ impl Planner {
                 stopped: None,
                 turn: 0,
                 settled: HashSet::new(),
+                rows_planned: 0,
+                units_planned: 0,
                 earlier: HashMap::new(),
             }),
             changed: Condvar::new(),
@@ -189,16 +198,25 @@ impl Planner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many rows the next claim may take, or why none.
+    /// How many rows the next claim may take, or why none: a batch is
+    /// about `--batch-size` inputs, so with chunks as many rows as gave that
+    /// many chunks so far in the run (one row before any was split).
     pub fn claim_limit(&self) -> Result<usize, StopReason> {
         let s = self.state();
         if let Some(reason) = s.stopped {
             return Err(reason);
         }
+        let batch = match (&self.splitter, s.units_planned) {
+            (Splitter::Whole, _) => self.batch_size,
+            (Splitter::Chunks { .. }, 0) => 1,
+            (Splitter::Chunks { .. }, units) => ((self.batch_size as u64 * s.rows_planned / units)
+                as usize)
+                .clamp(1, self.batch_size),
+        };
         match s.rows_left {
             Some(0) => Err(StopReason::MaxRows),
-            Some(left) => Ok(self.batch_size.min(left as usize)),
-            None => Ok(self.batch_size),
+            Some(left) => Ok(batch.min(left as usize)),
+            None => Ok(batch),
         }
     }
 
@@ -274,6 +292,8 @@ impl Planner {
             cut: rows.len(),
             ..BatchPlan::default()
         };
+        s.units_planned += rows.len() as u64;
+        s.rows_planned += rows.iter().filter(|r| r.starts_row()).count() as u64;
         if let Some(reason) = s.stopped {
             plan.cut = 0;
             plan.stop = Some(reason);
@@ -322,8 +342,11 @@ impl Planner {
                 }
                 None => {}
             }
-            let tokens =
-                (self.count_always || s.tokens_left.is_some()).then(|| self.counter.count(&text));
+            let tokens = (self.count_always || s.tokens_left.is_some()).then(|| {
+                row.tokens()
+                    .filter(|_| !cut)
+                    .unwrap_or_else(|| self.counter.count(&text))
+            });
             if let Some((left, reason)) = &mut s.tokens_left {
                 let n = tokens.unwrap_or(0) as u64;
                 if n > *left {

@@ -25,6 +25,8 @@ pub struct Unit<'r> {
     /// Its number among the row's chunks (from 0), with a chunks table.
     pub chunk: Option<u32>,
     pub text: &'r str,
+    /// A chunk's tokens, counted when it was cut.
+    tokens: Option<usize>,
     hash: i64,
     /// The row's id, or for a chunk `<number>:<row id>` ([`chunk_of`]).
     id: Cow<'r, str>,
@@ -43,6 +45,9 @@ impl PlanRow for Unit<'_> {
     fn starts_row(&self) -> bool {
         self.chunk.unwrap_or(0) == 0
     }
+    fn tokens(&self) -> Option<usize> {
+        self.tokens
+    }
 }
 
 /// The chunk a unit id names: its number and its row's id.
@@ -55,16 +60,48 @@ pub fn chunk_of(unit_id: &str) -> Option<(i32, &str)> {
 pub enum Splitter {
     /// One unit a row: its whole text.
     Whole,
-    /// Chunks of at most `tokens` tokens.
-    Chunks(TextSplitter<Tokens>),
+    /// Chunks of at most `tokens` tokens, repeating `overlap` of the one before.
+    Chunks {
+        tokens: usize,
+        overlap: usize,
+        counter: Counter,
+    },
 }
 
-/// A chunk's size in the model's tokens, as `text-splitter` asks for it.
-pub struct Tokens(Counter);
+/// A chunk's size in the model's tokens, as `text-splitter` asks for it:
+/// counted.
+struct Tokens<'c>(&'c Counter);
 
-impl ChunkSizer for Tokens {
+impl ChunkSizer for Tokens<'_> {
     fn size(&self, chunk: &str) -> usize {
         self.0.tokens(chunk)
+    }
+}
+
+/// A chunk's size from one encoding of the whole text: the tokens of that
+/// encoding it overlaps. The splitter asks for the sizes of many slices,
+/// about seven times the text in all, so this makes splitting several
+/// times cheaper; since a slice's own encoding can differ at its two ends,
+/// every chunk is counted afterwards, and a text with one over the size is
+/// split again by counting ([`Tokens`]).
+struct Boundaries<'t> {
+    text: &'t str,
+    /// Where each token of `text` ends, in bytes.
+    ends: Vec<usize>,
+    counter: &'t Counter,
+}
+
+impl ChunkSizer for Boundaries<'_> {
+    fn size(&self, chunk: &str) -> usize {
+        let start = (chunk.as_ptr() as usize).wrapping_sub(self.text.as_ptr() as usize);
+        let end = start.wrapping_add(chunk.len());
+        if chunk.is_empty() || end > self.text.len() || start > end {
+            return self.counter.tokens(chunk);
+        }
+        // Tokens ending after the start and beginning before the end.
+        let first = self.ends.partition_point(|&e| e <= start);
+        let last = (self.ends.partition_point(|&e| e < end) + 1).min(self.ends.len());
+        last.saturating_sub(first)
     }
 }
 
@@ -86,53 +123,103 @@ impl Splitter {
             (None, Some(max)) => DEFAULT_CHUNK_TOKENS.min(max),
             (None, None) => DEFAULT_CHUNK_TOKENS,
         };
-        let config = ChunkConfig::new(tokens)
-            .with_sizer(Tokens(counter.clone()))
-            .with_overlap(c.overlap)
-            .map_err(|_| {
-                Error::config(format!(
-                    "--chunk-overlap (AUTOEMBED_CHUNK_OVERLAP) {} must be less than the chunk size ({tokens} tokens, --chunk-tokens)",
-                    c.overlap
-                ))
-            })?;
-        Ok(Splitter::Chunks(TextSplitter::new(config)))
+        if ChunkConfig::new(tokens).with_overlap(c.overlap).is_err() {
+            return Err(Error::config(format!(
+                "--chunk-overlap (AUTOEMBED_CHUNK_OVERLAP) {} must be less than the chunk size ({tokens} tokens, --chunk-tokens)",
+                c.overlap
+            )));
+        }
+        Ok(Splitter::Chunks {
+            tokens,
+            overlap: c.overlap,
+            counter: counter.clone(),
+        })
+    }
+
+    /// The chunks of `text`, each with its tokens, every one within the size.
+    fn chunks<'t>(&self, text: &'t str) -> Vec<(&'t str, usize)> {
+        let Splitter::Chunks {
+            tokens,
+            overlap,
+            counter,
+        } = self
+        else {
+            return vec![(text, 0)];
+        };
+        if let Some(ends) = counter.token_ends(text) {
+            let sizer = Boundaries {
+                text,
+                ends,
+                counter,
+            };
+            let config = ChunkConfig::new(*tokens).with_sizer(sizer);
+            if let Ok(config) = config.with_overlap(*overlap) {
+                let chunks: Vec<(&str, usize)> = TextSplitter::new(config)
+                    .chunks(text)
+                    .map(|c| (c, counter.tokens(c)))
+                    .collect();
+                if chunks.iter().all(|(_, n)| n <= tokens) {
+                    return chunks;
+                }
+            }
+        }
+        let config = ChunkConfig::new(*tokens).with_sizer(Tokens(counter));
+        match config.with_overlap(*overlap) {
+            Ok(config) => TextSplitter::new(config)
+                .chunks(text)
+                .map(|c| (c, counter.tokens(c)))
+                .collect(),
+            Err(_) => vec![(text, counter.tokens(text))],
+        }
     }
 
     /// The units of `rows`, in order: every row gives at least one.
     pub fn units<'r>(&self, rows: &'r [Claimed]) -> Vec<Unit<'r>> {
         let mut units = Vec::with_capacity(rows.len());
         for (row, claimed) in rows.iter().enumerate() {
-            let Splitter::Chunks(splitter) = self else {
+            if let Splitter::Whole = self {
                 units.push(Unit {
                     row,
                     chunk: None,
                     text: &claimed.text,
+                    tokens: None,
                     hash: claimed.text_hash,
                     id: Cow::Borrowed(&claimed.id),
                 });
                 continue;
-            };
+            }
             let first = units.len();
-            for (k, text) in splitter.chunks(&claimed.text).enumerate() {
-                units.push(chunk(row, k as u32, text, &claimed.id));
+            for (k, (text, tokens)) in self.chunks(&claimed.text).into_iter().enumerate() {
+                units.push(chunk(row, k as u32, text, tokens, &claimed.id));
             }
             // Text the splitter trims away entirely (only Unicode spaces)
             // is still the row's text: it goes as one chunk.
             if units.len() == first {
-                units.push(chunk(row, 0, &claimed.text, &claimed.id));
+                let text = claimed.text.as_str();
+                units.push(chunk(row, 0, text, self.tokens(text), &claimed.id));
             }
         }
         units
     }
 }
 
-fn chunk<'r>(row: usize, k: u32, text: &'r str, id: &str) -> Unit<'r> {
+impl Splitter {
+    fn tokens(&self, text: &str) -> usize {
+        match self {
+            Splitter::Chunks { counter, .. } => counter.tokens(text),
+            Splitter::Whole => 0,
+        }
+    }
+}
+
+fn chunk<'r>(row: usize, k: u32, text: &'r str, tokens: usize, id: &str) -> Unit<'r> {
     let mut h = std::hash::DefaultHasher::new();
     text.hash(&mut h);
     Unit {
         row,
         chunk: Some(k),
         text,
+        tokens: Some(tokens),
         hash: h.finish() as i64,
         id: Cow::Owned(format!("{k}:{id}")),
     }
@@ -167,12 +254,46 @@ mod tests {
         let of_a: Vec<&Unit> = units.iter().filter(|u| u.row == 0).collect();
         assert_eq!(of_a.len(), 3, "one chunk a paragraph");
         assert!(of_a.iter().all(|u| counter.tokens(u.text) <= 40));
+        assert!(of_a
+            .iter()
+            .all(|u| u.tokens == Some(counter.tokens(u.text))));
         assert_eq!(of_a[0].text, para.trim());
         assert_eq!(of_a[1].id(), "1:a:1");
         assert_eq!(chunk_of(of_a[1].id()), Some((1, "a:1")));
         assert!(of_a[0].starts_row() && !of_a[1].starts_row());
         let b: Vec<&Unit> = units.iter().filter(|u| u.row == 1).collect();
         assert_eq!((b.len(), b[0].text), (1, "short text"));
+    }
+
+    #[test]
+    fn sizing_from_one_encoding_cuts_where_counting_every_slice_does() {
+        let counter = Counter::for_model("text-embedding-3-small", ProviderKind::OpenAi);
+        let text: String = (0..200)
+            .map(|i| {
+                format!(
+                    "Section {i}. The keepers lived in small stone cottages; ünïcödé, 跑步鞋 and \
+                     emoji 👟 too.{}",
+                    if i % 7 == 0 { "\n\n" } else { " " }
+                )
+            })
+            .collect();
+        let ends = counter.token_ends(&text).expect("cl100k boundaries");
+        let by_boundaries = ChunkConfig::new(128)
+            .with_sizer(Boundaries {
+                text: &text,
+                ends,
+                counter: &counter,
+            })
+            .with_overlap(20)
+            .expect("config");
+        let by_counting = ChunkConfig::new(128)
+            .with_sizer(Tokens(&counter))
+            .with_overlap(20)
+            .expect("config");
+        let a: Vec<&str> = TextSplitter::new(by_boundaries).chunks(&text).collect();
+        let b: Vec<&str> = TextSplitter::new(by_counting).chunks(&text).collect();
+        assert!(a.len() > 10);
+        assert_eq!(a, b);
     }
 
     #[test]

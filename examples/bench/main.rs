@@ -22,7 +22,9 @@
 //!   `--local-rows` product descriptions from `examples/products.csv` into
 //!   `vector(384)`: rows/s, tokens per text, peak RSS, CPU utilisation
 //!   (autoembed's own process) and the model's load time, at concurrency 1
-//!   and 2 (the default).
+//!   and 2 (the default);
+//! - `chunks`: long documents backfilled into a chunks table against the
+//!   plain path writing the same vectors ([`chunks`]).
 //!
 //! The first line names the machine: the CPU, its cores and the vector
 //! extensions the matrix kernels can pick from, so that figures from
@@ -30,8 +32,11 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--rows N] [--runs N] [--ref-rows N]
-//!     [--local-rows N] [--python PATH] [--skip throughput,latency,tick,memory,local]
+//!     [--local-rows N] [--chunk-docs N] [--python PATH]
+//!     [--skip throughput,latency,tick,memory,local,chunks]
 //! ```
+
+mod chunks;
 
 use autoembed_mock as mock;
 
@@ -46,6 +51,7 @@ struct Opts {
     runs: usize,
     ref_rows: i64,
     local_rows: i64,
+    chunk_docs: i64,
     python: Option<String>,
     skip: Vec<String>,
     url: String,
@@ -85,6 +91,9 @@ fn main() {
     if !opts.skip.iter().any(|s| s == "local") {
         local(&opts, &mut db);
     }
+    if !opts.skip.iter().any(|s| s == "chunks") {
+        chunks::chunks(&opts, &mut db);
+    }
 }
 
 fn parse_args() -> Opts {
@@ -93,6 +102,7 @@ fn parse_args() -> Opts {
         runs: 3,
         ref_rows: 2_000,
         local_rows: 2_000,
+        chunk_docs: 2_000,
         python: None,
         skip: Vec::new(),
         url: std::env::var("AUTOEMBED_BENCH_DATABASE_URL")
@@ -112,6 +122,7 @@ fn parse_args() -> Opts {
             "--runs" => o.runs = val().parse().unwrap_or_else(|_| fail("--runs")),
             "--ref-rows" => o.ref_rows = val().parse().unwrap_or_else(|_| fail("--ref-rows")),
             "--local-rows" => o.local_rows = val().parse().unwrap_or_else(|_| fail("--local-rows")),
+            "--chunk-docs" => o.chunk_docs = val().parse().unwrap_or_else(|_| fail("--chunk-docs")),
             "--python" => o.python = Some(val()),
             "--skip" => o.skip = val().split(',').map(str::to_string).collect(),
             "--bin" => o.bin = val(),
