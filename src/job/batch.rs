@@ -2,9 +2,9 @@
 //! its texts, write what came back, release its claims. No transaction is
 //! open while the provider works.
 
-use super::plan::{BatchPlan, PlanRow, Planner};
+use super::plan::{BatchPlan, Planner};
 use super::send::{Halt, Hold, Sender};
-use super::units::{chunk_of, Unit};
+use super::units::{chunk_of, PlanRow, Unit};
 use crate::config::Config;
 use crate::db::chunks::{ChunkOut, ChunkVector, ChunkWrite};
 use crate::db::claims::{ClaimId, Claimed, Holder, Lease};

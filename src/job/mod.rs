@@ -30,9 +30,10 @@ use crate::db::Db;
 use crate::error::Result;
 use crate::provider;
 use crate::signals::Stop;
-use plan::{PlanRow, Planner};
+use plan::Planner;
 use report::{DryRunReport, Report};
 use std::sync::Arc;
+use units::PlanRow;
 
 /// Connect, check the table and run the loop (or the dry-run). Errors
 /// before the loop (configuration, connection) are returned; errors inside

@@ -17,7 +17,7 @@
 //! - the row budget (`--max-rows`) bounds what each claim may take.
 
 use super::report::StopReason;
-use super::units::{Splitter, Unit};
+use super::units::{PlanRow, Splitter, Unit};
 use crate::config::{Chunking, Config, TooLong};
 use crate::db::claims::Claimed;
 use crate::error::Result;
@@ -28,23 +28,6 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 /// Texts remembered for copying, at most: about a megabyte and a half, so
 /// memory stays flat however long the backfill.
 const EARLIER_TEXTS: usize = 20_000;
-
-/// A text as the plan sees it (a row, or a chunk of one: [`super::units`]):
-/// its id, text and the text's hash.
-pub trait PlanRow {
-    fn id(&self) -> &str;
-    fn text(&self) -> &str;
-    fn text_hash(&self) -> i64;
-    /// Whether it begins a row: a budget cuts a batch only there, so that
-    /// a row is sent whole (all its chunks) or not at all.
-    fn starts_row(&self) -> bool {
-        true
-    }
-    /// Its tokens, when they were counted already (a chunk's, when it was cut).
-    fn tokens(&self) -> Option<usize> {
-        None
-    }
-}
 
 /// One text to send.
 #[derive(Debug, Clone, PartialEq)]

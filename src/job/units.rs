@@ -8,7 +8,6 @@
 //! own tokens ([`Counter::tokens`]), each repeating up to `--chunk-overlap`
 //! tokens of the one before.
 
-use super::plan::PlanRow;
 use crate::config::{Chunking, DEFAULT_CHUNK_TOKENS};
 use crate::db::claims::Claimed;
 use crate::error::{Error, Result};
@@ -16,6 +15,23 @@ use crate::tokens::Counter;
 use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
 use text_splitter::{ChunkConfig, ChunkSizer, TextSplitter};
+
+/// A text as the plan sees it (a row, or a chunk of one: this module):
+/// its id, text and the text's hash.
+pub trait PlanRow {
+    fn id(&self) -> &str;
+    fn text(&self) -> &str;
+    fn text_hash(&self) -> i64;
+    /// Whether it begins a row: a budget cuts a batch only there, so that
+    /// a row is sent whole (all its chunks) or not at all.
+    fn starts_row(&self) -> bool {
+        true
+    }
+    /// Its tokens, when they were counted already (a chunk's, when it was cut).
+    fn tokens(&self) -> Option<usize> {
+        None
+    }
+}
 
 /// One text the plan decides about: a row, or one chunk of it.
 #[derive(Debug)]

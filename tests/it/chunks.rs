@@ -413,3 +413,48 @@ fn wide_vectors_go_to_a_halfvec_chunks_table_with_its_index() {
         );
     }
 }
+
+#[test]
+fn a_text_template_is_chunked_as_the_database_renders_it() {
+    let mut db = TestDb::new("chunktemplate");
+    let body = document("canals", 3);
+    documents(&mut db, &[(1, &body)]);
+    let s = db.schema.clone();
+    db.exec(&format!(
+        "UPDATE {s}.documents SET title = 'Canals of the north'"
+    ));
+    let mock = Mock::start(DIMS);
+    let with_template = |db: &TestDb, args: &[&str]| {
+        let mut c = cmd(db, &mock);
+        c.env_remove("AUTOEMBED_TEXT_COLUMN")
+            .env("AUTOEMBED_TEXT_TEMPLATE", "{title}\\n\\n{body}");
+        crate::support::run(c.args(args))
+    };
+    assert_eq!(with_template(&db, &["setup"]).code, 0);
+    let r = with_template(&db, &["run-once", "--json"]);
+    assert_eq!(r.json()["embedded"], 1, "{r:?}");
+    let first: String = db
+        .client
+        .query_one(
+            &format!("SELECT chunk_text FROM {s}.document_chunks WHERE chunk_index = 0"),
+            &[],
+        )
+        .expect("first chunk")
+        .get(0);
+    assert!(first.starts_with("Canals of the north\n\n"), "{first:?}");
+    // An edit of any column the template reads makes the row pending again.
+    db.exec(&format!(
+        "UPDATE {s}.documents SET title = 'Canals of the south'"
+    ));
+    let r = with_template(&db, &["run-once", "--json"]);
+    assert_eq!(r.json()["embedded"], 1, "{r:?}");
+    let first: String = db
+        .client
+        .query_one(
+            &format!("SELECT chunk_text FROM {s}.document_chunks WHERE chunk_index = 0"),
+            &[],
+        )
+        .expect("first chunk")
+        .get(0);
+    assert!(first.starts_with("Canals of the south"), "{first:?}");
+}
