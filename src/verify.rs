@@ -292,12 +292,17 @@ fn local_model_check(cfg: &Config, cell: &Embedder) -> Check {
 /// A missing index fails only on a large table, where every run would scan it.
 fn setup_checks(target: &Target, facts: &TableFacts) -> Vec<Check> {
     if let Some(chunks) = &target.chunks {
+        let trigger = crate::db::catalog::reset_trigger(&target.embedding_column);
         return vec![Check::pass(
             "reset_trigger",
-            format!(
-                "none needed: a row whose text changes is pending until {} holds chunks of its new text",
-                chunks.table
-            ),
+            if facts.has_reset_trigger {
+                format!(
+                    "edited rows are chunked again (trigger {trigger} deletes their chunks in {})",
+                    chunks.table
+                )
+            } else {
+                format!("no trigger: rows whose text changes keep their old chunks in {}; run `autoembed setup` to add it", chunks.table)
+            },
         )];
     }
     let objects = crate::setup::Objects::new(target);

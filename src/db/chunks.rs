@@ -5,10 +5,13 @@
 //! model records and the end of the claim, as for a column
 //! ([`super::writes`]).
 //!
-//! Each chunk row carries `source_hash`, the hash of the text it was split
-//! from: a row whose chunks carry its current text's hash needs nothing
-//! ([`Target::has_vector`]), so no trigger is needed, and a row edited
-//! after the write's check is simply pending again.
+//! A row with chunks needs nothing ([`Target::has_vector`]); setup's
+//! trigger deletes them when the row's text is edited. The trigger and the
+//! write take the same transaction-level advisory lock on the row
+//! ([`row_lock`]), so an edit is either seen by the write's check (and
+//! nothing is written) or comes after its commit (and deletes what it
+//! wrote): no stale chunk survives an edit. Each chunk also carries
+//! `source_hash`, the hash of the text it was split from.
 
 use super::claims::{ClaimId, Claimed};
 use super::model_records::Models;
@@ -54,6 +57,12 @@ impl ChunkWrite<'_> {
     }
 }
 
+/// The advisory lock a chunked write and setup's trigger take on one row:
+/// `key` the target's key and `id` the row's id as text, both SQL.
+pub fn row_lock(key: &str, id: &str) -> String {
+    format!("pg_advisory_xact_lock(hashtext({key}), hashtext({id}))")
+}
+
 impl Target {
     /// Write `batch` in one transaction, retrying what may pass; returns
     /// the ids of the rows whose chunks were written (the others changed meanwhile).
@@ -63,8 +72,18 @@ impl Target {
         batch: &ChunkWrite<'_>,
         models: &Models,
     ) -> Result<Vec<String>> {
+        let ids: Vec<&str> = batch.rows.iter().map(|(r, _)| r.id.as_str()).collect();
         with_retries(db, |db| {
             let mut tx = db.begin()?;
+            // In a statement of its own, so that the write's snapshot
+            // follows every edit that took the lock first.
+            let mut p = Params::default();
+            let lock = format!(
+                "SELECT count({}) FROM (SELECT DISTINCT unnest({}) AS id ORDER BY 1) AS r",
+                row_lock(&p.bind(&self.key, Type::TEXT), "r.id"),
+                p.bind(&ids, Type::TEXT_ARRAY)
+            );
+            p.query(&mut tx, &lock)?;
             let written = self.store_chunks(&mut tx, batch, models)?;
             self.record_failures(&mut tx, &batch.failures)?;
             tx.commit()?;

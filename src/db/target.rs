@@ -317,13 +317,14 @@ impl Target {
         format!("NOT {} AND {}", self.has_vector("t"), self.sendable())
     }
 
-    /// Whether row `alias` has its vector: in its embedding column, or, with
-    /// a chunks table, chunks split from the text it holds now (a row whose
-    /// text changed is pending again, with no trigger needed).
+    /// Whether row `alias` has its vector: in its embedding column, or,
+    /// with a chunks table, chunks (setup's trigger deletes them when the
+    /// text is edited). A probe of the chunks table's key: the text is not
+    /// read, so a tick on a table of long documents costs what one on
+    /// short rows does.
     pub(super) fn has_vector(&self, alias: &str) -> String {
         let Quoted {
             id,
-            text,
             embedding,
             chunks,
             ..
@@ -331,9 +332,7 @@ impl Target {
         match chunks {
             None => format!("{alias}.{embedding} IS NOT NULL"),
             Some(chunks) => format!(
-                "EXISTS (SELECT 1 FROM {chunks} k WHERE k.source_id = {alias}.{id} \
-                 AND k.chunk_index = 0 AND k.source_hash = {})",
-                text_hash(&text.on(alias))
+                "EXISTS (SELECT 1 FROM {chunks} k WHERE k.source_id = {alias}.{id} AND k.chunk_index = 0)"
             ),
         }
     }

@@ -1,15 +1,17 @@
 //! `setup` for a chunked target (`--chunks-table`): the chunks table, with
 //! a foreign key to the source table (`ON DELETE CASCADE`: a deleted row
-//! leaves no chunk) and the HNSW index a similarity search needs, and the
-//! bookkeeping schema. The source table gets no trigger and no queue
-//! index: a row is pending when no chunk carries its text's hash, which
-//! needs neither.
+//! leaves no chunk) and the HNSW index a similarity search needs; the
+//! trigger that deletes a row's chunks when its text is edited (so the row
+//! is pending again, and no stale chunk is found meanwhile); and the
+//! bookkeeping schema. A row is pending when it has text and no chunk: a
+//! probe of the chunks table's key, without reading the text.
 //!
 //! `--uninstall` leaves the chunks table, whose vectors were paid for:
 //! `DROP TABLE` it when it is no longer wanted.
 
 use super::Objects;
-use crate::db::sql::{cut, quote_ident};
+use crate::db::chunks::row_lock;
+use crate::db::sql::{cut, dollar_quote, quote_ident, quote_literal};
 use crate::db::target::Target;
 use crate::db::{state, Db, MAX_INDEXED_VECTOR};
 use crate::error::{describe_pg, Error, Result};
@@ -70,6 +72,45 @@ impl ChunkObjects {
         })
     }
 
+    /// The trigger that deletes a row's chunks when its text is edited,
+    /// under the row's lock ([`row_lock`]) so that a write in progress
+    /// either sees the edit or is deleted by it. It runs as setup's role
+    /// (`SECURITY DEFINER`, with its own `search_path`), so the
+    /// application's role needs no grant on the chunks table.
+    fn trigger_sql(&self, o: &Objects) -> String {
+        let Objects {
+            table,
+            sources,
+            function,
+            trigger,
+            id,
+            ..
+        } = o;
+        let body = dollar_quote(&format!(
+            "
+BEGIN
+  IF ({}) THEN
+    PERFORM {};
+    DELETE FROM {} WHERE source_id = OLD.{id};
+  END IF;
+  RETURN NULL;
+END
+",
+            o.edited(),
+            row_lock(&quote_literal(&o.keys[0]), &format!("OLD.{id}::text")),
+            self.table
+        ));
+        format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+  SET search_path = pg_catalog AS {body};
+DROP TRIGGER IF EXISTS {trigger} ON {table};
+CREATE TRIGGER {trigger} AFTER UPDATE OF {columns} ON {table}
+  FOR EACH ROW EXECUTE FUNCTION {function}();
+ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};",
+            columns = sources.join(", "),
+        )
+    }
+
     /// The table and its index; idempotent.
     fn table_sql(&self) -> Result<String> {
         let ChunkObjects {
@@ -118,7 +159,9 @@ CREATE INDEX IF NOT EXISTS {index_name} ON {table} USING hnsw ({embedding} {opcl
              -- Idempotent; paste into a migration (e.g. supabase/migrations/<timestamp>_autoembed.sql).\n\n\
              -- Bookkeeping: rows being embedded (claims), rows the provider rejected, which model made the vectors.\n{state}\n\n\
              -- The chunks of each row, replaced when its text changes, gone when it is deleted;\n\
-             -- and the index a similarity search over them uses.\n{table}\n{notify}",
+             -- and the index a similarity search over them uses.\n{table}\n\n\
+             -- Re-embed a row when its text changes: delete its chunks.\n{trigger}\n{notify}",
+            trigger = self.trigger_sql(o),
             source = self.source,
             chunks = self.table,
             state = state::ddl(state_schema),
@@ -163,6 +206,8 @@ CREATE INDEX IF NOT EXISTS {index_name} ON {table} USING hnsw ({embedding} {opcl
                 .map_err(|e| failed("state schema", &e))?;
             tx.batch_execute(&table)
                 .map_err(|e| failed("chunks table", &e))?;
+            tx.batch_execute(&self.trigger_sql(o))
+                .map_err(|e| failed("trigger", &e))?;
             if how.notify {
                 tx.batch_execute(&o.notify_sql())
                     .map_err(|e| failed("notify trigger", &e))?;
@@ -173,6 +218,7 @@ CREATE INDEX IF NOT EXISTS {index_name} ON {table} USING hnsw ({embedding} {opcl
             format!("state schema {} ready", quote_ident(state_schema)),
             format!("chunks table {} ready", self.table),
             format!("index {} on {} ready", self.index, self.table),
+            format!("trigger {} on {} ready", o.trigger, self.source),
         ];
         if how.notify {
             done.push(format!("NOTIFY trigger on {} ready", self.source));

@@ -176,13 +176,7 @@ impl Objects {
             trigger,
             ..
         } = self;
-        let edited = sources
-            .iter()
-            .map(|c| {
-                format!("NEW.{c}::text COLLATE \"C\" IS DISTINCT FROM OLD.{c}::text COLLATE \"C\"")
-            })
-            .collect::<Vec<_>>()
-            .join("\n      OR ");
+        let edited = self.edited();
         let body = dollar_quote(&format!(
             "
 BEGIN
@@ -205,6 +199,19 @@ ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger};
             columns = sources.join(", "),
             old = self.old_function_sql(),
         )
+    }
+
+    /// Whether an UPDATE edited the text: the bytes (a case-only edit under
+    /// `citext` or a nondeterministic collation is an edit) of a column it
+    /// comes from.
+    fn edited(&self) -> String {
+        self.sources
+            .iter()
+            .map(|c| {
+                format!("NEW.{c}::text COLLATE \"C\" IS DISTINCT FROM OLD.{c}::text COLLATE \"C\"")
+            })
+            .collect::<Vec<_>>()
+            .join("\n      OR ")
     }
 
     /// `setup --notify`: after a row becomes pending (inserted without a

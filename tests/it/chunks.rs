@@ -140,13 +140,6 @@ fn setup_creates_the_chunks_table_and_every_chunk_gets_the_exact_vector_of_its_t
         )),
         1
     );
-    // The source table gets no trigger: rows are pending by their text's hash.
-    assert_eq!(
-        db.count(&format!(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = '{s}.documents'::regclass AND NOT tgisinternal"
-        )),
-        0
-    );
 
     // dry-run counts exactly the chunks and tokens the run sends.
     let dry = go(&db, &mock, &["dry-run", "--json"]).json();
@@ -177,7 +170,13 @@ fn setup_creates_the_chunks_table_and_every_chunk_gets_the_exact_vector_of_its_t
     );
     assert_eq!(mock.requests().len(), requests);
 
-    // An edit replaces all of the row's chunks: no old one is left over.
+    // An edit of another column keeps the chunks; an edit of the text
+    // deletes them at once (setup's trigger: no stale chunk is found), and
+    // the next run replaces them all.
+    db.exec(&format!(
+        "UPDATE {s}.documents SET title = 'renamed' WHERE id = 1"
+    ));
+    assert_eq!(chunks(&mut db, 1).len(), long_chunks);
     let shorter = document("harbours", 2);
     db.client
         .execute(
@@ -185,8 +184,13 @@ fn setup_creates_the_chunks_table_and_every_chunk_gets_the_exact_vector_of_its_t
             &[&shorter],
         )
         .expect("edit");
+    assert!(
+        chunks(&mut db, 1).is_empty(),
+        "stale chunks stayed after the edit"
+    );
     let v = go(&db, &mock, &["verify", "--offline"]);
     assert!(v.stdout.contains("pending 1"), "{v:?}");
+    assert!(v.stdout.contains("edited rows are chunked again"), "{v:?}");
     let r = go(&db, &mock, &["run-once", "--json"]).json();
     assert_eq!(r["embedded"], 1);
     let now = assert_chunked(&mut db, 1, &shorter);
@@ -457,4 +461,49 @@ fn a_text_template_is_chunked_as_the_database_renders_it() {
         .expect("first chunk")
         .get(0);
     assert!(first.starts_with("Canals of the south"), "{first:?}");
+}
+
+#[test]
+fn an_edit_committing_during_the_write_leaves_no_stale_chunk() {
+    let mut db = TestDb::new("chunkrace");
+    documents(&mut db, &[(1, &document("bridges", 2))]);
+    let mock = Mock::start(DIMS);
+    assert_eq!(go(&db, &mock, &["setup"]).code, 0);
+    let held = mock.hold();
+    let child = cmd(&db, &mock).args(["run-once", "--json"]).spawn_piped();
+    held.wait_for("request arrived");
+    // The application edits the row in a transaction still open when the
+    // reply comes back: the write must wait for it, then see the edit.
+    let s = db.schema.clone();
+    let mut app = crate::support::connect();
+    let mut tx = app.transaction().expect("begin");
+    tx.execute(
+        &format!("UPDATE {s}.documents SET body = 'rebuilt' WHERE id = 1"),
+        &[],
+    )
+    .expect("edit");
+    held.release();
+    crate::support::wait_for_count(
+        &mut db.client,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND wait_event = 'advisory' AND query LIKE 'SELECT count(pg_advisory_xact_lock(%'",
+        1,
+        "the write waiting for the edit",
+    );
+    tx.commit().expect("commit");
+    let out = finish(child);
+    let j = out.json();
+    assert_eq!(
+        (j["embedded"].as_u64(), j["changed"].as_u64()),
+        (Some(0), Some(1)),
+        "{out:?}"
+    );
+    assert!(
+        chunks(&mut db, 1).is_empty(),
+        "chunks of the old text survived the edit"
+    );
+    mock.unhold();
+    let r = go(&db, &mock, &["run-once", "--json"]).json();
+    assert_eq!(r["embedded"], 1);
+    assert_eq!(assert_chunked(&mut db, 1, "rebuilt"), 1);
 }
