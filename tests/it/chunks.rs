@@ -437,14 +437,7 @@ fn a_text_template_is_chunked_as_the_database_renders_it() {
     assert_eq!(with_template(&db, &["setup"]).code, 0);
     let r = with_template(&db, &["run-once", "--json"]);
     assert_eq!(r.json()["embedded"], 1, "{r:?}");
-    let first: String = db
-        .client
-        .query_one(
-            &format!("SELECT chunk_text FROM {s}.document_chunks WHERE chunk_index = 0"),
-            &[],
-        )
-        .expect("first chunk")
-        .get(0);
+    let first = chunks(&mut db, 1)[0].1.clone();
     assert!(first.starts_with("Canals of the north\n\n"), "{first:?}");
     // An edit of any column the template reads makes the row pending again.
     db.exec(&format!(
@@ -452,14 +445,7 @@ fn a_text_template_is_chunked_as_the_database_renders_it() {
     ));
     let r = with_template(&db, &["run-once", "--json"]);
     assert_eq!(r.json()["embedded"], 1, "{r:?}");
-    let first: String = db
-        .client
-        .query_one(
-            &format!("SELECT chunk_text FROM {s}.document_chunks WHERE chunk_index = 0"),
-            &[],
-        )
-        .expect("first chunk")
-        .get(0);
+    let first = chunks(&mut db, 1)[0].1.clone();
     assert!(first.starts_with("Canals of the south"), "{first:?}");
 }
 
