@@ -14,7 +14,7 @@
 //! (N + 2 with the local model's two special tokens).
 
 use crate::models::{known_model, ProviderKind};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tiktoken_rs::CoreBPE;
 
 /// The encoding, loaded on first use: it takes tens of milliseconds and
@@ -92,12 +92,20 @@ impl Counter {
         if !matches!(self, Counter::Exact) {
             return None;
         }
-        let bpe = cl100k();
+        // Each token's length in bytes, looked up once for the whole vocabulary.
+        // (cl100k_base has 100,277 tokens, its special ones included.)
+        static LENGTHS: OnceLock<Vec<u16>> = OnceLock::new();
+        let lengths = LENGTHS.get_or_init(|| {
+            let bpe = cl100k();
+            (0..100_277)
+                .map(|t| bpe.decode_bytes(&[t]).map_or(0, |b| b.len() as u16))
+                .collect()
+        });
         let mut end = 0;
         encode(text)
             .into_iter()
             .map(|t| {
-                end += bpe.decode_bytes(&[t]).ok()?.len();
+                end += usize::from(*lengths.get(t as usize)?);
                 Some(end)
             })
             .collect()

@@ -493,3 +493,92 @@ fn an_edit_committing_during_the_write_leaves_no_stale_chunk() {
     assert_eq!(r["embedded"], 1);
     assert_eq!(assert_chunked(&mut db, 1, "rebuilt"), 1);
 }
+
+#[test]
+fn a_chunks_table_of_the_wrong_shape_or_without_grants_is_refused_naming_the_fix() {
+    let mut db = TestDb::new("chunkshape");
+    documents(&mut db, &[(1, &document("ferries", 2))]);
+    let s = db.schema.clone();
+    let mock = Mock::start(DIMS);
+    // One a user made by hand: no source_hash, no key.
+    db.exec(&format!(
+        "CREATE TABLE {s}.document_chunks (source_id bigint, chunk_index int, chunk_text text, embedding vector({DIMS}))"
+    ));
+    let r = go(&db, &mock, &["run-once"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("no column source_hash bigint"), "{r:?}");
+    assert!(r.stderr.contains("--chunks-table"), "{r:?}");
+    db.exec(&format!(
+        "ALTER TABLE {s}.document_chunks ADD COLUMN source_hash bigint"
+    ));
+    let r = go(&db, &mock, &["run-once"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("PRIMARY KEY (source_id, chunk_index)"),
+        "{r:?}"
+    );
+    assert_eq!(mock.requests().len(), 0);
+
+    // setup's own table, and a role that may read the documents but not write the chunks.
+    db.exec(&format!("DROP TABLE {s}.document_chunks"));
+    assert_eq!(go(&db, &mock, &["setup"]).code, 0);
+    let role = crate::support::TestRole::new(
+        &mut db,
+        "GRANT SELECT ON {s}.documents TO {role}; GRANT SELECT ON {s}.document_chunks TO {role};
+         GRANT USAGE ON SCHEMA {s}_state TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s}_state TO {role};",
+    );
+    let r = crate::support::run(
+        cmd(&db, &mock)
+            .env("DATABASE_URL", role.url())
+            .arg("run-once"),
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "may not write the chunks table: GRANT INSERT, UPDATE, DELETE ON \"{s}\".\"document_chunks\""
+        )),
+        "{r:?}"
+    );
+    assert_eq!(mock.requests().len(), 0);
+    // With the grants, the role runs; the application's edits need none
+    // (the trigger runs as setup's role).
+    db.exec(&format!(
+        "GRANT INSERT, UPDATE, DELETE ON {s}.document_chunks TO {r}; GRANT UPDATE ON {s}.documents TO {r};",
+        r = role.name
+    ));
+    let r = crate::support::run(
+        cmd(&db, &mock)
+            .env("DATABASE_URL", role.url())
+            .args(["run-once", "--json"]),
+    );
+    assert_eq!(r.json()["embedded"], 1, "{r:?}");
+    let mut app =
+        postgres::Client::connect(&role.url(), postgres::NoTls).expect("connect as the role");
+    db.exec(&format!(
+        "REVOKE DELETE ON {s}.document_chunks FROM {}",
+        role.name
+    ));
+    app.execute(
+        &format!("UPDATE {s}.documents SET body = 'edited by the app' WHERE id = 1"),
+        &[],
+    )
+    .expect("an edit by a role without DELETE on the chunks");
+    assert!(chunks(&mut db, 1).is_empty());
+}
+
+#[test]
+fn the_printed_sql_sets_up_a_database_as_setup_does() {
+    let mut db = TestDb::new("chunkmigration");
+    documents(&mut db, &[(1, &document("piers", 2))]);
+    let mock = Mock::start(DIMS);
+    let sql = go(&db, &mock, &["setup", "--print-sql"]);
+    assert_eq!(sql.code, 0, "{sql:?}");
+    // A migration runs it in one transaction.
+    db.exec(&format!("BEGIN; {} COMMIT;", sql.stdout));
+    let r = go(&db, &mock, &["run-once", "--json"]);
+    assert_eq!(r.json()["embedded"], 1, "{r:?}");
+    let v = go(&db, &mock, &["verify", "--offline"]);
+    assert_eq!(v.code, 0, "{v:?}");
+    assert!(v.stdout.contains("edited rows are chunked again"), "{v:?}");
+}
