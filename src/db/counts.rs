@@ -48,8 +48,8 @@ impl Target {
         } = &self.sql;
         let sql = format!(
             "SELECT count(*) FROM {state}.failures f JOIN {table} t ON t.{id} = f.row_id::{id_type} \
-             WHERE f.table_name = $1 AND NOT {embedded} AND {hash} = f.text_hash",
-            embedded = self.has_vector("t"),
+             WHERE f.table_name = $1 AND {without} AND {hash} = f.text_hash",
+            without = self.lacks_vector("t"),
             hash = text_hash(&text.on("t"))
         );
         Ok(c.query_typed_one(&sql, &[(&self.key, Type::TEXT)])?.get(0))
@@ -60,11 +60,12 @@ impl Target {
         let sql = format!(
             "SELECT count(*), count(*) FILTER (WHERE {embedded}), \
                     count(*) FILTER (WHERE {pending}), \
-                    count(*) FILTER (WHERE NOT {embedded} AND NOT {with_text}), \
-                    count(*) FILTER (WHERE NOT {embedded} AND NOT {has_id}), \
+                    count(*) FILTER (WHERE {without} AND NOT {with_text}), \
+                    count(*) FILTER (WHERE {without} AND NOT {has_id}), \
                     {chunks} \
              FROM {table} t",
             embedded = self.has_vector("t"),
+            without = self.lacks_vector("t"),
             chunks = match &self.sql.chunks {
                 Some(chunks) => format!("(SELECT count(*) FROM {chunks})"),
                 None => "NULL::int8".into(),

@@ -314,7 +314,7 @@ impl Target {
 
     /// Rows of `t` that need an embedding: none yet, and [`Target::sendable`].
     pub(super) fn pending(&self) -> String {
-        format!("NOT {} AND {}", self.has_vector("t"), self.sendable())
+        format!("{} AND {}", self.lacks_vector("t"), self.sendable())
     }
 
     /// Whether row `alias` has its vector: in its embedding column, or,
@@ -334,6 +334,16 @@ impl Target {
             Some(chunks) => format!(
                 "EXISTS (SELECT 1 FROM {chunks} k WHERE k.source_id = {alias}.{id} AND k.chunk_index = 0)"
             ),
+        }
+    }
+
+    /// The negation of [`Target::has_vector`], written as setup's partial
+    /// index predicate writes it (`embedding IS NULL`), so that the planner
+    /// matches the two without having to simplify a `NOT`.
+    pub(super) fn lacks_vector(&self, alias: &str) -> String {
+        match &self.sql.chunks {
+            None => format!("{alias}.{} IS NULL", self.sql.embedding),
+            Some(_) => format!("NOT {}", self.has_vector(alias)),
         }
     }
 
@@ -382,9 +392,9 @@ impl Target {
                     )
                 };
                 format!(
-                    "{} AND (NOT {} OR {made_by_other})",
+                    "{} AND ({} OR {made_by_other})",
                     self.sendable(),
-                    self.has_vector("t")
+                    self.lacks_vector("t")
                 )
             }
         };
