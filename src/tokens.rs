@@ -23,11 +23,6 @@ fn cl100k() -> &'static CoreBPE {
     tiktoken_rs::cl100k_base_singleton()
 }
 
-/// `cl100k_base`'s tokens of `text`.
-fn encode(text: &str) -> Vec<tiktoken_rs::Rank> {
-    cl100k().encode_ordinary(text)
-}
-
 /// The most tokens one input may have (OpenAI's embedding models).
 pub const MAX_INPUT_TOKENS: usize = 8192;
 /// The most tokens one request may carry in all (OpenAI).
@@ -71,7 +66,7 @@ impl Counter {
     /// since it cuts longer inputs itself.
     pub fn count(&self, text: &str) -> usize {
         match self {
-            Counter::Exact => encode(text).len(),
+            Counter::Exact => cl100k().encode_ordinary(text).len(),
             Counter::Estimate => text.len().div_ceil(4).max(1),
             Counter::Model(wp) => wp.count(text).min(wp.max_tokens()),
         }
@@ -102,7 +97,8 @@ impl Counter {
                 .collect()
         });
         let mut end = 0;
-        encode(text)
+        cl100k()
+            .encode_ordinary(text)
             .into_iter()
             .map(|t| {
                 end += usize::from(*lengths.get(t as usize)?);
@@ -145,7 +141,7 @@ impl Counter {
             return None;
         }
         let bpe = cl100k();
-        let tokens = encode(text);
+        let tokens = bpe.encode_ordinary(text);
         if tokens.len() <= max {
             return None;
         }

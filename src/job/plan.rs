@@ -174,7 +174,7 @@ impl Planner {
 
     /// What the plan of claimed `rows` decides about: the rows, or their chunks.
     pub fn units<'r>(&self, rows: &'r [Claimed]) -> Vec<Unit<'r>> {
-        self.splitter.units(rows)
+        self.splitter.units(rows, &self.counter)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

@@ -77,11 +77,7 @@ pub enum Splitter {
     /// One unit a row: its whole text.
     Whole,
     /// Chunks of at most `tokens` tokens, repeating `overlap` of the one before.
-    Chunks {
-        tokens: usize,
-        overlap: usize,
-        counter: Counter,
-    },
+    Chunks { tokens: usize, overlap: usize },
 }
 
 /// A chunk's size in the model's tokens, as `text-splitter` asks for it:
@@ -148,52 +144,14 @@ impl Splitter {
         Ok(Splitter::Chunks {
             tokens,
             overlap: c.overlap,
-            counter: counter.clone(),
         })
     }
 
-    /// The chunks of `text`, each with its tokens, every one within the size.
-    fn chunks<'t>(&self, text: &'t str) -> Vec<(&'t str, usize)> {
-        let Splitter::Chunks {
-            tokens,
-            overlap,
-            counter,
-        } = self
-        else {
-            return vec![(text, 0)];
-        };
-        if let Some(ends) = counter.token_ends(text) {
-            let sizer = Boundaries {
-                text,
-                ends,
-                counter,
-            };
-            let config = ChunkConfig::new(*tokens).with_sizer(sizer);
-            if let Ok(config) = config.with_overlap(*overlap) {
-                let chunks: Vec<(&str, usize)> = TextSplitter::new(config)
-                    .chunks(text)
-                    .map(|c| (c, counter.tokens(c)))
-                    .collect();
-                if chunks.iter().all(|(_, n)| n <= tokens) {
-                    return chunks;
-                }
-            }
-        }
-        let config = ChunkConfig::new(*tokens).with_sizer(Tokens(counter));
-        match config.with_overlap(*overlap) {
-            Ok(config) => TextSplitter::new(config)
-                .chunks(text)
-                .map(|c| (c, counter.tokens(c)))
-                .collect(),
-            Err(_) => vec![(text, counter.tokens(text))],
-        }
-    }
-
-    /// The units of `rows`, in order: every row gives at least one.
-    pub fn units<'r>(&self, rows: &'r [Claimed]) -> Vec<Unit<'r>> {
+    /// The units of `rows`, in order, sized by `counter`: every row gives at least one.
+    pub fn units<'r>(&self, rows: &'r [Claimed], counter: &Counter) -> Vec<Unit<'r>> {
         let mut units = Vec::with_capacity(rows.len());
         for (row, claimed) in rows.iter().enumerate() {
-            if let Splitter::Whole = self {
+            let &Splitter::Chunks { tokens, overlap } = self else {
                 units.push(Unit {
                     row,
                     chunk: None,
@@ -203,29 +161,64 @@ impl Splitter {
                     id: Cow::Borrowed(&claimed.id),
                 });
                 continue;
-            }
-            let first = units.len();
-            for (k, (text, tokens)) in self.chunks(&claimed.text).into_iter().enumerate() {
+            };
+            let chunks = chunks(&claimed.text, tokens, overlap, counter);
+            for (k, (text, tokens)) in chunks.into_iter().enumerate() {
                 units.push(chunk(row, k as u32, text, tokens, &claimed.id));
-            }
-            // Text the splitter trims away entirely (only Unicode spaces)
-            // is still the row's text: it goes as one chunk.
-            if units.len() == first {
-                let text = claimed.text.as_str();
-                units.push(chunk(row, 0, text, self.tokens(text), &claimed.id));
             }
         }
         units
     }
 }
 
-impl Splitter {
-    fn tokens(&self, text: &str) -> usize {
-        match self {
-            Splitter::Chunks { counter, .. } => counter.tokens(text),
-            Splitter::Whole => 0,
-        }
+/// The chunks of `text`, each with its tokens, every one within `tokens`:
+/// sized from one encoding of the text when the counter gives one, else
+/// (or when a chunk came out over the size) by counting every slice. Text
+/// the splitter trims away entirely (only Unicode spaces) is still the
+/// row's text: it goes as one chunk.
+fn chunks<'t>(
+    text: &'t str,
+    tokens: usize,
+    overlap: usize,
+    counter: &Counter,
+) -> Vec<(&'t str, usize)> {
+    let by_boundaries = counter.token_ends(text).and_then(|ends| {
+        let sizer = Boundaries {
+            text,
+            ends,
+            counter,
+        };
+        let chunks = split(text, sizer, tokens, overlap, counter)?;
+        chunks.iter().all(|(_, n)| *n <= tokens).then_some(chunks)
+    });
+    let chunks = by_boundaries
+        .or_else(|| split(text, Tokens(counter), tokens, overlap, counter))
+        .unwrap_or_default();
+    if chunks.is_empty() {
+        return vec![(text, counter.tokens(text))];
     }
+    chunks
+}
+
+/// `text` split by `sizer`, each chunk with its tokens counted; `None` when
+/// the sizes make no configuration (checked when the splitter was made).
+fn split<'t, S: ChunkSizer>(
+    text: &'t str,
+    sizer: S,
+    tokens: usize,
+    overlap: usize,
+    counter: &Counter,
+) -> Option<Vec<(&'t str, usize)>> {
+    let config = ChunkConfig::new(tokens)
+        .with_sizer(sizer)
+        .with_overlap(overlap)
+        .ok()?;
+    Some(
+        TextSplitter::new(config)
+            .chunks(text)
+            .map(|c| (c, counter.tokens(c)))
+            .collect(),
+    )
 }
 
 fn chunk<'r>(row: usize, k: u32, text: &'r str, tokens: usize, id: &str) -> Unit<'r> {
@@ -266,7 +259,7 @@ mod tests {
         let para = "The quick brown fox jumps over the lazy dog again and again. ".repeat(3);
         let doc = format!("{para}\n\n{para}\n\n{para}");
         let rows = [claimed("a:1", &doc), claimed("b", "short text")];
-        let units = splitter.units(&rows);
+        let units = splitter.units(&rows, &counter);
         let of_a: Vec<&Unit> = units.iter().filter(|u| u.row == 0).collect();
         assert_eq!(of_a.len(), 3, "one chunk a paragraph");
         assert!(of_a.iter().all(|u| counter.tokens(u.text) <= 40));
