@@ -23,25 +23,19 @@ pub(super) fn chunks_table(
     let table = match lookup {
         TableLookup::Found(t) if t.kind == "r" => t,
         TableLookup::Found(t) => {
-            checks.push(Check::fail(
-                "chunks_table",
+            return refuse(
+                checks,
                 format!("{} is not a plain table ({flag})", t.qualified()),
-            ));
-            return None;
+            );
         }
         TableLookup::Invalid(msg) => {
-            checks.push(Check::fail(
-                "chunks_table",
+            return refuse(
+                checks,
                 format!("{flag} {name:?} is not a valid table name: {msg}"),
-            ));
-            return None;
+            );
         }
         TableLookup::NotFound if cfg.mode != Mode::Setup => {
-            checks.push(Check::fail(
-                "chunks_table",
-                format!("chunks table {name:?} not found ({flag}): `autoembed setup` creates it (`setup --print-sql` prints its DDL)"),
-            ));
-            return None;
+            return refuse(checks, format!("chunks table {name:?} not found ({flag}): `autoembed setup` creates it (`setup --print-sql` prints its DDL)"));
         }
         TableLookup::NotFound => {
             // Setup creates it, in the source table's schema unless named.
@@ -49,22 +43,17 @@ pub(super) fn chunks_table(
                 [name] => (source.schema.clone(), name.clone()),
                 [schema, name] => (schema.clone(), name.clone()),
                 _ => {
-                    checks.push(Check::fail(
-                        "chunks_table",
+                    return refuse(
+                        checks,
                         format!("{flag} {name:?}: name a table as schema.table"),
-                    ));
-                    return None;
+                    );
                 }
             };
             let Some(dimensions) = cfg.provider.expected_dimensions() else {
-                checks.push(Check::fail(
-                    "chunks_table",
-                    format!(
+                return refuse(checks, format!(
                         "setup creates the chunks table, and the size of {}'s vectors is not known: set --dimensions (AUTOEMBED_DIMENSIONS)",
                         cfg.provider.model
-                    ),
-                ));
-                return None;
+                    ));
             };
             let chunks = ChunkTable {
                 table: format!("{}.{}", quote_ident(&schema), quote_ident(&table_name)),
@@ -93,25 +82,17 @@ pub(super) fn chunks_table(
     ];
     for (column, type_sql) in wanted {
         if table.column(column).is_none_or(|c| c.type_sql != type_sql) {
-            checks.push(Check::fail(
-                "chunks_table",
-                format!(
+            return refuse(checks, format!(
                     "chunks table {} has no column {column} {type_sql} ({flag}): autoembed writes source_id, chunk_index, chunk_text, source_hash and the embedding; `autoembed setup --print-sql` shows the table it expects",
                     table.qualified()
-                ),
-            ));
-            return None;
+                ));
         }
     }
     if table.primary_key != ["source_id", "chunk_index"] {
-        checks.push(Check::fail(
-            "chunks_table",
-            format!(
+        return refuse(checks, format!(
                 "chunks table {} needs PRIMARY KEY (source_id, chunk_index) ({flag}): a row's chunks are replaced by it",
                 table.qualified()
-            ),
-        ));
-        return None;
+            ));
     }
     checks.push(Check::pass(
         "chunks_table",
@@ -132,4 +113,10 @@ pub(super) fn chunks_table(
             exists: true,
         },
     ))
+}
+
+/// A failed `chunks_table` check: the one line that says what to fix.
+fn refuse<T>(checks: &mut Vec<Check>, why: String) -> Option<T> {
+    checks.push(Check::fail("chunks_table", why));
+    None
 }
