@@ -9,12 +9,12 @@
 //! `--uninstall` leaves the chunks table, whose vectors were paid for:
 //! `DROP TABLE` it when it is no longer wanted.
 
-use super::Objects;
+use super::{failed, Objects};
 use crate::db::chunks::row_lock;
 use crate::db::sql::{cut, dollar_quote, quote_ident, quote_literal};
 use crate::db::target::Target;
 use crate::db::{state, Db, MAX_INDEXED_VECTOR};
-use crate::error::{describe_pg, Error, Result};
+use crate::error::{Error, Result};
 
 /// What setup creates for a chunks table, quoted.
 pub struct ChunkObjects {
@@ -70,6 +70,11 @@ impl ChunkObjects {
                 .dimensions
                 .filter(|n| !target.half && *n > MAX_INDEXED_VECTOR),
         })
+    }
+
+    /// The chunks table, `"schema"."table"`.
+    pub fn table(&self) -> &str {
+        &self.table
     }
 
     /// The trigger that deletes a row's chunks when its text is edited,
@@ -176,8 +181,8 @@ CREATE INDEX IF NOT EXISTS {index_name} ON {table} USING hnsw ({embedding} {opcl
         )
     }
 
-    /// Run setup (or `--uninstall`) in one transaction: it completes or
-    /// changes nothing. The chunks table is autoembed's own, so building its
+    /// Run setup in one transaction (`--uninstall` is the table's own:
+    /// [`super::run`]): it completes or changes nothing. The chunks table is autoembed's own, so building its
     /// index in the transaction holds back only autoembed's writes.
     pub fn run(
         &self,
@@ -186,20 +191,6 @@ CREATE INDEX IF NOT EXISTS {index_name} ON {table} USING hnsw ({embedding} {opcl
         state_schema: &str,
         how: crate::config::Setup,
     ) -> Result<Vec<String>> {
-        let failed = |what: &str, e: &postgres::Error| {
-            Error::Database(format!("setup failed ({what}): {}", describe_pg(e)))
-        };
-        if how.uninstall {
-            let what = format!(
-                "removed the bookkeeping of {}; the chunks table {} stays (DROP TABLE it when it is no longer wanted)",
-                self.source, self.table
-            );
-            db.client()
-                .batch_execute(&o.uninstall_sql(state_schema))
-                .map_err(|e| failed("uninstall", &e))?;
-            crate::info!("{what}");
-            return Ok(vec![what]);
-        }
         let table = self.table_sql()?;
         db.in_transaction(|tx| {
             tx.batch_execute(&state::ddl(state_schema))

@@ -427,19 +427,24 @@ pub fn run(
     how: crate::config::Setup,
 ) -> Result<Vec<String>> {
     let o = Objects::new(target);
-    if let Some(c) = chunks::ChunkObjects::new(target) {
-        return c.run(db, &o, state_schema, how);
-    }
-    let failed = |what: &str, e: &postgres::Error| {
-        Error::Database(format!("setup failed ({what}): {}", describe_pg(e)))
-    };
+    let chunks = chunks::ChunkObjects::new(target);
     if how.uninstall {
-        let what = format!("removed the trigger, index and bookkeeping of {}", o.table);
+        let what = match &chunks {
+            None => format!("removed the trigger, index and bookkeeping of {}", o.table),
+            Some(c) => format!(
+                "removed the trigger and bookkeeping of {}; the chunks table {} stays (DROP TABLE it when it is no longer wanted)",
+                o.table,
+                c.table()
+            ),
+        };
         db.client()
             .batch_execute(&o.uninstall_sql(state_schema))
-            .map_err(|e| failed(&what, &e))?;
+            .map_err(|e| failed("uninstall", &e))?;
         crate::info!("{what}");
         return Ok(vec![what]);
+    }
+    if let Some(c) = chunks {
+        return c.run(db, &o, state_schema, how);
     }
     // Building an index concurrently waits for every transaction that could
     // use it: that wait is the role's to bound, not autoembed's default.
@@ -496,6 +501,11 @@ pub fn run(
     Ok(done)
 }
 
+/// A setup step that failed, and the database's reason.
+fn failed(what: &str, e: &postgres::Error) -> Error {
+    Error::Database(format!("setup failed ({what}): {}", describe_pg(e)))
+}
+
 /// Build the table's index, concurrently: on a partitioned table, an index
 /// on the table alone, then one on each partition, each attached to its
 /// parent's. An invalid index an interrupted build left is dropped and
@@ -505,7 +515,7 @@ fn build_indexes(db: &mut Db, target: &Target, o: &Objects, built: &mut Vec<Stri
     let exec = |db: &mut Db, sql: &str| {
         db.client()
             .batch_execute(sql)
-            .map_err(|e| Error::Database(format!("setup failed ({what}): {}", describe_pg(&e))))
+            .map_err(|e| failed(&what, &e))
     };
     let mut create = |db: &mut Db, index: &IndexName, sql: String| -> Result<()> {
         let qualified = index.qualified();
