@@ -294,18 +294,7 @@ fn a_row_edited_while_its_chunks_are_in_flight_keeps_no_stale_chunk() {
         "SET statement_timeout = '10s'; UPDATE {s}.documents SET body = 'rewritten' WHERE id = 1; RESET statement_timeout;"
     ));
     held.release();
-    let out = finish(child);
-    let j = out.json();
-    assert_eq!(
-        (j["embedded"].as_u64(), j["changed"].as_u64()),
-        (Some(0), Some(1)),
-        "{out:?}"
-    );
-    assert!(chunks(&mut db, 1).is_empty(), "stale chunks were written");
-    mock.unhold();
-    let r = go(&db, &mock, &["run-once", "--json"]).json();
-    assert_eq!(r["embedded"], 1);
-    assert_eq!(assert_chunked(&mut db, 1, "rewritten"), 1);
+    the_edit_won(&mut db, &mock, finish(child), "rewritten");
 }
 
 #[test]
@@ -477,7 +466,12 @@ fn an_edit_committing_during_the_write_leaves_no_stale_chunk() {
         "the write waiting for the edit",
     );
     tx.commit().expect("commit");
-    let out = finish(child);
+    the_edit_won(&mut db, &mock, finish(child), "rebuilt");
+}
+
+/// A run whose only row was edited to `text` while it worked wrote no
+/// chunk of the old text; the next run chunks the new one.
+fn the_edit_won(db: &mut TestDb, mock: &Mock, out: crate::support::Run, text: &str) {
     let j = out.json();
     assert_eq!(
         (j["embedded"].as_u64(), j["changed"].as_u64()),
@@ -485,13 +479,13 @@ fn an_edit_committing_during_the_write_leaves_no_stale_chunk() {
         "{out:?}"
     );
     assert!(
-        chunks(&mut db, 1).is_empty(),
+        chunks(db, 1).is_empty(),
         "chunks of the old text survived the edit"
     );
     mock.unhold();
-    let r = go(&db, &mock, &["run-once", "--json"]).json();
+    let r = go(db, mock, &["run-once", "--json"]).json();
     assert_eq!(r["embedded"], 1);
-    assert_eq!(assert_chunked(&mut db, 1, "rebuilt"), 1);
+    assert_eq!(assert_chunked(db, 1, text), 1);
 }
 
 #[test]
@@ -581,4 +575,17 @@ fn the_printed_sql_sets_up_a_database_as_setup_does() {
     let v = go(&db, &mock, &["verify", "--offline"]);
     assert_eq!(v.code, 0, "{v:?}");
     assert!(v.stdout.contains("edited rows are chunked again"), "{v:?}");
+    // --uninstall removes the trigger and leaves the paid-for chunks.
+    let before = chunks(&mut db, 1).len();
+    assert!(before > 0);
+    let u = go(&db, &mock, &["setup", "--uninstall"]);
+    assert_eq!(u.code, 0, "{u:?}");
+    let s = db.schema.clone();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = '{s}.documents'::regclass AND NOT tgisinternal"
+        )),
+        0
+    );
+    assert_eq!(chunks(&mut db, 1).len(), before);
 }
