@@ -37,6 +37,8 @@ pub enum Command {
     Watch(WatchArgs),
     /// Check the database, table, columns and key; print the counts (for CI).
     Verify(VerifyArgs),
+    /// List the provider's batch jobs this table has in flight (--batch-api), or cancel them.
+    BatchJobs(BatchJobsArgs),
     /// Prepare the table: a trigger that re-embeds edited rows, an index on pending rows, the state schema.
     Setup(SetupArgs),
 }
@@ -51,6 +53,7 @@ impl Command {
             Command::Watch(_) => "watch",
             Command::Verify(_) => "verify",
             Command::Setup(_) => "setup",
+            Command::BatchJobs(_) => "batch-jobs",
         }
     }
 
@@ -62,6 +65,7 @@ impl Command {
             Command::Watch(a) => &a.output,
             Command::Verify(a) => &a.output,
             Command::Setup(a) => &a.output,
+            Command::BatchJobs(a) => &a.output,
         }
     }
 }
@@ -157,6 +161,9 @@ pub struct Output {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Budgets")]
 pub struct Budget {
+    /// Send rows as the provider's batch jobs, at half price: each run collects the jobs that finished and submits pending rows as new ones (OpenAI; done within 24 h) [env: AUTOEMBED_BATCH_API]
+    #[arg(long)]
+    pub batch_api: bool,
     /// Inputs per API request, 1 to 2048 [env: AUTOEMBED_BATCH_SIZE] [default: 100]
     #[arg(long, value_name = "N")]
     pub batch_size: Option<String>,
@@ -247,6 +254,17 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BatchJobsArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Cancel this job (its id, as listed), or `all` of them; the next run collects what they finished, and their other rows are pending again
+    #[arg(long, value_name = "JOB")]
+    pub cancel: Option<String>,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
 pub struct SetupArgs {
     #[command(flatten)]
     pub common: Common,
@@ -272,7 +290,14 @@ mod tests {
     #[test]
     fn each_subcommand_lists_its_headings_in_the_same_order() {
         let mut cli = Cli::command();
-        for name in ["run-once", "backfill", "dry-run", "verify", "setup"] {
+        for name in [
+            "run-once",
+            "backfill",
+            "dry-run",
+            "verify",
+            "setup",
+            "batch-jobs",
+        ] {
             let Some(sub) = cli.find_subcommand_mut(name) else {
                 panic!("no subcommand {name}");
             };

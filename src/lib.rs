@@ -59,6 +59,20 @@ pub fn run(cfg: &Config, stop: &Stop) -> i32 {
                 e.exit_code()
             }
         },
+        Mode::BatchJobs => match job::batch_api::list::command(cfg) {
+            Ok(report) => {
+                emit(
+                    cfg,
+                    || serde_json::to_string(&report).unwrap_or_default(),
+                    || report.human(),
+                );
+                0
+            }
+            Err(e) => {
+                report_error("batch-jobs", cfg.json, &e);
+                e.exit_code()
+            }
+        },
         Mode::Watch => match job::watch::run(cfg, stop) {
             Ok(code) => code,
             Err(e) => {

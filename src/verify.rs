@@ -4,6 +4,7 @@
 
 use crate::checks::{self, dimension_mismatch, Check};
 use crate::config::Config;
+use crate::db::batch_jobs::InFlight;
 use crate::db::catalog::{TableFacts, TableLookup};
 use crate::db::counts::Counts;
 use crate::db::model_records::{ModelCounts, Stamp};
@@ -22,6 +23,9 @@ pub struct VerifyReport {
     pub ok: bool,
     pub checks: Vec<Check>,
     pub counts: Option<Counts>,
+    /// The provider's batch jobs in flight for the table (`--batch-api`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_jobs: Option<InFlight>,
     #[serde(skip)]
     pub exit_code: i32,
 }
@@ -73,6 +77,7 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
         ok: false,
         checks: Vec::new(),
         counts: None,
+        batch_jobs: None,
         exit_code: 1,
     };
     let mut db = match Db::connect(cfg) {
@@ -143,10 +148,44 @@ pub fn verify(cfg: &Config, stop: &Stop) -> VerifyReport {
             Ok(c) => report.counts = Some(c),
             Err(e) => report.checks.push(Check::fail("counts", e.to_string())),
         }
+        if facts.state.current {
+            match target.in_flight(db.client()) {
+                Ok(f) if f.jobs > 0 || cfg.provider.batch_api => {
+                    report.checks.push(batch_jobs_check(&f));
+                    report.batch_jobs = Some(f);
+                }
+                Ok(_) => {}
+                Err(e) => report.checks.push(Check::fail("batch_jobs", e.to_string())),
+            }
+        }
     }
     report.ok = report.checks.iter().all(|c| c.ok);
     report.exit_code = if report.ok { 0 } else { 1 };
     report
+}
+
+/// The batch jobs in flight: how many, their rows, the oldest; a warning
+/// when one is past the provider's window (24 h) without having ended.
+fn batch_jobs_check(f: &InFlight) -> Check {
+    if f.jobs == 0 {
+        return Check::pass("batch_jobs", "none in flight");
+    }
+    let hours = f.oldest_secs.unwrap_or(0) as f64 / 3600.0;
+    let detail = format!(
+        "{} in flight with {} rows ({} tokens), the oldest submitted {hours:.1} h ago",
+        f.jobs, f.rows, f.tokens
+    );
+    if hours > 24.0 {
+        Check::warn(
+            "batch_jobs",
+            format!(
+                "{detail}: past the provider's 24 h window; a run collects it once the provider ends it \
+                 (`autoembed batch-jobs` shows it; `--cancel` stops it)"
+            ),
+        )
+    } else {
+        Check::pass("batch_jobs", detail)
+    }
 }
 
 /// The configured provider, built on first use.

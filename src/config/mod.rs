@@ -30,6 +30,8 @@ pub enum Mode {
     DryRun,
     Verify,
     Setup,
+    /// `batch-jobs`: list or cancel the provider's batch jobs.
+    BatchJobs,
 }
 
 impl Mode {
@@ -41,6 +43,7 @@ impl Mode {
             Mode::DryRun => "dry-run",
             Mode::Verify => "verify",
             Mode::Setup => "setup",
+            Mode::BatchJobs => "batch-jobs",
         }
     }
 }
@@ -74,6 +77,8 @@ pub struct Config {
     pub offline: bool,
     pub on_too_long: TooLong,
     pub setup: Setup,
+    /// `batch-jobs --cancel`: a job id, or `all`.
+    pub cancel_jobs: Option<String>,
     /// Batches in flight at once, each with its own connection.
     pub concurrency: usize,
     /// How long a claim holds its rows without being confirmed
@@ -167,6 +172,7 @@ impl Config {
         let mut poll_interval = None;
         let mut metrics_addr = None;
         let mut reembed = None;
+        let mut cancel_jobs = None;
         let (mode, c, budget_args, out, retry_failed, offline) = match cli.command {
             cli::Command::RunOnce(a) => (Mode::RunOnce, a.common, a.budget, a.output, false, false),
             cli::Command::Backfill(a) => {
@@ -203,6 +209,14 @@ impl Config {
                 false,
                 a.offline,
             ),
+            cli::Command::BatchJobs(a) => {
+                cancel_jobs = a.cancel;
+                let budget = cli::Budget {
+                    batch_api: true,
+                    ..cli::Budget::default()
+                };
+                (Mode::BatchJobs, a.common, budget, a.output, false, false)
+            }
             cli::Command::Setup(a) => {
                 setup = Setup {
                     print_sql: a.print_sql,
@@ -220,7 +234,8 @@ impl Config {
             }
         };
 
-        let provider = provider_config(env, &c)?;
+        let mut provider = provider_config(env, &c)?;
+        provider.batch_api = batch_api(env, budget_args.batch_api, mode, &provider)?;
         let (database, tls) = database(env, c.database_url)?;
         let table = env
             .pick(c.table, "AUTOEMBED_TABLE")
@@ -243,6 +258,11 @@ impl Config {
             .pick(c.embedding_column, "AUTOEMBED_EMBEDDING_COLUMN")
             .unwrap_or_else(|| "embedding".into());
         let chunks = chunking(env, c.chunks_table, c.chunk_tokens, c.chunk_overlap)?;
+        if chunks.is_some() && provider.batch_api {
+            return Err(Error::config(
+                "--batch-api (AUTOEMBED_BATCH_API) does not embed into --chunks-table (AUTOEMBED_CHUNKS_TABLE) yet: unset one of them",
+            ));
+        }
         let state_schema = env
             .pick(c.state_schema, "AUTOEMBED_STATE_SCHEMA")
             .unwrap_or_else(|| "autoembed".into());
@@ -410,6 +430,7 @@ impl Config {
             offline,
             on_too_long,
             setup,
+            cancel_jobs,
             concurrency,
             claim_lease,
             json: out.json,
@@ -433,6 +454,40 @@ impl Config {
     pub fn database_label(&self) -> String {
         describe_database(&self.database)
     }
+}
+
+/// `--batch-api`: for run-once, backfill and dry-run, with OpenAI's Batch API.
+fn batch_api(env: &Env, flag: bool, mode: Mode, provider: &ProviderConfig) -> Result<bool> {
+    let on = match env.pick(flag.then(|| "true".to_string()), "AUTOEMBED_BATCH_API") {
+        None => false,
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "" | "0" | "false" | "no" | "off" => false,
+            _ => {
+                return Err(Error::config(format!(
+                    "invalid AUTOEMBED_BATCH_API {v:?}: expected true or false"
+                )))
+            }
+        },
+    };
+    if !on {
+        return Ok(false);
+    }
+    if mode == Mode::Watch {
+        return Err(Error::config(
+            "--batch-api (AUTOEMBED_BATCH_API) is for run-once and backfill: batch jobs take up to a day, and watch is for rows as they change; unset it for watch",
+        ));
+    }
+    if provider.kind != ProviderKind::OpenAi {
+        return Err(Error::config(format!(
+            "--batch-api (AUTOEMBED_BATCH_API) works with --provider openai only (OpenAI's Batch API), not {}",
+            provider.kind.name()
+        )));
+    }
+    Ok(matches!(
+        mode,
+        Mode::RunOnce | Mode::Backfill | Mode::DryRun | Mode::Verify
+    ))
 }
 
 /// `--chunks-table` and the sizes of its chunks, which mean nothing without it.

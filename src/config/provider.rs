@@ -29,6 +29,8 @@ pub struct ProviderConfig {
     pub api_version: Option<String>,
     /// `--request-extra`: fields merged into every request body.
     pub request_extra: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `--batch-api`: rows go as the provider's batch jobs, at its batch price.
+    pub batch_api: bool,
 }
 
 impl ProviderConfig {
@@ -38,10 +40,39 @@ impl ProviderConfig {
             .or_else(|| models::known_model(&self.model).map(|m| m.dimensions))
     }
 
-    /// USD per 1M tokens: the override, else the built-in price of a known model.
+    /// USD per 1M tokens: the override, else the built-in price of a known
+    /// model; half of it for batch jobs (`--batch-api`).
     pub fn price(&self) -> Option<f64> {
-        self.price_per_million
-            .or_else(|| models::known_model(&self.model).map(|m| m.usd_per_million_tokens))
+        let price = self
+            .price_per_million
+            .or_else(|| models::known_model(&self.model).map(|m| m.usd_per_million_tokens))?;
+        Some(if self.batch_api {
+            price * BATCH_PRICE_RATIO
+        } else {
+            price
+        })
+    }
+}
+
+#[cfg(test)]
+impl ProviderConfig {
+    /// OpenAI's settings with a dummy key and an unreachable base, for unit tests.
+    pub fn for_tests(kind: ProviderKind) -> ProviderConfig {
+        ProviderConfig {
+            kind,
+            api_base: "http://127.0.0.1:9".into(),
+            api_key: Some("k".into()),
+            key_var: "OPENAI_API_KEY",
+            vault_secret: None,
+            price_per_million: None,
+            model: "text-embedding-3-small".into(),
+            model_path: None,
+            dimensions: None,
+            request_timeout: Duration::from_secs(1),
+            api_version: None,
+            request_extra: None,
+            batch_api: false,
+        }
     }
 }
 
@@ -60,6 +91,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("request_timeout", &self.request_timeout)
             .field("api_version", &self.api_version)
             .field("request_extra", &self.request_extra)
+            .field("batch_api", &self.batch_api)
             .finish()
     }
 }
@@ -196,8 +228,12 @@ pub(super) fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConf
         request_timeout: Duration::from_secs(request_timeout),
         api_version,
         request_extra,
+        batch_api: false,
     })
 }
+
+/// What a batch job costs of the synchronous price (OpenAI's Batch API: half).
+pub const BATCH_PRICE_RATIO: f64 = 0.5;
 
 /// The Azure OpenAI `api-version` used when none is set (the GA version
 /// that takes `dimensions` and `encoding_format`).

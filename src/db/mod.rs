@@ -24,6 +24,7 @@
 //! the database: each one claims, or writes, and commits.
 
 pub mod access;
+pub mod batch_jobs;
 pub mod catalog;
 pub mod chunks;
 pub mod claims;

@@ -1,7 +1,7 @@
 //! autoembed's bookkeeping schema (`--state-schema`, `autoembed` by
 //! default): the rows it holds for a batch (`claims`), the rows the provider
-//! rejected (`failures`), and which model made the vectors (`models`,
-//! `vectors`). Created on first use, or by `setup`; idempotent, and safe for
+//! rejected (`failures`), which model made the vectors (`models`,
+//! `vectors`), and the provider's batch jobs in flight (`batch_jobs`). Created on first use, or by `setup`; idempotent, and safe for
 //! concurrent first runs (they serialise on an advisory lock, so
 //! `IF NOT EXISTS` cannot race).
 
@@ -16,7 +16,9 @@ use postgres::Client;
 pub struct StateSchema {
     /// Some version of the schema exists (failures are recorded).
     pub exists: bool,
-    /// The newest table exists too: nothing to create.
+    /// The claims table lists each batch's rows (`row_ids`).
+    pub claims: bool,
+    /// The newest table (`batch_jobs`) exists too: nothing to create.
     pub current: bool,
 }
 
@@ -26,12 +28,15 @@ impl StateSchema {
             "SELECT to_regclass(format('%I.failures', $1::text)) IS NOT NULL, \
                     EXISTS (SELECT 1 FROM pg_attribute \
                       WHERE attrelid = to_regclass(format('%I.claims', $1::text)) \
-                      AND attname = 'row_ids' AND NOT attisdropped)",
+                      AND attname = 'row_ids' AND NOT attisdropped), \
+                    to_regclass(format('%I.batch_jobs', $1::text)) IS NOT NULL",
             &[(&schema, Type::TEXT)],
         )?;
+        let claims: bool = row.get(1);
         Ok(StateSchema {
             exists: row.get(0),
-            current: row.get(1),
+            claims,
+            current: claims && row.get::<_, bool>(2),
         })
     }
 
@@ -123,7 +128,29 @@ CREATE TABLE IF NOT EXISTS {s}.claims (
 );
 CREATE INDEX IF NOT EXISTS claims_by_table ON {s}.claims (table_name);
 COMMENT ON TABLE {s}.claims IS
-    'autoembed: a batch of rows (row_ids) a run is embedding; free when expires_at has passed or the backend_pid (with backend_start) is gone';",
+    'autoembed: a batch of rows (row_ids) a run is embedding; free when expires_at has passed or the backend_pid (with backend_start) is gone';
+CREATE TABLE IF NOT EXISTS {s}.batch_jobs (
+    intent_id        text        PRIMARY KEY,
+    table_name       text        NOT NULL,
+    claim_id         bigint      NOT NULL,
+    job_id           text,
+    input_file_id    text,
+    model            text        NOT NULL,
+    row_ids          text[]      NOT NULL DEFAULT '{{}}',
+    text_hashes      bigint[]    NOT NULL DEFAULT '{{}}',
+    inputs           integer[]   NOT NULL DEFAULT '{{}}',
+    tokens           bigint      NOT NULL DEFAULT 0,
+    reembed          boolean     NOT NULL DEFAULT false,
+    submitter_pid    integer,
+    submitter_start  timestamptz,
+    submit_by        timestamptz NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    submitted_at     timestamptz,
+    collecting_until timestamptz
+);
+CREATE INDEX IF NOT EXISTS batch_jobs_by_table ON {s}.batch_jobs (table_name);
+COMMENT ON TABLE {s}.batch_jobs IS
+    'autoembed: the provider''s batch jobs in flight (--batch-api): their rows (row_ids, claimed by claim_id), the request each row is in (inputs, the custom_id); job_id is NULL until the provider created it';",
         drop_old_claims = drop_old_claims(state_schema),
     )
 }

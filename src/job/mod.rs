@@ -8,9 +8,11 @@
 //! - [`send`]: requests, split when rejected or too large;
 //! - [`guard`]: replies must fit the column;
 //! - [`progress`], [`report`]: what the user sees;
-//! - [`watch`]: the same, again and again, as rows become pending.
+//! - [`watch`]: the same, again and again, as rows become pending;
+//! - [`batch_api`]: `--batch-api`, the provider's batch jobs instead of requests.
 
 mod batch;
+pub mod batch_api;
 mod guard;
 mod metrics;
 mod plan;
@@ -48,10 +50,27 @@ pub fn run(cfg: &Config, stop: &Stop) -> Result<Report> {
     let cfg = &cfg;
     let provider = provider::build(&cfg.provider)?;
     if cfg.mode == Mode::DryRun {
-        let planner = Planner::new(plan::Shape::of(cfg), provider.counter, true)?;
-        return dry_run(cfg, &mut db, &target, state, &planner).map(Report::DryRun);
+        // With batch jobs, the budgets count those in flight.
+        let in_flight = match cfg.provider.batch_api && state.current {
+            true => Some(target.in_flight(db.client())?),
+            false => None,
+        };
+        let shape = match in_flight {
+            Some(f) => batch_api::shape(cfg, f.tokens),
+            None => plan::Shape::of(cfg),
+        };
+        let planner = Planner::new(shape, provider.counter, true)?;
+        let mut report = dry_run(cfg, &mut db, &target, state, &planner)?;
+        if cfg.provider.batch_api {
+            report.jobs_in_flight = Some(in_flight.map_or(0, |f| f.jobs));
+        }
+        return Ok(Report::DryRun(report));
     }
     let (models, guarded) = prepare(cfg, &mut db, &target, state, provider.embedder)?;
+    if cfg.provider.batch_api {
+        let report = batch_api::run(cfg, &mut db, &target, &models, provider.counter, stop);
+        return Ok(Report::Run(report));
+    }
     let planner = Planner::new(plan::Shape::of(cfg), provider.counter, false)?;
     let report = pool::run(cfg, &mut db, &target, guarded, planner, &models, stop);
     if cfg.reembed.is_some() && report.stop_reason == report::StopReason::Drained {
@@ -106,7 +125,7 @@ fn dry_run(
     let sel = Selection {
         skip_failed: !cfg.retry_failed && state.exists,
         max_attempts: cfg.budget.max_attempts as i32,
-        skip_claimed: state.current,
+        skip_claimed: state.claims,
         reembed: None,
     };
     let pending = target.count_pending(db.client())?;
@@ -126,6 +145,7 @@ fn dry_run(
         estimated_tokens: 0,
         tokens_exact: planner.counter().is_exact(),
         estimated_cost_usd: None,
+        jobs_in_flight: None,
         sample_ids: Vec::new(),
     };
     for seq in 0.. {

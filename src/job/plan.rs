@@ -203,6 +203,19 @@ impl Planner {
         }
     }
 
+    /// How many rows a claim of up to `most` may take (a batch job's), or why none.
+    pub fn claim_up_to(&self, most: usize) -> Result<usize, StopReason> {
+        let s = self.state();
+        if let Some(reason) = s.stopped {
+            return Err(reason);
+        }
+        match s.rows_left {
+            Some(0) => Err(StopReason::MaxRows),
+            Some(left) => Ok(most.min(left as usize)),
+            None => Ok(most),
+        }
+    }
+
     /// A claim took `n` rows (they count against `--max-rows`).
     pub fn took(&self, n: usize) {
         if let Some(left) = &mut self.state().rows_left {

@@ -467,6 +467,7 @@ impl Pool<'_> {
             tokens: tally.tokens,
             elapsed_ms: started.elapsed().as_millis() as u64,
             stop_reason,
+            batch: None,
             error: error.map(|e| output::redact(&e.to_string())),
             may_pass: error.is_some_and(Error::may_pass),
             exit_code: match (error, self.stop.exit_code()) {

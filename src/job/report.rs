@@ -59,11 +59,25 @@ pub struct RunReport {
     pub stop_reason: StopReason,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// With `--batch-api`: the batch jobs' side of the run.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchApiReport>,
     /// The error may pass by itself ([`crate::error::Error::may_pass`]).
     #[serde(skip)]
     pub may_pass: bool,
     #[serde(skip)]
     pub exit_code: i32,
+}
+
+/// What a run with `--batch-api` did with the provider's batch jobs.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchApiReport {
+    /// Rows sent in the jobs this run created.
+    pub submitted: u64,
+    /// Rows the jobs that ended brought back, written or not.
+    pub collected: u64,
+    /// Jobs of this table still at the provider after the run.
+    pub jobs_in_flight: i64,
 }
 
 /// What dry-run found.
@@ -86,6 +100,9 @@ pub struct DryRunReport {
     /// Whether `estimated_tokens` is the provider's own count (cl100k_base).
     pub tokens_exact: bool,
     pub estimated_cost_usd: Option<f64>,
+    /// With `--batch-api`: jobs in flight (their rows are not counted again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jobs_in_flight: Option<i64>,
     pub sample_ids: Vec<String>,
 }
 
@@ -137,6 +154,12 @@ impl Report {
                         r.changed
                     );
                 }
+                if let Some(b) = &r.batch {
+                    s += &format!(
+                        "; batch jobs: {} rows submitted, {} collected, {} jobs in flight",
+                        b.submitted, b.collected, b.jobs_in_flight
+                    );
+                }
                 if let Some(p) = r.pending_after {
                     s += &format!("; {p} pending");
                 }
@@ -167,6 +190,9 @@ impl Report {
                 }
                 if r.too_long > 0 {
                     s += &format!("; {} texts too long, skipped", r.too_long);
+                }
+                if let Some(n) = r.jobs_in_flight {
+                    s += &format!("; at the batch price, {n} batch jobs in flight");
                 }
                 if !r.sample_ids.is_empty() {
                     s += &format!("; first ids: {}", r.sample_ids.join(", "));

@@ -6,6 +6,7 @@
 //! provider gets the same policy (429s wait as told, transient faults back
 //! off with jitter, credential and quota errors stop at once).
 
+pub mod batch_api;
 #[cfg(feature = "local")]
 pub mod local;
 mod openai;

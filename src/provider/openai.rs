@@ -69,6 +69,11 @@ impl OpenAiClient {
     }
 
     fn request_body(&self, inputs: &[&str]) -> String {
+        self.body(inputs).to_string()
+    }
+
+    /// The JSON body of a request for `inputs` (a batch job's line holds one).
+    pub(super) fn body(&self, inputs: &[&str]) -> Value {
         let mut body = serde_json::json!({
             "model": self.model,
             "input": inputs,
@@ -82,10 +87,15 @@ impl OpenAiClient {
                 fields.insert(k.clone(), v.clone());
             }
         }
-        body.to_string()
+        body
     }
 
-    fn classify(&self, status: u16, body: &[u8], retry_after: Option<Duration>) -> ProviderError {
+    pub(super) fn classify(
+        &self,
+        status: u16,
+        body: &[u8],
+        retry_after: Option<Duration>,
+    ) -> ProviderError {
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
         let err = parsed
             .as_ref()
@@ -139,7 +149,11 @@ impl OpenAiClient {
         }
     }
 
-    fn parse_reply(&self, body: &[u8], n_inputs: usize) -> Result<Embeddings, ProviderError> {
+    pub(super) fn parse_reply(
+        &self,
+        body: &[u8],
+        n_inputs: usize,
+    ) -> Result<Embeddings, ProviderError> {
         let garbage = |why: &str| ProviderError::Transient {
             retry_after: None,
             message: format!("unusable reply: {why}"),
@@ -314,7 +328,7 @@ fn path_segment(s: &str) -> String {
         .collect()
 }
 
-fn transport_message(t: &ureq::Transport) -> String {
+pub(super) fn transport_message(t: &ureq::Transport) -> String {
     let mut s = t.kind().to_string();
     if let Some(m) = t.message() {
         s.push_str(": ");
@@ -416,7 +430,7 @@ impl ErrorBody {
     }
 }
 
-fn one_line(s: &str) -> String {
+pub(super) fn one_line(s: &str) -> String {
     let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if flat.chars().count() > 300 {
         flat.chars().take(300).collect::<String>() + "..."
@@ -426,7 +440,7 @@ fn one_line(s: &str) -> String {
 }
 
 /// `retry-after-ms`, then `retry-after` (seconds or an HTTP date).
-fn retry_after(resp: &ureq::Response) -> Option<Duration> {
+pub(super) fn retry_after(resp: &ureq::Response) -> Option<Duration> {
     if let Some(ms) = resp
         .header("retry-after-ms")
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -525,6 +539,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             api_version: Some("2024-10-21".into()),
             request_extra: Some(extra),
+            batch_api: false,
         });
         assert_eq!(
             c.url,
@@ -537,20 +552,7 @@ mod tests {
     }
 
     fn client(kind: ProviderKind) -> OpenAiClient {
-        OpenAiClient::new(&ProviderConfig {
-            kind,
-            api_base: "http://127.0.0.1:9".into(),
-            api_key: Some("k".into()),
-            key_var: "OPENAI_API_KEY",
-            vault_secret: None,
-            price_per_million: None,
-            model: "text-embedding-3-small".into(),
-            model_path: None,
-            dimensions: None,
-            request_timeout: Duration::from_secs(1),
-            api_version: None,
-            request_extra: None,
-        })
+        OpenAiClient::new(&ProviderConfig::for_tests(kind))
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! user would: the exact vector in the exact row, the exit code, the text.
 
 mod access;
+mod batch_api;
 mod chunks;
 mod claims;
 mod config;

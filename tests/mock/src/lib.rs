@@ -10,6 +10,9 @@
 //! Shared by the integration tests (`tests/it`), `examples/mock_server.rs`
 //! and the benchmark (`examples/bench.rs`), as a dev-dependency.
 
+mod batches;
+
+pub use batches::BatchJob;
 use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -202,6 +205,11 @@ struct State {
     rate_limited: usize,
     tokens_accepted: u64,
     hold: Option<Gate>,
+    /// The Files and Batch endpoints' files and jobs.
+    batches: batches::Batches,
+    /// Hold each call to the Files and Batch endpoints named (`POST
+    /// /v1/batches`), once it has done its work, before its reply.
+    hold_batch_call: Option<(String, Gate)>,
 }
 
 /// A running mock server; it stops when the process ends.
@@ -318,6 +326,67 @@ impl Mock {
         });
     }
 
+    /// Hold every `call` (`POST /v1/batches`, `POST /v1/files`) once it has
+    /// done its work (the job created, the file stored), before its reply:
+    /// a client killed meanwhile never heard of what it made.
+    pub fn hold_batch_call(&self, call: &str) -> Held {
+        let (arrived_tx, arrived_rx) = channel();
+        let (release_tx, release_rx) = channel();
+        self.with(|s| {
+            s.hold_batch_call = Some((
+                call.to_string(),
+                (arrived_tx, Arc::new(Mutex::new(release_rx))),
+            ))
+        });
+        Held {
+            arrived: arrived_rx,
+            release: release_tx,
+        }
+    }
+
+    /// Stop holding the calls [`Mock::hold_batch_call`] named.
+    pub fn unhold_batch_calls(&self) {
+        self.with(|s| s.hold_batch_call = None);
+    }
+
+    /// The batch jobs created so far, oldest first.
+    pub fn batch_jobs(&self) -> Vec<BatchJob> {
+        self.with(|s| s.batches.jobs())
+    }
+
+    /// Files stored (inputs not deleted, outputs, error files).
+    pub fn batch_files(&self) -> usize {
+        self.with(|s| s.batches.file_count())
+    }
+
+    /// Requests made to the Files and Batch endpoints, as `METHOD path`.
+    pub fn batch_calls(&self) -> Vec<String> {
+        self.with(|s| s.batches.calls.clone())
+    }
+
+    /// Bytes of input files uploaded.
+    pub fn batch_uploaded_bytes(&self) -> u64 {
+        self.with(|s| s.batches.uploaded_bytes)
+    }
+
+    /// Move batch job `id` to `status`; a job that ends (`completed`,
+    /// `expired`, `cancelled`) gets its output and error files then.
+    pub fn set_batch_status(&self, id: &str, status: &str) {
+        self.with(|s| {
+            let marker = s.reject_marker.clone();
+            let answer = batches::Answer {
+                dims: s.dims,
+                reject_marker: marker.as_deref(),
+            };
+            s.batches.set_status(id, status, &answer)
+        });
+    }
+
+    /// Jobs go `in_progress` at once and `completed` this long after creation.
+    pub fn complete_batches_after(&self, d: Duration) {
+        self.with(|s| s.batches.complete_after = Some(d));
+    }
+
     /// 429s answered because of [`Mock::rate_limits`], and tokens accepted.
     pub fn rate_limited(&self) -> (usize, u64) {
         self.with(|s| (s.rate_limited, s.tokens_accepted))
@@ -369,6 +438,7 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
+        let method = line.split_whitespace().next().unwrap_or("GET").to_string();
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut headers = Vec::new();
         let mut length = 0usize;
@@ -392,10 +462,51 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        if path.starts_with("/v1/files") || path.starts_with("/v1/batches") {
+            if !respond_batches(&mut out, &state, &method, &path, &headers, &body) {
+                return;
+            }
+            continue;
+        }
         if !respond(&mut out, &state, path, headers, &body) {
             return;
         }
     }
+}
+
+/// Answer one request to the Files or Batch endpoints.
+fn respond_batches(
+    out: &mut TcpStream,
+    state: &Arc<Mutex<State>>,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> bool {
+    let (status, text, kind, hold) = {
+        let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        if let Some(Fault::Status { status, body, .. }) = &s.always {
+            return send(out, *status, body, &[]);
+        }
+        let marker = s.reject_marker.clone();
+        let answer = batches::Answer {
+            dims: s.dims,
+            reject_marker: marker.as_deref(),
+        };
+        let (status, text, kind) = s.batches.respond(method, path, headers, body, &answer);
+        let call = format!("{method} {}", path.split('?').next().unwrap_or(""));
+        let hold = match &s.hold_batch_call {
+            Some((held, gate)) if *held == call => Some(gate.clone()),
+            _ => None,
+        };
+        (status, text, kind, hold)
+    };
+    if let Some((arrived, release)) = hold {
+        let _ = arrived.send(());
+        let _ = release.lock().map(|r| r.recv());
+    }
+    send_typed(out, status, &text, kind)
 }
 
 /// Answer one request; false when the connection must close.
@@ -731,8 +842,22 @@ fn fast_reply(inputs: &[String], dims: usize, model: &Value) -> String {
 }
 
 fn send(out: &mut TcpStream, status: u16, body: &str, headers: &[(&str, &str)]) -> bool {
+    send_with(out, status, body, "application/json", headers)
+}
+
+fn send_typed(out: &mut TcpStream, status: u16, body: &str, kind: &str) -> bool {
+    send_with(out, status, body, kind, &[])
+}
+
+fn send_with(
+    out: &mut TcpStream,
+    status: u16,
+    body: &str,
+    kind: &str,
+    headers: &[(&str, &str)],
+) -> bool {
     let mut head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        "HTTP/1.1 {status} {}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n",
         reason(status),
         body.len()
     );

@@ -1,0 +1,257 @@
+//! Submitting: pending rows claimed for as long as a job may take,
+//! planned like any batch, written to a JSONL file on disk within the
+//! provider's limits, their ids and text hashes recorded, the file
+//! uploaded and the job created on it. A create is sent once: a failure
+//! that may have made the job leaves the intent for the next run to look for.
+
+use super::{provider_error, Run, HOLD, SUBMIT_FOR};
+use crate::db::batch_jobs::JobRows;
+use crate::db::claims::{Claimed, Holder, Lease};
+use crate::db::target::Selection;
+use crate::db::writes::BatchWrite;
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::job::plan::Planner;
+use crate::job::report::StopReason;
+use crate::provider::batch_api::{random_u64, MAX_FILE_BYTES, MAX_JOB_REQUESTS};
+use crate::provider::ProviderError;
+use crate::signals::Stop;
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::time::Instant;
+
+impl Run<'_> {
+    /// Submit pending rows as new jobs until a budget, the time or the
+    /// rows run out.
+    pub(super) fn submit(
+        &mut self,
+        db: &mut Db,
+        planner: &Planner,
+        started: Instant,
+        stop: &Stop,
+    ) -> Result<StopReason> {
+        let deadline = self.cfg.budget.max_seconds.map(|d| started + d);
+        let mut seq = 0u64;
+        loop {
+            if stop.requested() {
+                return Ok(StopReason::Signal);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(StopReason::MaxSeconds);
+            }
+            let limit = match planner.claim_up_to(MAX_JOB_REQUESTS) {
+                Ok(n) => n,
+                Err(reason) => return Ok(reason),
+            };
+            match self.submit_job(db, planner, limit, &mut seq)? {
+                Submitted::Nothing => return Ok(StopReason::Drained),
+                Submitted::Job { stop: Some(reason) } => return Ok(reason),
+                Submitted::Job { stop: None } => {}
+            }
+        }
+    }
+
+    /// Claim up to `limit` rows and send them as one job.
+    fn submit_job(
+        &mut self,
+        db: &mut Db,
+        planner: &Planner,
+        limit: usize,
+        seq: &mut u64,
+    ) -> Result<Submitted> {
+        let intent = format!(
+            "{:016x}{:016x}",
+            random_u64(),
+            random_u64() ^ u64::from(std::process::id())
+        );
+        let holder = Holder {
+            name: format!("batch:{intent}"),
+        };
+        let lease = Lease {
+            holder: &holder,
+            length: HOLD,
+            direct: false,
+        };
+        let sel = self.selection();
+        let (target, model, reembed) = (
+            self.target,
+            self.cfg.provider.model.as_str(),
+            self.cfg.reembed.is_some(),
+        );
+        let taken = db.in_transaction(|tx| {
+            let taken = target.claim(tx, None, limit, &sel, Some(lease))?;
+            if let Some(claim) = taken.claim {
+                target.begin_intent(tx, &intent, claim, model, reembed, SUBMIT_FOR)?;
+            }
+            Ok(taken)
+        })?;
+        if taken.ids.is_empty() {
+            return Ok(Submitted::Nothing);
+        }
+        planner.took(taken.ids.len());
+        let spool = tempfile::NamedTempFile::new()
+            .map_err(|e| Error::Config(format!("cannot make a temporary file (TMPDIR): {e}")))?;
+        let built = self.build_file(db, planner, &taken.ids, &sel, seq, spool.as_file());
+        let (rows, stop) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?));
+                return Err(e);
+            }
+        };
+        if rows.ids.is_empty() {
+            db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
+            return Ok(Submitted::Job { stop });
+        }
+        if !target.record_rows(db.client(), &intent, &rows, SUBMIT_FOR)? {
+            return Ok(Submitted::Job { stop });
+        }
+        let uploaded = self.api.upload(spool.path());
+        let file = match self.call(uploaded) {
+            Ok(f) => f,
+            Err(e) => {
+                // No job can exist without its file.
+                db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
+                return Err(e);
+            }
+        };
+        if !target.record_file(db.client(), &intent, &file, SUBMIT_FOR)? {
+            let _ = self.api.delete_file(&file);
+            return Ok(Submitted::Job { stop });
+        }
+        let created = self.api.create(&file, &intent, &target.key);
+        self.tally.requests += 1;
+        let job = match created {
+            Ok(job) => job,
+            Err(e @ ProviderError::Rejected { .. }) => {
+                // Refused outright: there is no job.
+                db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
+                let _ = self.api.delete_file(&file);
+                return Err(provider_error(e));
+            }
+            // The job may exist: the next run looks for it by its intent.
+            Err(e) => return Err(provider_error(e)),
+        };
+        if !target.record_job(db.client(), &intent, &job.id, HOLD)? {
+            crate::warn!("batch job {} was dropped meanwhile; cancelling it", job.id);
+            let _ = self.api.cancel(&job.id);
+            return Ok(Submitted::Job { stop });
+        }
+        crate::info!(
+            "submitted batch job {} with {} rows ({} requests, {} tokens)",
+            job.id,
+            rows.ids.len(),
+            rows.inputs.iter().map(|&k| k + 1).max().unwrap_or(0),
+            rows.tokens
+        );
+        self.tally.submitted += rows.ids.len() as u64;
+        Ok(Submitted::Job { stop })
+    }
+
+    /// Read the claimed rows a page at a time, plan them, and write their
+    /// requests to `file`; the job's rows, and why submitting stops after
+    /// it. Rows the file has no room for are left out (the claim shrinks
+    /// to the job's rows), and taken by the next job.
+    fn build_file(
+        &mut self,
+        db: &mut Db,
+        planner: &Planner,
+        ids: &[String],
+        sel: &Selection<'_>,
+        seq: &mut u64,
+        file: &std::fs::File,
+    ) -> Result<(JobRows, Option<StopReason>)> {
+        let io = |e: std::io::Error| {
+            Error::Config(format!("cannot write a temporary file (TMPDIR): {e}"))
+        };
+        let mut out = BufWriter::new(file);
+        let mut job = JobRows::default();
+        let mut bytes = 0u64;
+        let mut request_of: HashMap<String, i32> = HashMap::new();
+        let mut requests = 0i32;
+        let mut failures: Vec<Claimed> = Vec::new();
+        let mut why: Vec<String> = Vec::new();
+        let first_seq = *seq;
+        let mut stop = None;
+        // Ids whose rows were read (or given back): the others are given back after.
+        let mut looked_at = 0;
+        for page in ids.chunks(self.cfg.budget.batch_size.max(1)) {
+            looked_at += page.len();
+            let rows = self.target.read(db.client(), page, sel)?;
+            planner.gave_back(page.len() - rows.len());
+            let units = planner.units(&rows);
+            let plan = planner.plan(*seq, &units);
+            *seq += 1;
+            let mut lines = Vec::with_capacity(plan.send.len());
+            let mut page_bytes = 0u64;
+            for item in &plan.send {
+                let line = self
+                    .api
+                    .line(&(requests as usize + lines.len()).to_string(), &item.text);
+                page_bytes += line.len() as u64 + 1;
+                lines.push(line);
+            }
+            if bytes + page_bytes > MAX_FILE_BYTES {
+                // The file is full: this page and the rest go in the next job.
+                planner.gave_back(rows.len());
+                break;
+            }
+            for line in &lines {
+                out.write_all(line.as_bytes()).map_err(io)?;
+                out.write_all(b"\n").map_err(io)?;
+            }
+            bytes += page_bytes;
+            let mut request = vec![None; rows.len()];
+            for (n, item) in plan.send.iter().enumerate() {
+                let k = requests + n as i32;
+                request[item.row] = Some(k);
+                for &j in plan.same_text.get(&item.row).into_iter().flatten() {
+                    request[j] = Some(k);
+                }
+                job.tokens += item.tokens.unwrap_or(0) as i64;
+            }
+            requests += plan.send.len() as i32;
+            for (i, from) in &plan.copy {
+                request[*i] = request_of.get(from).copied();
+            }
+            for (i, e) in &plan.too_long {
+                failures.push(rows[*i].clone());
+                why.push(e.clone());
+            }
+            self.tally.truncated += plan.truncated;
+            for (i, row) in rows.iter().enumerate().take(plan.cut) {
+                if let Some(k) = request[i] {
+                    request_of.insert(row.id.clone(), k);
+                    job.ids.push(row.id.clone());
+                    job.hashes.push(row.text_hash);
+                    job.inputs.push(k);
+                }
+            }
+            if plan.stop.is_some() {
+                stop = plan.stop;
+                break;
+            }
+        }
+        out.flush().map_err(io)?;
+        planner.gave_back(ids.len() - looked_at);
+        // Texts identical to one of this job are sent again by a later job.
+        for s in first_seq..*seq {
+            planner.settle(s, &[]);
+        }
+        if !failures.is_empty() {
+            let failed: Vec<(&Claimed, String)> = failures.iter().zip(why).collect();
+            let write = BatchWrite::new(Vec::new(), failed, None, self.target.half);
+            self.target.write_batch(db, &write, self.models, false)?;
+            self.tally.failed += failures.len() as u64;
+        }
+        Ok((job, stop))
+    }
+}
+
+/// What one submission did.
+enum Submitted {
+    /// No pending row was left to claim.
+    Nothing,
+    /// A job was sent (or its rows all failed or were cut); a budget may stop the run.
+    Job { stop: Option<StopReason> },
+}

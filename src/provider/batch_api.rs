@@ -1,0 +1,567 @@
+//! OpenAI's Batch API on the wire: a JSONL file of embeddings requests
+//! uploaded to `/files` (purpose `batch`), a job created on it
+//! (`/batches`, endpoint `/v1/embeddings`, window `24h`, the intent in its
+//! `metadata`), its status read, listed, cancelled, and its output and
+//! error files downloaded. Half the price of the synchronous endpoint, in a
+//! rate-limit pool of its own, done within a day.
+//!
+//! Files travel between disk and the socket in pieces: a job of 50,000
+//! texts is never held in memory. Each call is tried up to three times on
+//! server errors and rate limits, except creating a job: a create whose
+//! reply was lost may have made the job, so it is never repeated; the
+//! intent in its metadata finds it instead ([`BatchApi::find_intent`]).
+
+use super::openai::{one_line, retry_after, transport_message, OpenAiClient};
+use super::ProviderError;
+use crate::config::ProviderConfig;
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+/// The provider's limits on one job: requests (one text each) and file size.
+pub const MAX_JOB_REQUESTS: usize = 50_000;
+pub const MAX_FILE_BYTES: u64 = 200 * 1024 * 1024;
+/// The completion window autoembed asks for (the only one OpenAI offers).
+pub const WINDOW: &str = "24h";
+/// The metadata key that carries the intent's id.
+const INTENT_KEY: &str = "autoembed_intent";
+
+/// Where a job is, as the provider says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    Validating,
+    InProgress,
+    Finalizing,
+    Cancelling,
+    Completed,
+    Expired,
+    Cancelled,
+    Failed,
+}
+
+impl JobStatus {
+    fn parse(s: &str) -> Option<JobStatus> {
+        Some(match s {
+            "validating" => JobStatus::Validating,
+            "in_progress" => JobStatus::InProgress,
+            "finalizing" => JobStatus::Finalizing,
+            "cancelling" => JobStatus::Cancelling,
+            "completed" => JobStatus::Completed,
+            "expired" => JobStatus::Expired,
+            "cancelled" => JobStatus::Cancelled,
+            "failed" => JobStatus::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Validating => "validating",
+            JobStatus::InProgress => "in_progress",
+            JobStatus::Finalizing => "finalizing",
+            JobStatus::Cancelling => "cancelling",
+            JobStatus::Completed => "completed",
+            JobStatus::Expired => "expired",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    /// Still working: nothing to collect yet.
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Validating
+                | JobStatus::InProgress
+                | JobStatus::Finalizing
+                | JobStatus::Cancelling
+        )
+    }
+}
+
+/// A job as the provider describes it.
+#[derive(Debug, Clone)]
+pub struct RemoteJob {
+    pub id: String,
+    pub status: JobStatus,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    /// The intent autoembed put in its metadata.
+    pub intent: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Why a failed job failed (validation errors), in one line.
+    pub errors: Option<String>,
+}
+
+impl RemoteJob {
+    fn from_json(v: &Value) -> Option<RemoteJob> {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let errors = v
+            .get("errors")
+            .and_then(|e| e.get("data"))
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(|e| {
+                        let m = e.get("message").and_then(Value::as_str)?;
+                        Some(match e.get("line").and_then(Value::as_u64) {
+                            Some(line) => format!("line {line}: {m}"),
+                            None => m.to_string(),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .filter(|s| !s.is_empty());
+        Some(RemoteJob {
+            id: text("id")?,
+            status: JobStatus::parse(v.get("status")?.as_str()?)?,
+            output_file_id: text("output_file_id"),
+            error_file_id: text("error_file_id"),
+            intent: v
+                .get("metadata")
+                .and_then(|m| m.get(INTENT_KEY))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            created_at: v.get("created_at").and_then(Value::as_i64).unwrap_or(0),
+            errors: errors.map(|e| one_line(&e)),
+        })
+    }
+}
+
+/// What one line of an output or error file says about its request.
+#[derive(Debug, PartialEq)]
+pub enum LineResult {
+    /// The vector, and the tokens the provider counted.
+    Vector {
+        custom_id: String,
+        vector: Vec<f32>,
+        tokens: Option<u64>,
+    },
+    /// The provider refused the input (a 400): the row's failure.
+    Rejected { custom_id: String, message: String },
+    /// Not done (expired, cancelled, a server error, a rate limit): the row
+    /// is sent again later.
+    Unanswered { custom_id: String, message: String },
+}
+
+/// The Files and Batch endpoints of an OpenAI-compatible base URL.
+pub struct BatchApi {
+    agent: ureq::Agent,
+    base: String,
+    api_key: Option<String>,
+    wire: OpenAiClient,
+}
+
+/// Tries of a call that may be repeated.
+const TRIES: u32 = 3;
+
+impl BatchApi {
+    pub fn new(cfg: &ProviderConfig) -> BatchApi {
+        // Files are long: the timeout bounds each read and write, not the whole transfer.
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(cfg.request_timeout)
+            .timeout_read(cfg.request_timeout)
+            .timeout_write(cfg.request_timeout)
+            .user_agent(concat!("autoembed/", env!("CARGO_PKG_VERSION")))
+            .build();
+        BatchApi {
+            agent,
+            base: cfg.api_base.trim_end_matches('/').to_string(),
+            api_key: cfg.api_key.clone(),
+            wire: OpenAiClient::new(cfg),
+        }
+    }
+
+    /// One line of a job's input file: `text` embedded under `custom_id`.
+    pub fn line(&self, custom_id: &str, text: &str) -> String {
+        serde_json::json!({
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": self.wire.body(&[text]),
+        })
+        .to_string()
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let req = self.agent.request(method, &format!("{}{path}", self.base));
+        match &self.api_key {
+            Some(key) => req.set("authorization", &format!("Bearer {key}")),
+            None => req,
+        }
+    }
+
+    /// Send the request `req` builds (with `body`, as JSON) up to
+    /// [`TRIES`] times (once unless `repeatable`); the reply as JSON.
+    fn json(
+        &self,
+        what: &str,
+        repeatable: bool,
+        req: impl Fn() -> ureq::Request,
+        body: Option<&str>,
+    ) -> Result<Value, ProviderError> {
+        self.tried(what, repeatable, || {
+            let sent = match body {
+                Some(b) => req().set("content-type", "application/json").send_string(b),
+                None => req().call(),
+            };
+            reply_json(what, sent.map_err(|e| self.failed(what, e))?)
+        })
+    }
+
+    fn tried<T>(
+        &self,
+        what: &str,
+        repeatable: bool,
+        f: impl Fn() -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let mut attempt = 1;
+        loop {
+            match f() {
+                Err(
+                    ProviderError::Transient { retry_after, .. }
+                    | ProviderError::RateLimited { retry_after, .. },
+                ) if repeatable && attempt < TRIES => {
+                    let wait = retry_after
+                        .unwrap_or(Duration::from_secs(1 << (2 * (attempt - 1))))
+                        .min(Duration::from_secs(30));
+                    crate::debug!("{what}: retrying in {wait:?}");
+                    std::thread::sleep(wait);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn failed(&self, what: &str, e: ureq::Error) -> ProviderError {
+        match e {
+            ureq::Error::Status(404, resp) => {
+                let mut body = Vec::new();
+                let _ = resp.into_reader().take(64 * 1024).read_to_end(&mut body);
+                ProviderError::Fatal {
+                    message: format!(
+                        "{what}: not found (404) at {}: {}; --batch-api needs OpenAI's Batch API at --api-base (AUTOEMBED_API_BASE)",
+                        self.base,
+                        one_line(&String::from_utf8_lossy(&body))
+                    ),
+                }
+            }
+            ureq::Error::Status(status, resp) => {
+                let wait = retry_after(&resp);
+                let mut body = Vec::new();
+                let _ = resp.into_reader().take(64 * 1024).read_to_end(&mut body);
+                match self.wire.classify(status, &body, wait) {
+                    ProviderError::Rejected { status, message } => ProviderError::Rejected {
+                        status,
+                        message: format!("{what}: {message}"),
+                    },
+                    other => other,
+                }
+            }
+            ureq::Error::Transport(t) => ProviderError::Transient {
+                retry_after: None,
+                message: format!(
+                    "{what}: cannot reach {}: {}",
+                    self.base,
+                    one_line(&transport_message(&t))
+                ),
+            },
+        }
+    }
+
+    fn job(&self, what: &str, v: Value) -> Result<RemoteJob, ProviderError> {
+        RemoteJob::from_json(&v).ok_or_else(|| ProviderError::Transient {
+            retry_after: None,
+            message: format!("{what}: unusable reply: not a batch object"),
+        })
+    }
+
+    /// Upload the JSONL file at `path` (purpose `batch`); its file id.
+    pub fn upload(&self, path: &Path) -> Result<String, ProviderError> {
+        let what = "uploading the batch file";
+        let boundary = format!("autoembed-{:016x}", random_u64());
+        let head = format!(
+            "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+             --{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"autoembed.jsonl\"\r\n\
+             content-type: application/jsonl\r\n\r\n"
+        );
+        let tail = format!("\r\n--{boundary}--\r\n");
+        let v = self.tried(what, true, || {
+            let file = std::fs::File::open(path).map_err(|e| ProviderError::Misconfigured {
+                message: format!("{what}: cannot read {}: {e}", path.display()),
+            })?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let length = head.len() as u64 + size + tail.len() as u64;
+            let body = head.as_bytes().chain(file).chain(tail.as_bytes());
+            self.request("POST", "/files")
+                .set(
+                    "content-type",
+                    &format!("multipart/form-data; boundary={boundary}"),
+                )
+                .set("content-length", &length.to_string())
+                .send(body)
+                .map_err(|e| self.failed(what, e))
+                .and_then(|resp| reply_json(what, resp))
+        })?;
+        v.get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ProviderError::Transient {
+                retry_after: None,
+                message: format!("{what}: unusable reply: no file id"),
+            })
+    }
+
+    /// Create the job on `file_id`, with `intent` in its metadata. Sent
+    /// once: a failure may still have made the job.
+    pub fn create(
+        &self,
+        file_id: &str,
+        intent: &str,
+        table: &str,
+    ) -> Result<RemoteJob, ProviderError> {
+        let what = "creating the batch job";
+        let body = serde_json::json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/embeddings",
+            "completion_window": WINDOW,
+            "metadata": {INTENT_KEY: intent, "autoembed_table": table.chars().take(500).collect::<String>()},
+        });
+        let body = body.to_string();
+        let v = self.json(
+            what,
+            false,
+            || self.request("POST", "/batches"),
+            Some(&body),
+        )?;
+        self.job(what, v)
+    }
+
+    /// The job `id` as it is now.
+    pub fn get(&self, id: &str) -> Result<RemoteJob, ProviderError> {
+        let what = format!("reading batch job {id}");
+        let path = format!("/batches/{}", segment(id));
+        let v = self.json(&what, true, || self.request("GET", &path), None)?;
+        self.job(&what, v)
+    }
+
+    /// Ask the provider to cancel job `id`; it goes `cancelling`, then
+    /// `cancelled` with what it finished.
+    pub fn cancel(&self, id: &str) -> Result<RemoteJob, ProviderError> {
+        let what = format!("cancelling batch job {id}");
+        let path = format!("/batches/{}/cancel", segment(id));
+        let v = self.json(&what, true, || self.request("POST", &path), Some("{}"))?;
+        self.job(&what, v)
+    }
+
+    /// The job whose metadata carries `intent`, among those created since
+    /// `since` (Unix seconds); the list is newest first.
+    pub fn find_intent(
+        &self,
+        intent: &str,
+        since: i64,
+    ) -> Result<Option<RemoteJob>, ProviderError> {
+        let mut after: Option<String> = None;
+        loop {
+            let what = "listing batch jobs";
+            let page = || {
+                let req = self.request("GET", "/batches").query("limit", "100");
+                match &after {
+                    Some(a) => req.query("after", a),
+                    None => req,
+                }
+            };
+            let v = self.json(what, true, page, None)?;
+            let jobs: Vec<RemoteJob> = v
+                .get("data")
+                .and_then(Value::as_array)
+                .map(|d| d.iter().filter_map(RemoteJob::from_json).collect())
+                .unwrap_or_default();
+            if let Some(j) = jobs.iter().find(|j| j.intent.as_deref() == Some(intent)) {
+                return Ok(Some(j.clone()));
+            }
+            let more = v.get("has_more").and_then(Value::as_bool).unwrap_or(false);
+            let older = jobs.last().is_some_and(|j| j.created_at < since);
+            match jobs.last() {
+                Some(last) if more && !older => after = Some(last.id.clone()),
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// Download file `id` into `to`, in pieces.
+    pub fn download(&self, id: &str, to: &Path) -> Result<(), ProviderError> {
+        let what = format!("downloading batch file {id}");
+        self.tried(&what, true, || {
+            let resp = self
+                .request("GET", &format!("/files/{}/content", segment(id)))
+                .call()
+                .map_err(|e| self.failed(&what, e))?;
+            let io = |e: std::io::Error| ProviderError::Transient {
+                retry_after: None,
+                message: format!("{what}: {e}"),
+            };
+            let mut file = std::fs::File::create(to).map_err(io)?;
+            std::io::copy(&mut resp.into_reader(), &mut file).map_err(io)?;
+            Ok(())
+        })
+    }
+
+    /// Delete file `id` at the provider (its storage is the user's).
+    pub fn delete_file(&self, id: &str) -> Result<(), ProviderError> {
+        let what = format!("deleting batch file {id}");
+        let path = format!("/files/{}", segment(id));
+        self.json(&what, true, || self.request("DELETE", &path), None)
+            .map(|_| ())
+    }
+
+    /// Read one line of an output or error file; `None` when it is not a
+    /// line of one.
+    pub fn parse_line(&self, line: &str) -> Option<LineResult> {
+        let v: Value = serde_json::from_str(line).ok()?;
+        let custom_id = v.get("custom_id")?.as_str()?.to_string();
+        let response = v.get("response").filter(|r| !r.is_null());
+        let Some(response) = response else {
+            let message = v
+                .get("error")
+                .and_then(|e| e.get("message").or(e.get("code")))
+                .and_then(Value::as_str)
+                .unwrap_or("no response")
+                .to_string();
+            return Some(LineResult::Unanswered {
+                custom_id,
+                message: one_line(&message),
+            });
+        };
+        let status = response
+            .get("status_code")
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as u16;
+        let body = response
+            .get("body")
+            .map(|b| serde_json::to_vec(b).unwrap_or_default())
+            .unwrap_or_default();
+        let err = if status == 200 {
+            match self.wire.parse_reply(&body, 1) {
+                Ok(mut e) => {
+                    let vector = e.vectors.pop()?;
+                    return Some(LineResult::Vector {
+                        custom_id,
+                        vector,
+                        tokens: e.tokens,
+                    });
+                }
+                Err(e) => e,
+            }
+        } else {
+            self.wire.classify(status, &body, None)
+        };
+        Some(match err {
+            ProviderError::Rejected { message, .. } => LineResult::Rejected { custom_id, message },
+            other => LineResult::Unanswered {
+                custom_id,
+                message: other.to_string(),
+            },
+        })
+    }
+}
+
+/// A reply's body as JSON (at most a megabyte: these are small objects).
+fn reply_json(what: &str, resp: ureq::Response) -> Result<Value, ProviderError> {
+    let mut body = Vec::new();
+    resp.into_reader()
+        .take(1 << 20)
+        .read_to_end(&mut body)
+        .map_err(|e| ProviderError::Transient {
+            retry_after: None,
+            message: format!("{what}: reply cut short: {e}"),
+        })?;
+    serde_json::from_slice(&body).map_err(|e| ProviderError::Transient {
+        retry_after: None,
+        message: format!("{what}: unusable reply: {e}"),
+    })
+}
+
+/// `s` as one URL path segment (ids are the provider's, but never pasted raw).
+fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A random number for a multipart boundary or an intent's id.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> BatchApi {
+        BatchApi::new(&crate::config::ProviderConfig::for_tests(
+            crate::models::ProviderKind::OpenAi,
+        ))
+    }
+
+    #[test]
+    fn reads_vectors_refusals_and_unanswered_lines() {
+        let api = api();
+        let ok = r#"{"id":"r1","custom_id":"7","response":{"status_code":200,"body":{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5,-0.25]}],"model":"m","usage":{"prompt_tokens":3,"total_tokens":3}}},"error":null}"#;
+        assert_eq!(
+            api.parse_line(ok),
+            Some(LineResult::Vector {
+                custom_id: "7".into(),
+                vector: vec![0.5, -0.25],
+                tokens: Some(3)
+            })
+        );
+        let bad = r#"{"id":"r2","custom_id":"8","response":{"status_code":400,"body":{"error":{"message":"too long","type":"invalid_request_error"}}},"error":null}"#;
+        assert!(
+            matches!(api.parse_line(bad), Some(LineResult::Rejected { custom_id, .. }) if custom_id == "8")
+        );
+        let busy = r#"{"id":"r3","custom_id":"9","response":{"status_code":500,"body":{"error":{"message":"oops"}}},"error":null}"#;
+        assert!(matches!(
+            api.parse_line(busy),
+            Some(LineResult::Unanswered { .. })
+        ));
+        let expired = r#"{"id":"r4","custom_id":"10","response":null,"error":{"code":"batch_expired","message":"not executed"}}"#;
+        assert_eq!(
+            api.parse_line(expired),
+            Some(LineResult::Unanswered {
+                custom_id: "10".into(),
+                message: "not executed".into()
+            })
+        );
+        assert_eq!(api.parse_line("not json"), None);
+    }
+
+    #[test]
+    fn a_failed_job_says_why_in_one_line() {
+        let v = serde_json::json!({"id": "batch_1", "status": "failed", "created_at": 5,
+            "errors": {"object": "list", "data": [{"code": "x", "message": "bad url", "line": 3}]},
+            "metadata": {"autoembed_intent": "i-1"}});
+        let j = RemoteJob::from_json(&v).expect("job");
+        assert_eq!(j.status, JobStatus::Failed);
+        assert_eq!(j.intent.as_deref(), Some("i-1"));
+        assert_eq!(j.errors.as_deref(), Some("line 3: bad url"));
+    }
+}
