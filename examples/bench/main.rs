@@ -24,7 +24,8 @@
 //!   (autoembed's own process) and the model's load time, at concurrency 1
 //!   and 2 (the default);
 //! - `chunks`: long documents backfilled into a chunks table against the
-//!   plain path writing the same vectors ([`chunks`]).
+//!   plain path writing the same vectors ([`chunks`]);
+//! - `batch`: a backfill through the provider's batch jobs ([`batch`]).
 //!
 //! The first line names the machine: the CPU, its cores and the vector
 //! extensions the matrix kernels can pick from, so that figures from
@@ -32,10 +33,11 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--rows N] [--runs N] [--ref-rows N]
-//!     [--local-rows N] [--chunk-docs N] [--python PATH]
-//!     [--skip throughput,latency,tick,memory,local,chunks]
+//!     [--local-rows N] [--chunk-docs N] [--batch-rows N] [--python PATH]
+//!     [--skip throughput,latency,tick,memory,local,chunks,batch]
 //! ```
 
+mod batch;
 mod chunks;
 
 use autoembed_mock as mock;
@@ -52,6 +54,7 @@ struct Opts {
     ref_rows: i64,
     local_rows: i64,
     chunk_docs: i64,
+    batch_rows: i64,
     python: Option<String>,
     skip: Vec<String>,
     url: String,
@@ -94,6 +97,9 @@ fn main() {
     if !opts.skip.iter().any(|s| s == "chunks") {
         chunks::chunks(&opts, &mut db);
     }
+    if !opts.skip.iter().any(|s| s == "batch") {
+        batch::batch(&opts, &mut db);
+    }
 }
 
 fn parse_args() -> Opts {
@@ -103,6 +109,7 @@ fn parse_args() -> Opts {
         ref_rows: 2_000,
         local_rows: 2_000,
         chunk_docs: 2_000,
+        batch_rows: 100_000,
         python: None,
         skip: Vec::new(),
         url: std::env::var("AUTOEMBED_BENCH_DATABASE_URL")
@@ -123,6 +130,7 @@ fn parse_args() -> Opts {
             "--ref-rows" => o.ref_rows = val().parse().unwrap_or_else(|_| fail("--ref-rows")),
             "--local-rows" => o.local_rows = val().parse().unwrap_or_else(|_| fail("--local-rows")),
             "--chunk-docs" => o.chunk_docs = val().parse().unwrap_or_else(|_| fail("--chunk-docs")),
+            "--batch-rows" => o.batch_rows = val().parse().unwrap_or_else(|_| fail("--batch-rows")),
             "--python" => o.python = Some(val()),
             "--skip" => o.skip = val().split(',').map(str::to_string).collect(),
             "--bin" => o.bin = val(),

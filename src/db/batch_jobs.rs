@@ -1,24 +1,29 @@
-//! The provider's batch jobs this table has in flight (`<state>.batch_jobs`).
+//! The provider's batch jobs this table has in flight (`<state>.batch_jobs`)
+//! and the rows each holds (`<state>.batch_rows`, one row each, so that a
+//! claim or a probe finds a held row by its key however big the job).
 //!
-//! A job's life in this table, every step its own short transaction:
-//! 1. the intent: its rows are claimed (one claim row, held for a day and
-//!    more, by no backend) and the intent is inserted beside it, naming the
-//!    submitting backend and the time by which the job must be created;
-//! 2. its rows, their text hashes and which request (`custom_id`) each is
-//!    in, recorded before the job is created (a crash after creating it
-//!    must leave all that is needed to collect it); the claim shrinks to
-//!    exactly those rows;
+//! A job's life in these tables, every step its own short transaction:
+//! 1. the intent and its rows: under the table's claim lock (the one every
+//!    claim takes), the intent is inserted, naming the submitting backend
+//!    and the time by which the job must be created, and the first pending
+//!    rows no claim and no job holds are taken for it;
+//! 2. for each row, the hash of the text read and the request (`custom_id`)
+//!    it went in, recorded before the job is created (a crash after
+//!    creating it must leave all that collecting needs); rows left out of
+//!    the file are let go;
 //! 3. the job's id, once the provider created it; an intent whose
 //!    submitter is gone without recording one is looked for at the
 //!    provider by its id in the job's metadata and adopted, or dropped
-//!    (its claim with it) when the provider has no such job;
+//!    (its rows with it) when the provider has no such job;
 //! 4. collecting: one run at a time (a lease on the record) writes the
 //!    vectors with the same compare-and-set as any batch, then the record
-//!    and its claim go, and rows that got nothing are pending again.
+//!    goes, its rows with it (`ON DELETE CASCADE`), and rows that got
+//!    nothing are pending again.
 
-use super::claims::{ClaimId, Claimed};
+use super::claims::Claimed;
 use super::sql::Params;
-use super::target::Target;
+use super::target::{Selection, Target};
+use crate::error::Result;
 use postgres::types::Type;
 use postgres::GenericClient;
 use std::time::Duration;
@@ -30,7 +35,7 @@ pub struct JobRows {
     pub hashes: Vec<i64>,
     /// The request (`custom_id`) each row's text went in; rows with the
     /// same text share one.
-    pub inputs: Vec<i32>,
+    pub requests: Vec<i32>,
     /// Tokens of the requests, as counted before they were sent.
     pub tokens: i64,
     /// `backfill --reembed`: the vectors replace those the rows have.
@@ -59,7 +64,6 @@ pub struct JobRecord {
     pub job_id: Option<String>,
     pub input_file_id: Option<String>,
     pub model: String,
-    pub claim: ClaimId,
     pub rows: i64,
     pub tokens: i64,
     /// Unix seconds.
@@ -80,43 +84,81 @@ pub struct InFlight {
     pub oldest_secs: Option<i64>,
 }
 
+/// What a new job is, before its rows are taken.
+#[derive(Debug, Clone, Copy)]
+pub struct Intent<'a> {
+    pub id: &'a str,
+    pub model: &'a str,
+    pub reembed: bool,
+    /// How long the submitter has to create the job.
+    pub submit_for: Duration,
+}
+
 fn millis(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
 impl Target {
-    /// Record the intent of a job on the rows `claim` holds (in the
-    /// claim's transaction): it must be created within `submit_for`.
-    pub fn begin_intent(
+    /// The intent of a job and up to `limit` selected rows after `cursor`,
+    /// in id order, taken for it; their ids. The caller commits (nothing
+    /// taken: it rolls back).
+    pub fn take_for_job(
         &self,
         c: &mut impl GenericClient,
-        intent: &str,
-        claim: ClaimId,
-        model: &str,
-        reembed: bool,
-        submit_for: Duration,
-    ) -> Result<(), postgres::Error> {
+        intent: Intent<'_>,
+        cursor: Option<&str>,
+        limit: usize,
+        sel: &Selection<'_>,
+    ) -> Result<Vec<String>> {
+        c.batch_execute(&self.claims_lock())?;
+        let q = &self.sql;
         let mut p = Params::default();
         let sql = format!(
-            "INSERT INTO {state}.batch_jobs (intent_id, table_name, claim_id, model, reembed, \
+            "INSERT INTO {state}.batch_jobs (intent_id, table_name, model, reembed, \
                submitter_pid, submitter_start, submit_by) \
-             SELECT {intent}, {key}, {claim}, {model}, {reembed}, pg_backend_pid(), \
+             SELECT {id}, {key}, {model}, {reembed}, pg_backend_pid(), \
                (SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a), \
                now() + {ms} * interval '1 millisecond'",
-            state = self.sql.state,
-            intent = p.bind(&intent, Type::TEXT),
+            state = q.state,
+            id = p.bind(&intent.id, Type::TEXT),
             key = p.bind(&self.key, Type::TEXT),
-            claim = p.bind_owned(claim.0, Type::INT8),
-            model = p.bind(&model, Type::TEXT),
-            reembed = p.bind_owned(reembed, Type::BOOL),
-            ms = p.bind_owned(millis(submit_for), Type::INT8),
+            model = p.bind(&intent.model, Type::TEXT),
+            reembed = p.bind_owned(intent.reembed, Type::BOOL),
+            ms = p.bind_owned(millis(intent.submit_for), Type::INT8),
         );
-        p.execute(c, &sql).map(|_| ())
+        p.execute(c, &sql)?;
+        let mut p = Params::default();
+        let key = p.bind(&self.key, Type::TEXT);
+        let selected = self.selected(sel, &key, &mut p);
+        let after = match &cursor {
+            Some(_) => format!(
+                "AND t.{} > {}::text::{}",
+                q.id,
+                p.bind(&cursor, Type::TEXT),
+                q.id_type
+            ),
+            None => String::new(),
+        };
+        let sql = format!(
+            "WITH pick AS (SELECT t.{id} AS k, t.{id}::text AS id FROM {table} t \
+               WHERE {selected} {after} ORDER BY t.{id} LIMIT {n}), \
+             taken AS (INSERT INTO {state}.batch_rows (table_name, row_id, intent_id) \
+               SELECT {key}, id, {intent} FROM pick) \
+             SELECT id FROM pick ORDER BY k",
+            id = q.id,
+            table = q.table,
+            state = q.state,
+            n = p.bind_owned(limit as i64, Type::INT8),
+            intent = p.bind(&intent.id, Type::TEXT),
+        );
+        Ok(p.query(c, &sql)?.into_iter().map(|r| r.get(0)).collect())
     }
 
-    /// Record the job's rows, before it is created; its claim then holds
-    /// exactly them, and `submit_for` more time is given. False when the
-    /// intent is gone (another run found its submitter dead): send nothing.
+    /// Record what the job's file holds, before the job is created: for
+    /// each row, the hash of the text sent and its request; the rows the
+    /// file left out are let go, and `submit_for` more time is given.
+    /// False when the intent is gone (another run found its submitter
+    /// dead): send nothing.
     pub fn record_rows(
         &self,
         c: &mut impl GenericClient,
@@ -124,25 +166,38 @@ impl Target {
         rows: &JobRows,
         submit_for: Duration,
     ) -> Result<bool, postgres::Error> {
+        let state = &self.sql.state;
         let mut p = Params::default();
         let sql = format!(
-            "WITH j AS (UPDATE {state}.batch_jobs SET row_ids = {ids}, text_hashes = {hashes}, \
-               inputs = {inputs}, tokens = {tokens}, submit_by = now() + {ms} * interval '1 millisecond' \
-               WHERE intent_id = {intent} AND job_id IS NULL RETURNING claim_id), \
-             c AS (UPDATE {state}.claims c SET row_ids = {ids}, first_id = {ids}[1], \
-               last_id = {ids}[cardinality({ids})] FROM j WHERE c.claim_id = j.claim_id RETURNING 1) \
-             SELECT count(*) FROM c",
-            state = self.sql.state,
-            ids = p.bind(&rows.ids, Type::TEXT_ARRAY),
-            hashes = p.bind(&rows.hashes, Type::INT8_ARRAY),
-            inputs = p.bind(&rows.inputs, Type::INT4_ARRAY),
+            "UPDATE {state}.batch_jobs SET tokens = {tokens}, \
+               submit_by = now() + {ms} * interval '1 millisecond' \
+             WHERE intent_id = {intent} AND job_id IS NULL",
             tokens = p.bind_owned(rows.tokens, Type::INT8),
             ms = p.bind_owned(millis(submit_for), Type::INT8),
             intent = p.bind(&intent, Type::TEXT),
         );
-        Ok(p.query(c, &sql)?
-            .first()
-            .is_some_and(|r| r.get::<_, i64>(0) == 1))
+        if p.execute(c, &sql)? != 1 {
+            return Ok(false);
+        }
+        let mut p = Params::default();
+        let sql = format!(
+            "UPDATE {state}.batch_rows b SET text_hash = v.h, request = v.r \
+             FROM unnest({ids}, {hashes}, {requests}) AS v(id, h, r) \
+             WHERE b.table_name = {key} AND b.row_id = v.id AND b.intent_id = {job}",
+            job = p.bind(&intent, Type::TEXT),
+            ids = p.bind(&rows.ids, Type::TEXT_ARRAY),
+            hashes = p.bind(&rows.hashes, Type::INT8_ARRAY),
+            requests = p.bind(&rows.requests, Type::INT4_ARRAY),
+            key = p.bind(&self.key, Type::TEXT),
+        );
+        p.execute(c, &sql)?;
+        let mut p = Params::default();
+        let sql = format!(
+            "DELETE FROM {state}.batch_rows WHERE intent_id = {} AND request IS NULL",
+            p.bind(&intent, Type::TEXT)
+        );
+        p.execute(c, &sql)?;
+        Ok(true)
     }
 
     /// The input file uploaded for `intent`, and `submit_for` more time to
@@ -167,49 +222,23 @@ impl Target {
         Ok(p.execute(c, &sql)? == 1)
     }
 
-    /// The provider created job `job_id` for `intent`: record it, and hold
-    /// its rows for `hold` (no backend: they outlive the run). False when
-    /// the intent is gone: the job must be cancelled.
+    /// The provider created job `job_id` for `intent`: record it. False
+    /// when the intent is gone: the job must be cancelled.
     pub fn record_job(
         &self,
         c: &mut impl GenericClient,
         intent: &str,
         job_id: &str,
-        hold: Duration,
     ) -> Result<bool, postgres::Error> {
         let mut p = Params::default();
         let sql = format!(
-            "WITH j AS (UPDATE {state}.batch_jobs SET job_id = {job}, submitted_at = now() \
-               WHERE intent_id = {intent} AND (job_id IS NULL OR job_id = {job}) RETURNING claim_id), \
-             c AS (UPDATE {state}.claims c SET expires_at = now() + {ms} * interval '1 millisecond', \
-               backend_pid = NULL, backend_start = NULL FROM j WHERE c.claim_id = j.claim_id RETURNING 1) \
-             SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM c)",
+            "UPDATE {state}.batch_jobs SET job_id = {job}, submitted_at = now() \
+             WHERE intent_id = {intent} AND (job_id IS NULL OR job_id = {job})",
             state = self.sql.state,
             job = p.bind(&job_id, Type::TEXT),
             intent = p.bind(&intent, Type::TEXT),
-            ms = p.bind_owned(millis(hold), Type::INT8),
         );
-        Ok(p.query(c, &sql)?
-            .first()
-            .is_some_and(|r| r.get::<_, i64>(0) == 1))
-    }
-
-    /// Keep the rows of a job still in flight held for `hold` from now.
-    pub fn hold_job(
-        &self,
-        c: &mut impl GenericClient,
-        claim: ClaimId,
-        hold: Duration,
-    ) -> Result<(), postgres::Error> {
-        let mut p = Params::default();
-        let sql = format!(
-            "UPDATE {state}.claims SET expires_at = greatest(expires_at, now() + {ms} * interval '1 millisecond') \
-             WHERE claim_id = {claim}",
-            state = self.sql.state,
-            ms = p.bind_owned(millis(hold), Type::INT8),
-            claim = p.bind_owned(claim.0, Type::INT8),
-        );
-        p.execute(c, &sql).map(|_| ())
+        Ok(p.execute(c, &sql)? == 1)
     }
 
     /// The batch jobs of this table, oldest first.
@@ -219,8 +248,9 @@ impl Target {
     ) -> Result<Vec<JobRecord>, postgres::Error> {
         let mut p = Params::default();
         let sql = format!(
-            "SELECT j.intent_id, j.job_id, j.input_file_id, j.model, j.claim_id, \
-               cardinality(j.row_ids)::bigint, j.tokens, extract(epoch FROM j.created_at)::bigint, \
+            "SELECT j.intent_id, j.job_id, j.input_file_id, j.model, \
+               (SELECT count(*) FROM {state}.batch_rows b WHERE b.intent_id = j.intent_id), \
+               j.tokens, extract(epoch FROM j.created_at)::bigint, \
                extract(epoch FROM now() - j.created_at)::bigint, \
                j.job_id IS NULL AND (j.submit_by < now() OR NOT EXISTS (\
                  SELECT 1 FROM pg_stat_get_activity(j.submitter_pid) a \
@@ -236,22 +266,21 @@ impl Target {
                 job_id: r.get(1),
                 input_file_id: r.get(2),
                 model: r.get(3),
-                claim: ClaimId(r.get(4)),
-                rows: r.get(5),
-                tokens: r.get(6),
-                created_at: r.get(7),
-                age_secs: r.get(8),
-                abandoned: r.get(9),
+                rows: r.get(4),
+                tokens: r.get(5),
+                created_at: r.get(6),
+                age_secs: r.get(7),
+                abandoned: r.get(8),
             })
             .collect())
     }
 
-    /// The jobs of this table added up; nothing when the table is not
-    /// there yet (a state schema older than batch jobs).
+    /// The jobs of this table added up.
     pub fn in_flight(&self, c: &mut impl GenericClient) -> Result<InFlight, postgres::Error> {
         let mut p = Params::default();
         let sql = format!(
-            "SELECT count(*), coalesce(sum(cardinality(row_ids)), 0)::bigint, \
+            "SELECT count(*), \
+               (SELECT count(*) FROM {state}.batch_rows b WHERE b.table_name = {key}), \
                coalesce(sum(tokens), 0)::bigint, \
                extract(epoch FROM now() - min(coalesce(submitted_at, created_at)))::bigint \
              FROM {state}.batch_jobs WHERE table_name = {key}",
@@ -277,31 +306,43 @@ impl Target {
         intent: &str,
         lease: Duration,
     ) -> Result<Option<JobRows>, postgres::Error> {
+        let state = &self.sql.state;
         let mut p = Params::default();
         let sql = format!(
             "UPDATE {state}.batch_jobs SET collecting_until = now() + {ms} * interval '1 millisecond' \
              WHERE intent_id = {intent} AND (collecting_until IS NULL OR collecting_until < now()) \
-             RETURNING row_ids, text_hashes, inputs, tokens, reembed",
-            state = self.sql.state,
+             RETURNING tokens, reembed",
             ms = p.bind_owned(millis(lease), Type::INT8),
             intent = p.bind(&intent, Type::TEXT),
         );
-        Ok(p.query(c, &sql)?.first().map(|r| JobRows {
-            ids: r.get(0),
-            hashes: r.get(1),
-            inputs: r.get(2),
-            tokens: r.get(3),
-            reembed: r.get(4),
-        }))
+        let Some(job) = p.query(c, &sql)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut rows = JobRows {
+            tokens: job.get(0),
+            reembed: job.get(1),
+            ..JobRows::default()
+        };
+        let mut p = Params::default();
+        let sql = format!(
+            "SELECT row_id, text_hash, request FROM {state}.batch_rows \
+             WHERE intent_id = {} AND request IS NOT NULL ORDER BY request",
+            p.bind(&intent, Type::TEXT)
+        );
+        for r in p.query(c, &sql)? {
+            rows.ids.push(r.get(0));
+            rows.hashes.push(r.get(1));
+            rows.requests.push(r.get(2));
+        }
+        Ok(Some(rows))
     }
 
     /// The job of `intent` is done with (collected, or never created): its
-    /// record and its claim go, and the rows that got nothing are pending.
+    /// record goes, its rows with it, and those that got nothing are pending.
     pub fn end_job(&self, c: &mut impl GenericClient, intent: &str) -> Result<(), postgres::Error> {
         let mut p = Params::default();
         let sql = format!(
-            "WITH j AS (DELETE FROM {state}.batch_jobs WHERE intent_id = {intent} RETURNING claim_id) \
-             DELETE FROM {state}.claims c USING j WHERE c.claim_id = j.claim_id",
+            "DELETE FROM {state}.batch_jobs WHERE intent_id = {intent}",
             state = self.sql.state,
             intent = p.bind(&intent, Type::TEXT),
         );

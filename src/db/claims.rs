@@ -205,6 +205,7 @@ impl Target {
         let q = &self.sql;
         let own = Selection {
             skip_claimed: false,
+            skip_batched: false,
             ..*sel
         };
         let mut p = Params::default();
@@ -232,7 +233,7 @@ impl Target {
 
     /// The lock every claim of this table takes first, for the rest of its
     /// transaction (a short one: it commits before any request).
-    fn claims_lock(&self) -> String {
+    pub(super) fn claims_lock(&self) -> String {
         format!(
             "SELECT pg_advisory_xact_lock(hashtext('autoembed claims'), hashtext({}))",
             quote_literal(&self.key)

@@ -18,7 +18,7 @@ pub struct StateSchema {
     pub exists: bool,
     /// The claims table lists each batch's rows (`row_ids`).
     pub claims: bool,
-    /// The newest table (`batch_jobs`) exists too: nothing to create.
+    /// The newest table (`batch_rows`) exists too: nothing to create.
     pub current: bool,
 }
 
@@ -29,7 +29,7 @@ impl StateSchema {
                     EXISTS (SELECT 1 FROM pg_attribute \
                       WHERE attrelid = to_regclass(format('%I.claims', $1::text)) \
                       AND attname = 'row_ids' AND NOT attisdropped), \
-                    to_regclass(format('%I.batch_jobs', $1::text)) IS NOT NULL",
+                    to_regclass(format('%I.batch_rows', $1::text)) IS NOT NULL",
             &[(&schema, Type::TEXT)],
         )?;
         let claims: bool = row.get(1);
@@ -132,13 +132,9 @@ COMMENT ON TABLE {s}.claims IS
 CREATE TABLE IF NOT EXISTS {s}.batch_jobs (
     intent_id        text        PRIMARY KEY,
     table_name       text        NOT NULL,
-    claim_id         bigint      NOT NULL,
     job_id           text,
     input_file_id    text,
     model            text        NOT NULL,
-    row_ids          text[]      NOT NULL DEFAULT '{{}}',
-    text_hashes      bigint[]    NOT NULL DEFAULT '{{}}',
-    inputs           integer[]   NOT NULL DEFAULT '{{}}',
     tokens           bigint      NOT NULL DEFAULT 0,
     reembed          boolean     NOT NULL DEFAULT false,
     submitter_pid    integer,
@@ -150,7 +146,18 @@ CREATE TABLE IF NOT EXISTS {s}.batch_jobs (
 );
 CREATE INDEX IF NOT EXISTS batch_jobs_by_table ON {s}.batch_jobs (table_name);
 COMMENT ON TABLE {s}.batch_jobs IS
-    'autoembed: the provider''s batch jobs in flight (--batch-api): their rows (row_ids, claimed by claim_id), the request each row is in (inputs, the custom_id); job_id is NULL until the provider created it';",
+    'autoembed: the provider''s batch jobs in flight (--batch-api); job_id is NULL until the provider created it; delete a record to free its rows';
+CREATE TABLE IF NOT EXISTS {s}.batch_rows (
+    table_name  text    NOT NULL,
+    row_id      text    NOT NULL,
+    intent_id   text    NOT NULL REFERENCES {s}.batch_jobs ON DELETE CASCADE,
+    text_hash   bigint,
+    request     integer,
+    PRIMARY KEY (table_name, row_id)
+);
+CREATE INDEX IF NOT EXISTS batch_rows_by_job ON {s}.batch_rows (intent_id);
+COMMENT ON TABLE {s}.batch_rows IS
+    'autoembed: the rows a batch job holds, the hash of the text sent for each and its request (the custom_id)';",
         drop_old_claims = drop_old_claims(state_schema),
     )
 }

@@ -172,6 +172,8 @@ pub struct Selection<'m> {
     pub max_attempts: i32,
     /// Leave out rows another worker holds; false when there is no claims table yet.
     pub skip_claimed: bool,
+    /// Leave out rows a batch job holds; false when there is no such table yet.
+    pub skip_batched: bool,
     /// Also rows that have a vector (`backfill --reembed`).
     pub reembed: Option<Reembedding<'m>>,
 }
@@ -421,6 +423,15 @@ impl Target {
                    AND t.{id} >= c.first_id::{id_type} AND t.{id} <= c.last_id::{id_type} \
                    AND t.{id}::text = ANY (c.row_ids) AND NOT {} OFFSET 0))",
                 lapsed("c"),
+            );
+        }
+        if sel.skip_batched {
+            // Evaluated once, the first test spares a table without jobs
+            // any probe; with jobs, each row is one index probe.
+            cond += &format!(
+                " AND (NOT EXISTS (SELECT 1 FROM {state}.batch_jobs j WHERE j.table_name = {key}) \
+                 OR NOT EXISTS (SELECT 1 FROM {state}.batch_rows b WHERE b.table_name = {key} \
+                   AND b.row_id = t.{id}::text))"
             );
         }
         cond

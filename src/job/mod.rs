@@ -126,6 +126,7 @@ fn dry_run(
         skip_failed: !cfg.retry_failed && state.exists,
         max_attempts: cfg.budget.max_attempts as i32,
         skip_claimed: state.claims,
+        skip_batched: state.current,
         reembed: None,
     };
     let pending = target.count_pending(db.client())?;

@@ -163,6 +163,7 @@ impl Pool<'_> {
             skip_failed: !self.ctx.cfg.retry_failed,
             max_attempts: self.ctx.cfg.budget.max_attempts as i32,
             skip_claimed: true,
+            skip_batched: true,
             reembed: self.ctx.cfg.reembed.map(|r| self.ctx.models.reembedding(r)),
         }
     }

@@ -160,6 +160,9 @@ impl Drop for TestDb {
     }
 }
 
+/// The advisory lock that serialises the tests' role and grant changes.
+const ROLES_LOCK: i64 = 4243;
+
 /// A login role of the test's own (trust auth, no password), dropped with
 /// what it owns and every grant it holds at the end.
 pub struct TestRole {
@@ -172,8 +175,11 @@ impl TestRole {
     pub fn new(db: &mut TestDb, grants: &str) -> TestRole {
         let name = format!("{}_role", db.schema);
         let s = db.schema.clone();
+        // One role change at a time: two grants on the database at once
+        // fail with "tuple concurrently updated".
         db.exec(&format!(
-            "DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN; GRANT USAGE ON SCHEMA {s} TO {name}; {}",
+            "BEGIN; SELECT pg_advisory_xact_lock({ROLES_LOCK}); \
+             DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN; GRANT USAGE ON SCHEMA {s} TO {name}; {}; COMMIT;",
             grants.replace("{role}", &name).replace("{s}", &s)
         ));
         TestRole { name }
@@ -189,7 +195,7 @@ impl Drop for TestRole {
     fn drop(&mut self) {
         if let Ok(mut c) = Client::connect(&admin_url(), NoTls) {
             let _ = c.batch_execute(&format!(
-                "DROP OWNED BY {r}; DROP ROLE IF EXISTS {r};",
+                "BEGIN; SELECT pg_advisory_xact_lock({ROLES_LOCK}); DROP OWNED BY {r}; DROP ROLE IF EXISTS {r}; COMMIT;",
                 r = self.name
             ));
         }

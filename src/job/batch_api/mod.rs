@@ -7,9 +7,9 @@
 //!   line by line, the vectors matched to rows by `custom_id` and written
 //!   with the compare-and-set of every batch (a row edited meanwhile keeps
 //!   its new text, and is embedded again), the provider's refusals recorded
-//!   as failed rows; then the job's record and claim go, so rows that got
+//!   as failed rows; then the job's record and its rows go, so rows that got
 //!   nothing (expired, cancelled, a server error) are pending again.
-//! - Submitting: rows are claimed for as long as a job may take, planned
+//! - Submitting: rows are taken for the job until it is collected, planned
 //!   like any batch (too-long texts, identical texts sent once, budgets),
 //!   written as a JSONL file on disk within the provider's limits, and
 //!   their ids and text hashes recorded before the job is created.
@@ -20,7 +20,7 @@
 //!   the provider has none. A create is never repeated.
 //!
 //! The synchronous path ([`super::pool`]) never sends a row a job holds:
-//! the job's claim holds it, like any batch's.
+//! every claim leaves out the rows a job holds (`<state>.batch_rows`).
 
 use super::plan::{Planner, Shape};
 use super::report::{RunReport, StopReason};
@@ -42,9 +42,6 @@ use crate::tokens::Counter;
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-/// How long a job's rows are held: the provider's window (24 h) and an
-/// hour more; every run that finds the job still working extends it.
-pub const HOLD: Duration = Duration::from_secs(25 * 3600);
 /// How long a submitting run has, from its last step, to create the job
 /// before another run may look for it at the provider.
 const SUBMIT_FOR: Duration = Duration::from_secs(15 * 60);
@@ -173,6 +170,7 @@ impl<'a> Run<'a> {
             skip_failed: !self.cfg.retry_failed,
             max_attempts: self.cfg.budget.max_attempts as i32,
             skip_claimed: true,
+            skip_batched: true,
             reembed: self.cfg.reembed.map(|r| self.models.reembedding(r)),
         }
     }
@@ -209,7 +207,6 @@ impl<'a> Run<'a> {
                 },
             };
             if remote.status.in_flight() {
-                self.target.hold_job(db.client(), rec.claim, HOLD)?;
                 continue;
             }
             if remote.status == JobStatus::Failed {
@@ -258,9 +255,9 @@ impl<'a> Run<'a> {
         let found = self.api.find_intent(&rec.intent, rec.created_at - 3600);
         match self.call(found)? {
             Some(remote) => {
-                let recorded =
-                    self.target
-                        .record_job(db.client(), &rec.intent, &remote.id, HOLD)?;
+                let recorded = self
+                    .target
+                    .record_job(db.client(), &rec.intent, &remote.id)?;
                 if recorded {
                     crate::info!(
                         "adopted batch job {} (its submitter stopped before recording it)",
@@ -304,13 +301,13 @@ impl<'a> Run<'a> {
     fn write_results(&mut self, db: &mut Db, remote: &RemoteJob, rows: &JobRows) -> Result<()> {
         let claimed = rows.claimed();
         let requests = rows
-            .inputs
+            .requests
             .iter()
             .map(|&k| k as usize + 1)
             .max()
             .unwrap_or(0);
         let mut by_request: Vec<Vec<usize>> = vec![Vec::new(); requests];
-        for (r, &k) in rows.inputs.iter().enumerate() {
+        for (r, &k) in rows.requests.iter().enumerate() {
             by_request[k as usize].push(r);
         }
         let mut answered = vec![false; requests];

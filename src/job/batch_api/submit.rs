@@ -1,12 +1,12 @@
-//! Submitting: pending rows claimed for as long as a job may take,
+//! Submitting: pending rows taken for a job until it is collected,
 //! planned like any batch, written to a JSONL file on disk within the
 //! provider's limits, their ids and text hashes recorded, the file
 //! uploaded and the job created on it. A create is sent once: a failure
 //! that may have made the job leaves the intent for the next run to look for.
 
-use super::{provider_error, Run, HOLD, SUBMIT_FOR};
-use crate::db::batch_jobs::JobRows;
-use crate::db::claims::{Claimed, Holder, Lease};
+use super::{provider_error, Run, SUBMIT_FOR};
+use crate::db::batch_jobs::{Intent, JobRows};
+use crate::db::claims::Claimed;
 use crate::db::target::Selection;
 use crate::db::writes::BatchWrite;
 use crate::db::Db;
@@ -32,6 +32,7 @@ impl Run<'_> {
     ) -> Result<StopReason> {
         let deadline = self.cfg.budget.max_seconds.map(|d| started + d);
         let mut seq = 0u64;
+        let mut cursor = None;
         loop {
             if stop.requested() {
                 return Ok(StopReason::Signal);
@@ -43,7 +44,7 @@ impl Run<'_> {
                 Ok(n) => n,
                 Err(reason) => return Ok(reason),
             };
-            match self.submit_job(db, planner, limit, &mut seq)? {
+            match self.submit_job(db, planner, limit, &mut seq, &mut cursor)? {
                 Submitted::Nothing => return Ok(StopReason::Drained),
                 Submitted::Job { stop: Some(reason) } => return Ok(reason),
                 Submitted::Job { stop: None } => {}
@@ -58,40 +59,33 @@ impl Run<'_> {
         planner: &Planner,
         limit: usize,
         seq: &mut u64,
+        cursor: &mut Option<String>,
     ) -> Result<Submitted> {
         let intent = format!(
             "{:016x}{:016x}",
             random_u64(),
             random_u64() ^ u64::from(std::process::id())
         );
-        let holder = Holder {
-            name: format!("batch:{intent}"),
-        };
-        let lease = Lease {
-            holder: &holder,
-            length: HOLD,
-            direct: false,
-        };
         let sel = self.selection();
-        let (target, model, reembed) = (
-            self.target,
-            self.cfg.provider.model.as_str(),
-            self.cfg.reembed.is_some(),
-        );
-        let taken = db.in_transaction(|tx| {
-            let taken = target.claim(tx, None, limit, &sel, Some(lease))?;
-            if let Some(claim) = taken.claim {
-                target.begin_intent(tx, &intent, claim, model, reembed, SUBMIT_FOR)?;
-            }
-            Ok(taken)
-        })?;
-        if taken.ids.is_empty() {
+        let target = self.target;
+        let job = Intent {
+            id: &intent,
+            model: &self.cfg.provider.model,
+            reembed: self.cfg.reembed.is_some(),
+            submit_for: SUBMIT_FOR,
+        };
+        let mut tx = db.begin()?;
+        let ids = target.take_for_job(&mut tx, job, cursor.as_deref(), limit, &sel)?;
+        if ids.is_empty() {
+            tx.rollback()?;
             return Ok(Submitted::Nothing);
         }
-        planner.took(taken.ids.len());
+        tx.commit()?;
+        *cursor = ids.last().cloned();
+        planner.took(ids.len());
         let spool = tempfile::NamedTempFile::new()
             .map_err(|e| Error::Config(format!("cannot make a temporary file (TMPDIR): {e}")))?;
-        let built = self.build_file(db, planner, &taken.ids, &sel, seq, spool.as_file());
+        let built = self.build_file(db, planner, &ids, &sel, seq, spool.as_file());
         let (rows, stop) = match built {
             Ok(b) => b,
             Err(e) => {
@@ -132,7 +126,7 @@ impl Run<'_> {
             // The job may exist: the next run looks for it by its intent.
             Err(e) => return Err(provider_error(e)),
         };
-        if !target.record_job(db.client(), &intent, &job.id, HOLD)? {
+        if !target.record_job(db.client(), &intent, &job.id)? {
             crate::warn!("batch job {} was dropped meanwhile; cancelling it", job.id);
             let _ = self.api.cancel(&job.id);
             return Ok(Submitted::Job { stop });
@@ -141,17 +135,17 @@ impl Run<'_> {
             "submitted batch job {} with {} rows ({} requests, {} tokens)",
             job.id,
             rows.ids.len(),
-            rows.inputs.iter().map(|&k| k + 1).max().unwrap_or(0),
+            rows.requests.iter().map(|&k| k + 1).max().unwrap_or(0),
             rows.tokens
         );
         self.tally.submitted += rows.ids.len() as u64;
         Ok(Submitted::Job { stop })
     }
 
-    /// Read the claimed rows a page at a time, plan them, and write their
+    /// Read the rows taken a page at a time, plan them, and write their
     /// requests to `file`; the job's rows, and why submitting stops after
-    /// it. Rows the file has no room for are left out (the claim shrinks
-    /// to the job's rows), and taken by the next job.
+    /// it. Rows the file has no room for are left out (let go when the
+    /// job's rows are recorded), and taken by the next job.
     fn build_file(
         &mut self,
         db: &mut Db,
@@ -224,7 +218,7 @@ impl Run<'_> {
                     request_of.insert(row.id.clone(), k);
                     job.ids.push(row.id.clone());
                     job.hashes.push(row.text_hash);
-                    job.inputs.push(k);
+                    job.requests.push(k);
                 }
             }
             if plan.stop.is_some() {
