@@ -59,13 +59,9 @@ COMMENT ON TABLE "autoembed".claims IS
 CREATE TABLE IF NOT EXISTS "autoembed".batch_jobs (
     intent_id        text        PRIMARY KEY,
     table_name       text        NOT NULL,
-    claim_id         bigint      NOT NULL,
     job_id           text,
     input_file_id    text,
     model            text        NOT NULL,
-    row_ids          text[]      NOT NULL DEFAULT '{}',
-    text_hashes      bigint[]    NOT NULL DEFAULT '{}',
-    inputs           integer[]   NOT NULL DEFAULT '{}',
     tokens           bigint      NOT NULL DEFAULT 0,
     reembed          boolean     NOT NULL DEFAULT false,
     submitter_pid    integer,
@@ -77,7 +73,18 @@ CREATE TABLE IF NOT EXISTS "autoembed".batch_jobs (
 );
 CREATE INDEX IF NOT EXISTS batch_jobs_by_table ON "autoembed".batch_jobs (table_name);
 COMMENT ON TABLE "autoembed".batch_jobs IS
-    'autoembed: the provider''s batch jobs in flight (--batch-api): their rows (row_ids, claimed by claim_id), the request each row is in (inputs, the custom_id); job_id is NULL until the provider created it';
+    'autoembed: the provider''s batch jobs in flight (--batch-api); job_id is NULL until the provider created it; delete a record to free its rows';
+CREATE TABLE IF NOT EXISTS "autoembed".batch_rows (
+    table_name  text    NOT NULL,
+    row_id      text    NOT NULL,
+    intent_id   text    NOT NULL REFERENCES "autoembed".batch_jobs ON DELETE CASCADE,
+    text_hash   bigint,
+    request     integer,
+    PRIMARY KEY (table_name, row_id)
+);
+CREATE INDEX IF NOT EXISTS batch_rows_by_job ON "autoembed".batch_rows (intent_id);
+COMMENT ON TABLE "autoembed".batch_rows IS
+    'autoembed: the rows a batch job holds, the hash of the text sent for each and its request (the custom_id)';
 
 -- Re-embed a row when its text changes: set its embedding to NULL.
 CREATE OR REPLACE FUNCTION "public"."products_embedding_autoembed_reset"() RETURNS trigger LANGUAGE plpgsql

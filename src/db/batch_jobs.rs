@@ -8,9 +8,9 @@
 //!    and the time by which the job must be created, and the first pending
 //!    rows no claim and no job holds are taken for it;
 //! 2. for each row, the hash of the text read and the request (`custom_id`)
-//!    it went in, recorded before the job is created (a crash after
-//!    creating it must leave all that collecting needs); rows left out of
-//!    the file are let go;
+//!    it went in, recorded a page at a time before the job is created (a
+//!    crash after creating it must leave all that collecting needs); then
+//!    the rows left out of the file are let go;
 //! 3. the job's id, once the provider created it; an intent whose
 //!    submitter is gone without recording one is looked for at the
 //!    provider by its id in the job's metadata and adopted, or dropped
@@ -36,8 +36,6 @@ pub struct JobRows {
     /// The request (`custom_id`) each row's text went in; rows with the
     /// same text share one.
     pub requests: Vec<i32>,
-    /// Tokens of the requests, as counted before they were sent.
-    pub tokens: i64,
     /// `backfill --reembed`: the vectors replace those the rows have.
     pub reembed: bool,
 }
@@ -154,16 +152,37 @@ impl Target {
         Ok(p.query(c, &sql)?.into_iter().map(|r| r.get(0)).collect())
     }
 
-    /// Record what the job's file holds, before the job is created: for
-    /// each row, the hash of the text sent and its request; the rows the
-    /// file left out are let go, and `submit_for` more time is given.
-    /// False when the intent is gone (another run found its submitter
-    /// dead): send nothing.
-    pub fn record_rows(
+    /// Record, for a page of the job's rows, the hash of the text sent and
+    /// the request it went in (before the job is created).
+    pub fn record_page(
         &self,
         c: &mut impl GenericClient,
         intent: &str,
         rows: &JobRows,
+    ) -> Result<(), postgres::Error> {
+        let mut p = Params::default();
+        let sql = format!(
+            "UPDATE {state}.batch_rows b SET text_hash = v.h, request = v.r \
+             FROM unnest({ids}, {hashes}, {requests}) AS v(id, h, r) \
+             WHERE b.table_name = {key} AND b.row_id = v.id AND b.intent_id = {job}",
+            state = self.sql.state,
+            ids = p.bind(&rows.ids, Type::TEXT_ARRAY),
+            hashes = p.bind(&rows.hashes, Type::INT8_ARRAY),
+            requests = p.bind(&rows.requests, Type::INT4_ARRAY),
+            key = p.bind(&self.key, Type::TEXT),
+            job = p.bind(&intent, Type::TEXT),
+        );
+        p.execute(c, &sql).map(|_| ())
+    }
+
+    /// The job's file is written: its tokens recorded, the rows it left
+    /// out let go, and `submit_for` more time given. False when the intent
+    /// is gone (another run found its submitter dead): send nothing.
+    pub fn seal_job(
+        &self,
+        c: &mut impl GenericClient,
+        intent: &str,
+        tokens: i64,
         submit_for: Duration,
     ) -> Result<bool, postgres::Error> {
         let state = &self.sql.state;
@@ -172,25 +191,13 @@ impl Target {
             "UPDATE {state}.batch_jobs SET tokens = {tokens}, \
                submit_by = now() + {ms} * interval '1 millisecond' \
              WHERE intent_id = {intent} AND job_id IS NULL",
-            tokens = p.bind_owned(rows.tokens, Type::INT8),
+            tokens = p.bind_owned(tokens, Type::INT8),
             ms = p.bind_owned(millis(submit_for), Type::INT8),
             intent = p.bind(&intent, Type::TEXT),
         );
         if p.execute(c, &sql)? != 1 {
             return Ok(false);
         }
-        let mut p = Params::default();
-        let sql = format!(
-            "UPDATE {state}.batch_rows b SET text_hash = v.h, request = v.r \
-             FROM unnest({ids}, {hashes}, {requests}) AS v(id, h, r) \
-             WHERE b.table_name = {key} AND b.row_id = v.id AND b.intent_id = {job}",
-            job = p.bind(&intent, Type::TEXT),
-            ids = p.bind(&rows.ids, Type::TEXT_ARRAY),
-            hashes = p.bind(&rows.hashes, Type::INT8_ARRAY),
-            requests = p.bind(&rows.requests, Type::INT4_ARRAY),
-            key = p.bind(&self.key, Type::TEXT),
-        );
-        p.execute(c, &sql)?;
         let mut p = Params::default();
         let sql = format!(
             "DELETE FROM {state}.batch_rows WHERE intent_id = {} AND request IS NULL",
@@ -311,7 +318,7 @@ impl Target {
         let sql = format!(
             "UPDATE {state}.batch_jobs SET collecting_until = now() + {ms} * interval '1 millisecond' \
              WHERE intent_id = {intent} AND (collecting_until IS NULL OR collecting_until < now()) \
-             RETURNING tokens, reembed",
+             RETURNING reembed",
             ms = p.bind_owned(millis(lease), Type::INT8),
             intent = p.bind(&intent, Type::TEXT),
         );
@@ -319,8 +326,7 @@ impl Target {
             return Ok(None);
         };
         let mut rows = JobRows {
-            tokens: job.get(0),
-            reembed: job.get(1),
+            reembed: job.get(0),
             ..JobRows::default()
         };
         let mut p = Params::default();

@@ -27,7 +27,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Texts remembered for copying, at most: about a megabyte and a half, so
 /// memory stays flat however long the backfill.
-const EARLIER_TEXTS: usize = 20_000;
+pub(crate) const EARLIER_TEXTS: usize = 20_000;
 
 /// One text to send.
 #[derive(Debug, Clone, PartialEq)]

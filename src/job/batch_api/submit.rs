@@ -6,12 +6,10 @@
 
 use super::{provider_error, Run, SUBMIT_FOR};
 use crate::db::batch_jobs::{Intent, JobRows};
-use crate::db::claims::Claimed;
-use crate::db::target::Selection;
 use crate::db::writes::BatchWrite;
 use crate::db::Db;
 use crate::error::{Error, Result};
-use crate::job::plan::Planner;
+use crate::job::plan::{Planner, EARLIER_TEXTS};
 use crate::job::report::StopReason;
 use crate::provider::batch_api::{random_u64, MAX_FILE_BYTES, MAX_JOB_REQUESTS};
 use crate::provider::ProviderError;
@@ -85,19 +83,19 @@ impl Run<'_> {
         planner.took(ids.len());
         let spool = tempfile::NamedTempFile::new()
             .map_err(|e| Error::Config(format!("cannot make a temporary file (TMPDIR): {e}")))?;
-        let built = self.build_file(db, planner, &ids, &sel, seq, spool.as_file());
-        let (rows, stop) = match built {
+        let built = self.build_file(db, planner, &intent, &ids, seq, spool.as_file());
+        let (built, stop) = match built {
             Ok(b) => b,
             Err(e) => {
                 let _ = db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?));
                 return Err(e);
             }
         };
-        if rows.ids.is_empty() {
+        if built.rows == 0 {
             db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
             return Ok(Submitted::Job { stop });
         }
-        if !target.record_rows(db.client(), &intent, &rows, SUBMIT_FOR)? {
+        if !target.seal_job(db.client(), &intent, built.tokens, SUBMIT_FOR)? {
             return Ok(Submitted::Job { stop });
         }
         let uploaded = self.api.upload(spool.path());
@@ -134,11 +132,11 @@ impl Run<'_> {
         crate::info!(
             "submitted batch job {} with {} rows ({} requests, {} tokens)",
             job.id,
-            rows.ids.len(),
-            rows.requests.iter().map(|&k| k + 1).max().unwrap_or(0),
-            rows.tokens
+            built.rows,
+            built.requests,
+            built.tokens
         );
-        self.tally.submitted += rows.ids.len() as u64;
+        self.tally.submitted += built.rows;
         Ok(Submitted::Job { stop })
     }
 
@@ -150,21 +148,24 @@ impl Run<'_> {
         &mut self,
         db: &mut Db,
         planner: &Planner,
+        intent: &str,
         ids: &[String],
-        sel: &Selection<'_>,
         seq: &mut u64,
         file: &std::fs::File,
-    ) -> Result<(JobRows, Option<StopReason>)> {
+    ) -> Result<(Built, Option<StopReason>)> {
         let io = |e: std::io::Error| {
             Error::Config(format!("cannot write a temporary file (TMPDIR): {e}"))
         };
+        let sel = self.selection();
+        let sel = &sel;
         let mut out = BufWriter::new(file);
-        let mut job = JobRows::default();
+        let mut built = Built::default();
         let mut bytes = 0u64;
+        // The request of rows whose text was sent, for the rows that copy
+        // it: as many as the plan remembers texts to copy.
         let mut request_of: HashMap<String, i32> = HashMap::new();
-        let mut requests = 0i32;
-        let mut failures: Vec<Claimed> = Vec::new();
-        let mut why: Vec<String> = Vec::new();
+        // Rows in the file whose request is not recorded yet.
+        let mut unrecorded = JobRows::default();
         let first_seq = *seq;
         let mut stop = None;
         // Ids whose rows were read (or given back): the others are given back after.
@@ -179,9 +180,10 @@ impl Run<'_> {
             let mut lines = Vec::with_capacity(plan.send.len());
             let mut page_bytes = 0u64;
             for item in &plan.send {
-                let line = self
-                    .api
-                    .line(&(requests as usize + lines.len()).to_string(), &item.text);
+                let line = self.api.line(
+                    &(built.requests as usize + lines.len()).to_string(),
+                    &item.text,
+                );
                 page_bytes += line.len() as u64 + 1;
                 lines.push(line);
             }
@@ -197,29 +199,42 @@ impl Run<'_> {
             bytes += page_bytes;
             let mut request = vec![None; rows.len()];
             for (n, item) in plan.send.iter().enumerate() {
-                let k = requests + n as i32;
+                let k = built.requests + n as i32;
                 request[item.row] = Some(k);
+                if request_of.len() < EARLIER_TEXTS {
+                    request_of.insert(rows[item.row].id.clone(), k);
+                }
                 for &j in plan.same_text.get(&item.row).into_iter().flatten() {
                     request[j] = Some(k);
                 }
-                job.tokens += item.tokens.unwrap_or(0) as i64;
+                built.tokens += item.tokens.unwrap_or(0) as i64;
             }
-            requests += plan.send.len() as i32;
+            built.requests += plan.send.len() as i32;
             for (i, from) in &plan.copy {
                 request[*i] = request_of.get(from).copied();
-            }
-            for (i, e) in &plan.too_long {
-                failures.push(rows[*i].clone());
-                why.push(e.clone());
             }
             self.tally.truncated += plan.truncated;
             for (i, row) in rows.iter().enumerate().take(plan.cut) {
                 if let Some(k) = request[i] {
-                    request_of.insert(row.id.clone(), k);
-                    job.ids.push(row.id.clone());
-                    job.hashes.push(row.text_hash);
-                    job.requests.push(k);
+                    unrecorded.ids.push(row.id.clone());
+                    unrecorded.hashes.push(row.text_hash);
+                    unrecorded.requests.push(k);
+                    built.rows += 1;
                 }
+            }
+            if unrecorded.ids.len() >= RECORD_EVERY {
+                self.target.record_page(db.client(), intent, &unrecorded)?;
+                unrecorded = JobRows::default();
+            }
+            if !plan.too_long.is_empty() {
+                let failed = plan
+                    .too_long
+                    .iter()
+                    .map(|(i, e)| (&rows[*i], e.clone()))
+                    .collect();
+                let write = BatchWrite::new(Vec::new(), failed, None, self.target.half);
+                self.target.write_batch(db, &write, self.models, false)?;
+                self.tally.failed += plan.too_long.len() as u64;
             }
             if plan.stop.is_some() {
                 stop = plan.stop;
@@ -227,20 +242,27 @@ impl Run<'_> {
             }
         }
         out.flush().map_err(io)?;
+        self.target.record_page(db.client(), intent, &unrecorded)?;
         planner.gave_back(ids.len() - looked_at);
         // Texts identical to one of this job are sent again by a later job.
         for s in first_seq..*seq {
             planner.settle(s, &[]);
         }
-        if !failures.is_empty() {
-            let failed: Vec<(&Claimed, String)> = failures.iter().zip(why).collect();
-            let write = BatchWrite::new(Vec::new(), failed, None, self.target.half);
-            self.target.write_batch(db, &write, self.models, false)?;
-            self.tally.failed += failures.len() as u64;
-        }
-        Ok((job, stop))
+        Ok((built, stop))
     }
 }
+
+/// What a job's file holds.
+#[derive(Debug, Default)]
+struct Built {
+    rows: u64,
+    requests: i32,
+    tokens: i64,
+}
+
+/// Rows whose request is recorded in one statement: few enough that
+/// memory stays flat, many enough that a job takes a few statements.
+const RECORD_EVERY: usize = 5_000;
 
 /// What one submission did.
 enum Submitted {
