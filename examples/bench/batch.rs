@@ -23,13 +23,9 @@ fn table(db: &mut Client, name: &str, n: i64) -> String {
             "DROP TABLE IF EXISTS {t};
              CREATE TABLE {t} (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(256));
              INSERT INTO {t}
-             SELECT g, left(format('Product %s: %s', g, repeat(
-                     (ARRAY['Lightweight running shoe with breathable mesh upper and a responsive foam midsole. ',
-                            'Cast iron skillet, pre-seasoned, oven safe, works on induction and over a campfire. ',
-                            'Wireless headphones with active noise cancelling, thirty hours of battery and fast charging. ',
-                            'Waterproof hiking boot in full-grain leather with a grippy rubber outsole and ankle support. '])[1 + g % 4],
-                     25)), 50 + (abs(hashint4(g::int)) % 1951))
-             FROM generate_series(1, {n}) g;"
+             SELECT g, {text}
+             FROM generate_series(1, {n}) g;",
+            text = super::PRODUCT_TEXT,
         ),
     );
     exec(db, &format!("VACUUM ANALYZE {t}"));

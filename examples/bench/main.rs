@@ -172,6 +172,17 @@ fn query_text(db: &mut Client, sql: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The text of product `g`: 50 to 2,000 characters of one of four
+/// descriptions, numbered (SQL, over `generate_series(...) g`).
+pub(crate) const PRODUCT_TEXT: &str = concat!(
+    "left(format('Product %s: %s', g, repeat((ARRAY[",
+    "'Lightweight running shoe with breathable mesh upper and a responsive foam midsole. ', ",
+    "'Cast iron skillet, pre-seasoned, oven safe, works on induction and over a campfire. ', ",
+    "'Wireless headphones with active noise cancelling, thirty hours of battery and fast charging. ', ",
+    "'Waterproof hiking boot in full-grain leather with a grippy rubber outsole and ankle support. '",
+    "])[1 + g % 4], 25)), 50 + (abs(hashint4(g::int)) % 1951))"
+);
+
 /// A products table of `n` rows, texts of 50 to 2,000 characters, `pending`
 /// of them (the highest ids) without an embedding; the others hold `filler`.
 fn products(db: &mut Client, name: &str, n: i64, pending: i64) {
@@ -193,15 +204,11 @@ fn products(db: &mut Client, name: &str, n: i64, pending: i64) {
             "DROP TABLE IF EXISTS {t};
              CREATE TABLE {t} (product_id_internal bigint PRIMARY KEY, embedding_text text, embedding vector(1536));
              INSERT INTO {t}
-             SELECT g, left(format('Product %s: %s', g, repeat(
-                     (ARRAY['Lightweight running shoe with breathable mesh upper and a responsive foam midsole. ',
-                            'Cast iron skillet, pre-seasoned, oven safe, works on induction and over a campfire. ',
-                            'Wireless headphones with active noise cancelling, thirty hours of battery and fast charging. ',
-                            'Waterproof hiking boot in full-grain leather with a grippy rubber outsole and ankle support. '])[1 + g % 4],
-                     25)), 50 + (abs(hashint4(g::int)) % 1951)),
+             SELECT g, {text},
                     CASE WHEN g <= {keep} THEN (SELECT array_agg(((i % 97) - 48) / 64.0)::vector FROM generate_series(1, 1536) i) END
              FROM generate_series(1, {n}) g;",
-            keep = n - pending
+            keep = n - pending,
+            text = PRODUCT_TEXT,
         ),
     );
     exec(db, &format!("VACUUM ANALYZE {t}"));

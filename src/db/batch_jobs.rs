@@ -126,20 +126,10 @@ impl Target {
         );
         p.execute(c, &sql)?;
         let mut p = Params::default();
-        let key = p.bind(&self.key, Type::TEXT);
-        let selected = self.selected(sel, &key, &mut p);
-        let after = match &cursor {
-            Some(_) => format!(
-                "AND t.{} > {}::text::{}",
-                q.id,
-                p.bind(&cursor, Type::TEXT),
-                q.id_type
-            ),
-            None => String::new(),
-        };
+        let (key, candidates) = self.candidates(sel, &cursor, &mut p);
         let sql = format!(
             "WITH pick AS (SELECT t.{id} AS k, t.{id}::text AS id FROM {table} t \
-               WHERE {selected} {after} ORDER BY t.{id} LIMIT {n}), \
+               WHERE {candidates} ORDER BY t.{id} LIMIT {n}), \
              taken AS (INSERT INTO {state}.batch_rows (table_name, row_id, intent_id) \
                SELECT {key}, id, {intent} FROM pick) \
              SELECT id FROM pick ORDER BY k",

@@ -135,21 +135,11 @@ impl Target {
         }
         let limit = limit as i64;
         let mut p = Params::default();
-        let key = p.bind(&self.key, Type::TEXT);
-        let selected = self.selected(sel, &key, &mut p);
-        let after = match &cursor {
-            Some(_) => format!(
-                "AND t.{} > {}::text::{}",
-                q.id,
-                p.bind(&cursor, Type::TEXT),
-                q.id_type
-            ),
-            None => String::new(),
-        };
+        let (key, candidates) = self.candidates(sel, &cursor, &mut p);
         let n = p.bind(&limit, Type::INT8);
         let pick = format!(
             "SELECT t.{id} AS k, t.{id}::text AS id FROM {table} t \
-             WHERE {selected} {after} ORDER BY t.{id} LIMIT {n} + 1",
+             WHERE {candidates} ORDER BY t.{id} LIMIT {n} + 1",
             id = q.id,
             table = q.table,
         );

@@ -360,6 +360,28 @@ impl Target {
         format!("t.{} IS NOT NULL", self.sql.id)
     }
 
+    /// The rows of `t` a claim may take: those `sel` selects, after
+    /// `cursor` (an id, as text) when there is one. Returns the bound
+    /// table key and the condition.
+    pub(super) fn candidates<'a>(
+        &'a self,
+        sel: &'a Selection<'a>,
+        cursor: &'a Option<&'a str>,
+        p: &mut Params<'a>,
+    ) -> (String, String) {
+        let key = p.bind(&self.key, Type::TEXT);
+        let mut cond = self.selected(sel, &key, p);
+        if cursor.is_some() {
+            cond += &format!(
+                " AND t.{} > {}::text::{}",
+                self.sql.id,
+                p.bind(cursor, Type::TEXT),
+                self.sql.id_type
+            );
+        }
+        (key, cond)
+    }
+
     /// The rows of `t` that `sel` selects; `key` is the bound table key.
     pub(super) fn selected<'a>(
         &'a self,

@@ -11,7 +11,7 @@
 //! reply was lost may have made the job, so it is never repeated; the
 //! intent in its metadata finds it instead ([`BatchApi::find_intent`]).
 
-use super::openai::{one_line, retry_after, transport_message, OpenAiClient};
+use super::openai::{one_line, path_segment, retry_after, transport_message, OpenAiClient};
 use super::ProviderError;
 use crate::config::ProviderConfig;
 use serde_json::Value;
@@ -344,7 +344,7 @@ impl BatchApi {
     /// The job `id` as it is now.
     pub fn get(&self, id: &str) -> Result<RemoteJob, ProviderError> {
         let what = format!("reading batch job {id}");
-        let path = format!("/batches/{}", segment(id));
+        let path = format!("/batches/{}", path_segment(id));
         let v = self.json(&what, true, || self.request("GET", &path), None)?;
         self.job(&what, v)
     }
@@ -353,7 +353,7 @@ impl BatchApi {
     /// `cancelled` with what it finished.
     pub fn cancel(&self, id: &str) -> Result<RemoteJob, ProviderError> {
         let what = format!("cancelling batch job {id}");
-        let path = format!("/batches/{}/cancel", segment(id));
+        let path = format!("/batches/{}/cancel", path_segment(id));
         let v = self.json(&what, true, || self.request("POST", &path), Some("{}"))?;
         self.job(&what, v)
     }
@@ -398,7 +398,7 @@ impl BatchApi {
         let what = format!("downloading batch file {id}");
         self.tried(&what, true, || {
             let resp = self
-                .request("GET", &format!("/files/{}/content", segment(id)))
+                .request("GET", &format!("/files/{}/content", path_segment(id)))
                 .call()
                 .map_err(|e| self.failed(&what, e))?;
             let io = |e: std::io::Error| ProviderError::Transient {
@@ -414,7 +414,7 @@ impl BatchApi {
     /// Delete file `id` at the provider (its storage is the user's).
     pub fn delete_file(&self, id: &str) -> Result<(), ProviderError> {
         let what = format!("deleting batch file {id}");
-        let path = format!("/files/{}", segment(id));
+        let path = format!("/files/{}", path_segment(id));
         self.json(&what, true, || self.request("DELETE", &path), None)
             .map(|_| ())
     }
@@ -484,18 +484,6 @@ fn reply_json(what: &str, resp: ureq::Response) -> Result<Value, ProviderError> 
         retry_after: None,
         message: format!("{what}: unusable reply: {e}"),
     })
-}
-
-/// `s` as one URL path segment (ids are the provider's, but never pasted raw).
-fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A random number for a multipart boundary or an intent's id.

@@ -317,7 +317,7 @@ impl Embedder for OpenAiClient {
 
 /// `s` as one URL path segment: unreserved characters as they are, every
 /// other byte percent-encoded (an Azure deployment's name goes in the path).
-fn path_segment(s: &str) -> String {
+pub(super) fn path_segment(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

@@ -6,7 +6,6 @@
 
 use crate::support::mock::{self, Mock};
 use crate::support::{self, autoembed, SpawnPiped, TestDb};
-use std::time::{Duration, Instant};
 
 const DIMS: usize = 1536;
 
@@ -263,22 +262,6 @@ fn a_request_the_provider_refuses_fails_its_row_and_the_others_land() {
     );
 }
 
-/// Wait until no backend of `app` is left: a killed process's sessions end
-/// as soon as the server sees its sockets close.
-fn wait_until_gone(db: &mut TestDb, app: &str) {
-    let start = Instant::now();
-    while db.count(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"
-    )) > 0
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "backends of {app} still there"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Start a batch run as `app`, let it reach `call`, and SIGKILL it there.
 fn kill_at(db: &mut TestDb, mock: &Mock, call: &str, app: &str) {
     let held = mock.hold_batch_call(call);
@@ -290,7 +273,7 @@ fn kill_at(db: &mut TestDb, mock: &Mock, call: &str, app: &str) {
     held.wait_for(call);
     child.kill().expect("kill");
     let _ = child.wait();
-    wait_until_gone(db, app);
+    support::wait_until_gone(db, app);
     mock.unhold_batch_calls();
     held.release();
 }

@@ -7,22 +7,6 @@ use crate::support::mock::{Fault, Mock};
 use crate::support::{self, autoembed, SpawnPiped, TestDb};
 use std::time::{Duration, Instant};
 
-/// Wait until no backend of `app` is left (a killed process's backends end
-/// as soon as the server sees the socket close); bounded.
-fn wait_until_gone(db: &mut TestDb, app: &str) {
-    let start = Instant::now();
-    while db.count(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"
-    )) > 0
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "backends of {app} still there"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The rows claimed (each batch's claim lists its rows).
 fn claims(db: &mut TestDb) -> i64 {
     let state = db.state_schema();
@@ -155,7 +139,7 @@ fn a_killed_run_on_a_direct_connection_frees_its_rows_at_once() {
     assert_eq!(claims(&mut db), 10);
     child.kill().expect("SIGKILL");
     let _ = child.wait();
-    wait_until_gone(&mut db, &app);
+    support::wait_until_gone(&mut db, &app);
     mock.unhold();
     held.release();
     // The claims are still in the table, but their holder is gone: the next

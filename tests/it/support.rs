@@ -304,3 +304,19 @@ pub fn signal(child: &Child, signal: &str) {
         .expect("kill");
     assert!(sent.success(), "kill {signal}");
 }
+
+/// Wait until no backend of `app` is left (a killed process's backends end
+/// as soon as the server sees the socket close); bounded.
+pub fn wait_until_gone(db: &mut TestDb, app: &str) {
+    let start = std::time::Instant::now();
+    while db.count(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"
+    )) > 0
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "backends of {app} still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
