@@ -333,6 +333,21 @@ impl Target {
         Ok(Some(rows))
     }
 
+    /// Give up collecting the job of `intent` (the next run takes it over).
+    pub fn stop_collecting(
+        &self,
+        c: &mut impl GenericClient,
+        intent: &str,
+    ) -> Result<(), postgres::Error> {
+        let mut p = Params::default();
+        let sql = format!(
+            "UPDATE {state}.batch_jobs SET collecting_until = NULL WHERE intent_id = {intent}",
+            state = self.sql.state,
+            intent = p.bind(&intent, Type::TEXT),
+        );
+        p.execute(c, &sql).map(|_| ())
+    }
+
     /// The job of `intent` is done with (collected, or never created): its
     /// record goes, its rows with it, and those that got nothing are pending.
     pub fn end_job(&self, c: &mut impl GenericClient, intent: &str) -> Result<(), postgres::Error> {

@@ -254,12 +254,32 @@ impl BatchApi {
                 let wait = retry_after(&resp);
                 let mut body = Vec::new();
                 let _ = resp.into_reader().take(64 * 1024).read_to_end(&mut body);
+                let said = |m: String| format!("{what}: {m}");
                 match self.wire.classify(status, &body, wait) {
                     ProviderError::Rejected { status, message } => ProviderError::Rejected {
                         status,
-                        message: format!("{what}: {message}"),
+                        message: said(message),
                     },
-                    other => other,
+                    ProviderError::RateLimited {
+                        retry_after,
+                        message,
+                    } => ProviderError::RateLimited {
+                        retry_after,
+                        message: said(message),
+                    },
+                    ProviderError::Transient {
+                        retry_after,
+                        message,
+                    } => ProviderError::Transient {
+                        retry_after,
+                        message: said(message),
+                    },
+                    ProviderError::Fatal { message } => ProviderError::Fatal {
+                        message: said(message),
+                    },
+                    ProviderError::Misconfigured { message } => ProviderError::Misconfigured {
+                        message: said(message),
+                    },
                 }
             }
             ureq::Error::Transport(t) => ProviderError::Transient {

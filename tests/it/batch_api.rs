@@ -230,6 +230,32 @@ fn expired_and_cancelled_jobs_write_what_they_finished_and_send_the_rest_again()
 }
 
 #[test]
+fn a_collect_that_fails_part_way_is_taken_up_by_the_next_run() {
+    let mut db = TestDb::new("batch_retry");
+    db.products(10, DIMS);
+    let mock = Mock::start(DIMS);
+    batch(&db, &mock, &[]);
+    mock.set_batch_status(&only_job(&mock).id, "completed");
+    // The output file cannot be downloaded, three tries running: the run
+    // stops (exit 3) and writes nothing.
+    mock.fail_batch_calls("GET /v1/files/", 3);
+    let failed = batch(&db, &mock, &[]);
+    assert_eq!(failed.code, 3, "{failed:?}");
+    assert!(
+        failed.stderr.contains("downloading batch file"),
+        "{failed:?}"
+    );
+    // The next run collects it at once, not after the collect's lease.
+    let v = batch(&db, &mock, &[]).json();
+    assert_eq!(
+        (v["embedded"].as_u64(), v["jobs_in_flight"].as_i64()),
+        (Some(10), Some(0)),
+        "{v}"
+    );
+    assert_eq!(db.correct_rows(DIMS), (10, 0));
+}
+
+#[test]
 fn a_request_the_provider_refuses_fails_its_row_and_the_others_land() {
     let mut db = TestDb::new("batch_refused");
     db.products(10, DIMS);

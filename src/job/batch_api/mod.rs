@@ -232,7 +232,12 @@ impl<'a> Run<'a> {
             else {
                 continue; // another run is collecting it
             };
-            self.write_results(db, &remote, &rows)?;
+            if let Err(e) = self.write_results(db, &remote, &rows) {
+                // What was written stays (a later collect finds it written);
+                // the next run collects the job again at once.
+                let _ = self.target.stop_collecting(db.client(), &rec.intent);
+                return Err(e);
+            }
             db.in_transaction(|tx| Ok(self.target.end_job(tx, &rec.intent)?))?;
             crate::info!(
                 "batch job {} {}: {} rows back",

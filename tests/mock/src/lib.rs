@@ -210,6 +210,9 @@ struct State {
     /// Hold each call to the Files and Batch endpoints named (`POST
     /// /v1/batches`), once it has done its work, before its reply.
     hold_batch_call: Option<(String, Gate)>,
+    /// Calls to the Files and Batch endpoints starting with this (`GET
+    /// /v1/files/`) answer 500, this many more times.
+    failing_batch_calls: Option<(String, usize)>,
 }
 
 /// A running mock server; it stops when the process ends.
@@ -342,6 +345,12 @@ impl Mock {
             arrived: arrived_rx,
             release: release_tx,
         }
+    }
+
+    /// Answer the next `times` calls starting with `call` (`GET /v1/files/`)
+    /// with a 500 (`retry-after-ms: 10`, so that retries are quick).
+    pub fn fail_batch_calls(&self, call: &str, times: usize) {
+        self.with(|s| s.failing_batch_calls = Some((call.to_string(), times)));
     }
 
     /// Stop holding the calls [`Mock::hold_batch_call`] named.
@@ -488,6 +497,14 @@ fn respond_batches(
         let s = &mut *guard;
         if let Some(Fault::Status { status, body, .. }) = &s.always {
             return send(out, *status, body, &[]);
+        }
+        let call = format!("{method} {path}");
+        if let Some((prefix, left)) = &mut s.failing_batch_calls {
+            if *left > 0 && call.starts_with(prefix.as_str()) {
+                *left -= 1;
+                let body = json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}});
+                return send(out, 500, &body.to_string(), &[("retry-after-ms", "10")]);
+            }
         }
         let marker = s.reject_marker.clone();
         let answer = batches::Answer {
