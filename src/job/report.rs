@@ -156,7 +156,7 @@ impl Report {
                 }
                 if let Some(b) = &r.batch {
                     s += &format!(
-                        "; batch jobs: {} rows submitted, {} collected, {} jobs in flight",
+                        "; batch jobs: {} rows submitted, {} collected, {} in flight",
                         b.submitted, b.collected, b.jobs_in_flight
                     );
                 }
@@ -173,14 +173,19 @@ impl Report {
                     .unwrap_or_else(|| "unknown cost (model not in the price table)".into());
                 let mut s = format!(
                     "dry-run: {} rows pending in {} ({} failed, held back); this run would embed {} \
-                     ({}{} tokens, {cost} with {})",
+                     ({}{} tokens, {cost} with {}{})",
                     r.pending,
                     r.table,
                     r.failed,
                     r.would_embed,
                     if r.tokens_exact { "" } else { "~" },
                     r.estimated_tokens,
-                    r.model
+                    r.model,
+                    if r.jobs_in_flight.is_some() {
+                        " at the batch price"
+                    } else {
+                        ""
+                    }
                 );
                 if let Some(n) = r.chunks {
                     s += &format!("; {n} chunks");
@@ -192,7 +197,7 @@ impl Report {
                     s += &format!("; {} texts too long, skipped", r.too_long);
                 }
                 if let Some(n) = r.jobs_in_flight {
-                    s += &format!("; at the batch price, {n} batch jobs in flight");
+                    s += &format!("; batch jobs in flight: {n}");
                 }
                 if !r.sample_ids.is_empty() {
                     s += &format!("; first ids: {}", r.sample_ids.join(", "));
