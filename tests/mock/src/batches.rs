@@ -145,7 +145,8 @@ impl Batches {
         body: &[u8],
         answer: &Answer<'_>,
     ) -> (u16, String, &'static str) {
-        self.calls.push(format!("{method} {}", path.split('?').next().unwrap_or("")));
+        self.calls
+            .push(format!("{method} {}", path.split('?').next().unwrap_or("")));
         let (route, query) = path.split_once('?').unwrap_or((path, ""));
         let parts: Vec<&str> = route.trim_start_matches("/v1/").split('/').collect();
         let json = "application/json";
@@ -192,7 +193,12 @@ impl Batches {
             ("POST", ["batches", id, "cancel"]) => {
                 let id = id.to_string();
                 match self.jobs.iter_mut().find(|j| j.id == id) {
-                    Some(j) if matches!(j.status.as_str(), "validating" | "in_progress" | "finalizing") => {
+                    Some(j)
+                        if matches!(
+                            j.status.as_str(),
+                            "validating" | "in_progress" | "finalizing"
+                        ) =>
+                    {
                         j.status = "cancelling".into();
                         (200, object(j).to_string())
                     }
@@ -271,7 +277,10 @@ impl Batches {
             return error(400, &format!("No such File object: {file}"));
         };
         let problem = validate(input);
-        let requests = input.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+        let requests = input
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
         let id = self.id("batch_");
         let created_at = now_secs();
         self.jobs.push(Job {
@@ -305,7 +314,10 @@ impl Batches {
                 .split('&')
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
         };
-        let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(20).clamp(1, 100);
+        let limit: usize = param("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(20)
+            .clamp(1, 100);
         // Newest first.
         let mut newest: Vec<&Job> = self.jobs.iter().rev().collect();
         if let Some(after) = param("after") {
@@ -359,9 +371,16 @@ fn object(j: &Job) -> Value {
 fn validate(input: &[u8]) -> Option<(usize, String)> {
     let mut ids = std::collections::HashSet::new();
     let mut inputs = 0usize;
-    for (n, line) in input.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+    for (n, line) in input
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
         if n >= MAX_REQUESTS {
-            return Some((n + 1, format!("The file has more than {MAX_REQUESTS} requests.")));
+            return Some((
+                n + 1,
+                format!("The file has more than {MAX_REQUESTS} requests."),
+            ));
         }
         let Ok(req) = serde_json::from_slice::<Value>(line) else {
             return Some((n + 1, "Invalid JSON on this line.".into()));
@@ -373,21 +392,31 @@ fn validate(input: &[u8]) -> Option<(usize, String)> {
             return Some((n + 1, format!("Duplicate custom_id: {id}.")));
         }
         if req["method"] != "POST" || req["url"] != "/v1/embeddings" {
-            return Some((n + 1, "The url must be /v1/embeddings, with method POST.".into()));
+            return Some((
+                n + 1,
+                "The url must be /v1/embeddings, with method POST.".into(),
+            ));
         }
         inputs += match &req["body"]["input"] {
             Value::Array(a) => a.len(),
             _ => 1,
         };
         if inputs > MAX_REQUESTS {
-            return Some((n + 1, format!("More than {MAX_REQUESTS} embedding inputs in one batch.")));
+            return Some((
+                n + 1,
+                format!("More than {MAX_REQUESTS} embedding inputs in one batch."),
+            ));
         }
     }
     (inputs == 0).then(|| (0, "The file has no requests.".into()))
 }
 
 /// Run a job's requests: (output file, error file, completed, failed).
-fn run_requests(input: &[u8], status: &str, answer: &Answer<'_>) -> (Vec<u8>, Vec<u8>, usize, usize) {
+fn run_requests(
+    input: &[u8],
+    status: &str,
+    answer: &Answer<'_>,
+) -> (Vec<u8>, Vec<u8>, usize, usize) {
     let lines: Vec<Value> = input
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
@@ -405,7 +434,11 @@ fn run_requests(input: &[u8], status: &str, answer: &Answer<'_>) -> (Vec<u8>, Ve
         let custom_id = req["custom_id"].clone();
         let id = format!("batch_req_{n}");
         if n >= answered {
-            let code = if status == "expired" { "batch_expired" } else { "batch_cancelled" };
+            let code = if status == "expired" {
+                "batch_expired"
+            } else {
+                "batch_cancelled"
+            };
             let line = json!({"id": id, "custom_id": custom_id, "response": null,
                 "error": {"code": code, "message": "This request could not be executed before the completion window expired."}});
             err.extend_from_slice(line.to_string().as_bytes());
@@ -415,7 +448,10 @@ fn run_requests(input: &[u8], status: &str, answer: &Answer<'_>) -> (Vec<u8>, Ve
         let body = &req["body"];
         let inputs: Vec<String> = match &body["input"] {
             Value::String(s) => vec![s.clone()],
-            Value::Array(a) => a.iter().map(|x| x.as_str().unwrap_or_default().to_string()).collect(),
+            Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_str().unwrap_or_default().to_string())
+                .collect(),
             _ => Vec::new(),
         };
         let rejected = inputs.is_empty()
@@ -435,7 +471,9 @@ fn run_requests(input: &[u8], status: &str, answer: &Answer<'_>) -> (Vec<u8>, Ve
             continue;
         }
         done += 1;
-        let dims = body["dimensions"].as_u64().map_or(answer.dims, |d| d as usize);
+        let dims = body["dimensions"]
+            .as_u64()
+            .map_or(answer.dims, |d| d as usize);
         let reply = crate::fast_reply(&inputs, dims, &body["model"]);
         let reply: Value = serde_json::from_str(&reply).unwrap_or(Value::Null);
         let line = json!({"id": id, "custom_id": custom_id,

@@ -12,8 +12,8 @@
 
 mod batches;
 
-pub use batches::BatchJob;
 use base64::Engine;
+pub use batches::BatchJob;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
