@@ -414,9 +414,20 @@ pub fn print_sql(target: &Target, state_schema: &str, how: crate::config::Setup)
 
 /// `autoembed setup`: check the table, then print or run the DDL.
 pub fn command(cfg: &crate::config::Config) -> Result<Vec<String>> {
-    let crate::checks::Opened { mut db, target, .. } = crate::checks::open(cfg)?;
+    let crate::checks::Opened {
+        mut db,
+        target,
+        state,
+        ..
+    } = crate::checks::open(cfg)?;
     if cfg.setup.print_sql {
         return Ok(vec![print_sql(&target, &cfg.state_schema, cfg.setup)]);
+    }
+    // The DDL refuses too (for --print-sql's migration); here it is said first.
+    if cfg.setup.uninstall && state.current && target.in_flight(db.client())?.jobs > 0 {
+        return Err(crate::error::Error::config(
+            "setup --uninstall: the table has batch jobs in flight at the provider; cancel them (autoembed batch-jobs --cancel all), let a --batch-api run collect them, then uninstall",
+        ));
     }
     run(&mut db, &target, &cfg.state_schema, cfg.setup)
 }

@@ -442,7 +442,7 @@ fn verify_shows_the_jobs_in_flight_and_warns_past_the_window() {
     );
     // Uninstalling while jobs are in flight would lose them: refused.
     let un = autoembed(&db, &mock, &["setup", "--uninstall"]);
-    assert_ne!(un.code, 0);
+    assert_eq!(un.code, 2, "{un:?}");
     assert!(un.stderr.contains("batch jobs in flight"), "{un:?}");
 }
 
