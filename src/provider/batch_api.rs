@@ -11,7 +11,8 @@
 //! reply was lost may have made the job, so it is never repeated; the
 //! intent in its metadata finds it instead ([`BatchApi::find_intent`]).
 
-use super::openai::{one_line, path_segment, retry_after, transport_message, OpenAiClient};
+use super::http::{one_line, path_segment, retry_after, transport_message};
+use super::openai::OpenAiClient;
 use super::ProviderError;
 use crate::config::ProviderConfig;
 use serde_json::Value;
@@ -254,33 +255,7 @@ impl BatchApi {
                 let wait = retry_after(&resp);
                 let mut body = Vec::new();
                 let _ = resp.into_reader().take(64 * 1024).read_to_end(&mut body);
-                let said = |m: String| format!("{what}: {m}");
-                match self.wire.classify(status, &body, wait) {
-                    ProviderError::Rejected { status, message } => ProviderError::Rejected {
-                        status,
-                        message: said(message),
-                    },
-                    ProviderError::RateLimited {
-                        retry_after,
-                        message,
-                    } => ProviderError::RateLimited {
-                        retry_after,
-                        message: said(message),
-                    },
-                    ProviderError::Transient {
-                        retry_after,
-                        message,
-                    } => ProviderError::Transient {
-                        retry_after,
-                        message: said(message),
-                    },
-                    ProviderError::Fatal { message } => ProviderError::Fatal {
-                        message: said(message),
-                    },
-                    ProviderError::Misconfigured { message } => ProviderError::Misconfigured {
-                        message: said(message),
-                    },
-                }
+                self.wire.classify(status, &body, wait).in_call(what)
             }
             ureq::Error::Transport(t) => ProviderError::Transient {
                 retry_after: None,

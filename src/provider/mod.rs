@@ -7,6 +7,7 @@
 //! off with jitter, credential and quota errors stop at once).
 
 pub mod batch_api;
+mod http;
 #[cfg(feature = "local")]
 pub mod local;
 mod openai;
@@ -58,6 +59,39 @@ pub enum ProviderError {
     /// local model that does not load): a configuration error (exit 2).
     #[error("{message}")]
     Misconfigured { message: String },
+}
+
+impl ProviderError {
+    /// The same failure, its message opening with the call that met it.
+    pub fn in_call(self, what: &str) -> ProviderError {
+        let said = |m: String| format!("{what}: {m}");
+        match self {
+            ProviderError::Rejected { status, message } => ProviderError::Rejected {
+                status,
+                message: said(message),
+            },
+            ProviderError::RateLimited {
+                retry_after,
+                message,
+            } => ProviderError::RateLimited {
+                retry_after,
+                message: said(message),
+            },
+            ProviderError::Transient {
+                retry_after,
+                message,
+            } => ProviderError::Transient {
+                retry_after,
+                message: said(message),
+            },
+            ProviderError::Fatal { message } => ProviderError::Fatal {
+                message: said(message),
+            },
+            ProviderError::Misconfigured { message } => ProviderError::Misconfigured {
+                message: said(message),
+            },
+        }
+    }
 }
 
 /// Something that turns texts into vectors, one attempt per call.
