@@ -79,7 +79,6 @@ impl Run<'_> {
             return Ok(Submitted::Nothing);
         }
         tx.commit()?;
-        *cursor = ids.last().cloned();
         planner.took(ids.len());
         let spool = tempfile::NamedTempFile::new()
             .map_err(|e| Error::Config(format!("cannot make a temporary file (TMPDIR): {e}")))?;
@@ -91,6 +90,11 @@ impl Run<'_> {
                 return Err(e);
             }
         };
+        // The next job starts after the last row this one looked at: rows
+        // the file had no room for go in it.
+        if built.through.is_some() {
+            cursor.clone_from(&built.through);
+        }
         if built.rows == 0 {
             db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
             return Ok(Submitted::Job { stop });
@@ -196,6 +200,7 @@ impl Run<'_> {
                 out.write_all(line.as_bytes()).map_err(io)?;
                 out.write_all(b"\n").map_err(io)?;
             }
+            built.through = page.last().cloned();
             bytes += page_bytes;
             let mut request = vec![None; rows.len()];
             for (n, item) in plan.send.iter().enumerate() {
@@ -258,6 +263,8 @@ struct Built {
     rows: u64,
     requests: i32,
     tokens: i64,
+    /// The last id of the last page in the file.
+    through: Option<String>,
 }
 
 /// Rows whose request is recorded in one statement: few enough that
