@@ -8,8 +8,8 @@
 //! [`output`]'s redaction. `docs/architecture.md` draws how a row travels.
 //!
 //! Modules import only modules below them; the leaves ([`error`],
-//! [`output`], [`signals`], [`models`], [`cli`], `template`) import none of
-//! the others.
+//! [`output`], [`signals`], [`models`], [`cli`], `template`, `random`)
+//! import none of the others.
 
 mod checks;
 pub mod cli;
@@ -21,6 +21,7 @@ pub mod models;
 pub mod output;
 mod pacing;
 mod provider;
+mod random;
 mod setup;
 pub mod signals;
 mod template;

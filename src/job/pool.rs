@@ -123,10 +123,7 @@ pub fn run(
 
 /// A name for this run's claims: unique enough that two runs never share it.
 fn run_id() -> String {
-    use std::collections::hash_map::RandomState;
-    use std::hash::BuildHasher;
-    let n = RandomState::new().hash_one((std::process::id(), Instant::now()));
-    format!("{:016x}", n)
+    format!("{:016x}", crate::random::u64())
 }
 
 impl Pool<'_> {

@@ -333,10 +333,7 @@ fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
 /// A number in [0, 1) that differs between calls and processes; good enough
 /// to keep several workers from retrying in lockstep.
 fn jitter_fraction() -> f64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::BuildHasher;
-    let n = RandomState::new().hash_one(Instant::now());
-    (n % 10_000) as f64 / 10_000.0
+    (crate::random::u64() % 10_000) as f64 / 10_000.0
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@ use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::job::plan::{Planner, EARLIER_TEXTS};
 use crate::job::report::StopReason;
-use crate::provider::batch_api::{random_u64, MAX_FILE_BYTES, MAX_JOB_REQUESTS};
+use crate::provider::batch_api::{MAX_FILE_BYTES, MAX_JOB_REQUESTS};
 use crate::provider::ProviderError;
+use crate::random;
 use crate::signals::Stop;
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
@@ -59,11 +60,7 @@ impl Run<'_> {
         seq: &mut u64,
         cursor: &mut Option<String>,
     ) -> Result<Submitted> {
-        let intent = format!(
-            "{:016x}{:016x}",
-            random_u64(),
-            random_u64() ^ u64::from(std::process::id())
-        );
+        let intent = format!("{:016x}{:016x}", random::u64(), random::u64());
         let sel = self.selection();
         let target = self.target;
         let job = Intent {

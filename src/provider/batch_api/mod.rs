@@ -162,7 +162,7 @@ impl BatchApi {
     /// Upload the JSONL file at `path` (purpose `batch`); its file id.
     pub fn upload(&self, path: &Path) -> Result<String, ProviderError> {
         let what = "uploading the batch file";
-        let boundary = format!("autoembed-{:016x}", random_u64());
+        let boundary = format!("autoembed-{:016x}", crate::random::u64());
         let head = format!(
             "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
              --{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"autoembed.jsonl\"\r\n\
@@ -363,20 +363,6 @@ fn reply_json(what: &str, resp: ureq::Response) -> Result<Value, ProviderError> 
         retry_after: None,
         message: format!("{what}: unusable reply: {e}"),
     })
-}
-
-/// A random number for a multipart boundary or an intent's id.
-pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 #[cfg(test)]
