@@ -21,7 +21,7 @@
 //!    nothing are pending again.
 
 use super::claims::Claimed;
-use super::sql::Params;
+use super::sql::{backend_gone, Params, BACKEND_START};
 use super::target::{Selection, Target};
 use crate::error::Result;
 use postgres::types::Type;
@@ -92,10 +92,6 @@ pub struct Intent<'a> {
     pub submit_for: Duration,
 }
 
-fn millis(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128) as i64
-}
-
 impl Target {
     /// The intent of a job and up to `limit` selected rows after `cursor`,
     /// in id order, taken for it; their ids. The caller commits (nothing
@@ -114,15 +110,13 @@ impl Target {
         let sql = format!(
             "INSERT INTO {state}.batch_jobs (intent_id, table_name, model, reembed, \
                submitter_pid, submitter_start, submit_by) \
-             SELECT {id}, {key}, {model}, {reembed}, pg_backend_pid(), \
-               (SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a), \
-               now() + {ms} * interval '1 millisecond'",
+             SELECT {id}, {key}, {model}, {reembed}, pg_backend_pid(), {BACKEND_START}, {by}",
             state = q.state,
             id = p.bind(&intent.id, Type::TEXT),
             key = p.bind(&self.key, Type::TEXT),
             model = p.bind(&intent.model, Type::TEXT),
             reembed = p.bind_owned(intent.reembed, Type::BOOL),
-            ms = p.bind_owned(millis(intent.submit_for), Type::INT8),
+            by = p.bind_later(intent.submit_for),
         );
         p.execute(c, &sql)?;
         let mut p = Params::default();
@@ -178,11 +172,10 @@ impl Target {
         let state = &self.sql.state;
         let mut p = Params::default();
         let sql = format!(
-            "UPDATE {state}.batch_jobs SET tokens = {tokens}, \
-               submit_by = now() + {ms} * interval '1 millisecond' \
+            "UPDATE {state}.batch_jobs SET tokens = {tokens}, submit_by = {by} \
              WHERE intent_id = {intent} AND job_id IS NULL",
             tokens = p.bind_owned(tokens, Type::INT8),
-            ms = p.bind_owned(millis(submit_for), Type::INT8),
+            by = p.bind_later(submit_for),
             intent = p.bind(&intent, Type::TEXT),
         );
         if p.execute(c, &sql)? != 1 {
@@ -208,12 +201,11 @@ impl Target {
     ) -> Result<bool, postgres::Error> {
         let mut p = Params::default();
         let sql = format!(
-            "UPDATE {state}.batch_jobs SET input_file_id = {file}, \
-               submit_by = now() + {ms} * interval '1 millisecond' \
+            "UPDATE {state}.batch_jobs SET input_file_id = {file}, submit_by = {by} \
              WHERE intent_id = {intent} AND job_id IS NULL",
             state = self.sql.state,
             file = p.bind(&file_id, Type::TEXT),
-            ms = p.bind_owned(millis(submit_for), Type::INT8),
+            by = p.bind_later(submit_for),
             intent = p.bind(&intent, Type::TEXT),
         );
         Ok(p.execute(c, &sql)? == 1)
@@ -249,11 +241,10 @@ impl Target {
                (SELECT count(*) FROM {state}.batch_rows b WHERE b.intent_id = j.intent_id), \
                j.tokens, extract(epoch FROM j.created_at)::bigint, \
                extract(epoch FROM now() - j.created_at)::bigint, \
-               j.job_id IS NULL AND (j.submit_by < now() OR NOT EXISTS (\
-                 SELECT 1 FROM pg_stat_get_activity(j.submitter_pid) a \
-                 WHERE a.backend_start IS NULL OR a.backend_start = j.submitter_start)) \
+               j.job_id IS NULL AND (j.submit_by < now() OR {gone}) \
              FROM {state}.batch_jobs j WHERE j.table_name = {key} ORDER BY j.created_at, j.intent_id",
             state = self.sql.state,
+            gone = backend_gone("j.submitter_pid", "j.submitter_start"),
             key = p.bind(&self.key, Type::TEXT),
         );
         Ok(p.query(c, &sql)?
@@ -306,10 +297,10 @@ impl Target {
         let state = &self.sql.state;
         let mut p = Params::default();
         let sql = format!(
-            "UPDATE {state}.batch_jobs SET collecting_until = now() + {ms} * interval '1 millisecond' \
+            "UPDATE {state}.batch_jobs SET collecting_until = {until} \
              WHERE intent_id = {intent} AND (collecting_until IS NULL OR collecting_until < now()) \
              RETURNING reembed",
-            ms = p.bind_owned(millis(lease), Type::INT8),
+            until = p.bind_later(lease),
             intent = p.bind(&intent, Type::TEXT),
         );
         let Some(job) = p.query(c, &sql)?.into_iter().next() else {

@@ -33,7 +33,7 @@
 //! One row a batch keeps a claim cheap (one small insert, one delete), and
 //! lets it last a day: rows handed to a provider's batch job.
 
-use super::sql::{quote_literal, text_hash, Params};
+use super::sql::{quote_literal, text_hash, Params, BACKEND_START};
 use super::target::{lapsed, Selection, Target};
 use crate::error::Result;
 use postgres::types::Type;
@@ -237,14 +237,8 @@ impl Target {
         [
             p.bind(&lease.holder.name, Type::TEXT),
             format!("CASE WHEN {direct} THEN pg_backend_pid() END"),
-            format!(
-                "CASE WHEN {direct} THEN (SELECT a.backend_start \
-                 FROM pg_stat_get_activity(pg_backend_pid()) a) END"
-            ),
-            format!(
-                "now() + {} * interval '1 millisecond'",
-                p.bind_owned(lease.length.as_millis() as i64, Type::INT8)
-            ),
+            format!("CASE WHEN {direct} THEN {BACKEND_START} END"),
+            p.bind_later(lease.length),
         ]
     }
 

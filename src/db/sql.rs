@@ -65,6 +65,15 @@ impl<'a> Params<'a> {
         format!("${}", self.values.len())
     }
 
+    /// `now()` plus `d`, `d` bound (in milliseconds).
+    pub fn bind_later(&mut self, d: std::time::Duration) -> String {
+        let ms = d.as_millis().min(i64::MAX as u128) as i64;
+        format!(
+            "now() + {} * interval '1 millisecond'",
+            self.bind_owned(ms, Type::INT8)
+        )
+    }
+
     fn typed(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
         self.values
             .iter()
@@ -85,6 +94,21 @@ impl<'a> Params<'a> {
     pub fn execute(&self, c: &mut impl GenericClient, sql: &str) -> Result<u64, Error> {
         c.execute_typed(sql, &self.typed())
     }
+}
+
+/// When this statement's backend started: with `pg_backend_pid()`, what
+/// names the backend (a pid alone may be reused).
+pub const BACKEND_START: &str =
+    "(SELECT a.backend_start FROM pg_stat_get_activity(pg_backend_pid()) a)";
+
+/// Whether the backend `pid`, started at `start`, is gone. A backend of
+/// another role shows no `backend_start` (it counts as alive); a pid reused
+/// by a new backend has another `backend_start` (the old one is gone).
+pub fn backend_gone(pid: &str, start: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM pg_stat_get_activity({pid}) a \
+         WHERE a.backend_start IS NULL OR a.backend_start = {start})"
+    )
 }
 
 /// The 64-bit hash of a text column as the write compares it: of its bytes

@@ -4,7 +4,7 @@
 //! shared by the claim, dry-run and the counts.
 
 use super::catalog::{ColumnFacts, TableFacts};
-use super::sql::{has_text, quote_ident, quote_literal, text_hash, Params};
+use super::sql::{backend_gone, has_text, quote_ident, quote_literal, text_hash, Params};
 use super::VectorTypes;
 use crate::config::Reembed;
 use postgres::types::Type;
@@ -461,14 +461,11 @@ impl Target {
 }
 
 /// A claim (alias `c`) that no longer holds its row: its lease has expired,
-/// or it names a backend that is gone. A backend of another role shows no
-/// `backend_start` (it counts as alive); a pid reused by a new backend has
-/// another `backend_start` (the old holder is gone).
+/// or it names a backend that is gone ([`backend_gone`]).
 pub(super) fn lapsed(c: &str) -> String {
     format!(
-        "({c}.expires_at < now() OR ({c}.backend_pid IS NOT NULL AND NOT EXISTS (\
-           SELECT 1 FROM pg_stat_get_activity({c}.backend_pid) a \
-           WHERE a.backend_start IS NULL OR a.backend_start = {c}.backend_start)))"
+        "({c}.expires_at < now() OR ({c}.backend_pid IS NOT NULL AND {}))",
+        backend_gone(&format!("{c}.backend_pid"), &format!("{c}.backend_start"))
     )
 }
 
