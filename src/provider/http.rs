@@ -1,8 +1,33 @@
 //! What both OpenAI-shaped clients ([`super::openai`], [`super::batch_api`])
-//! need of HTTP: a provider's message on one line, a transport failure
-//! named, `Retry-After` read, an id as one URL path segment.
+//! need of HTTP: a reply's body read within a limit, a provider's message
+//! on one line, a transport failure named, `Retry-After` read, an id as one
+//! URL path segment.
 
+use super::ProviderError;
+use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A reply's body into `buf`, at most `limit` bytes.
+pub(super) fn read_body(
+    resp: ureq::Response,
+    buf: &mut Vec<u8>,
+    limit: u64,
+) -> Result<(), ProviderError> {
+    if let Some(len) = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        buf.reserve(len.min(limit as usize));
+    }
+    resp.into_reader()
+        .take(limit)
+        .read_to_end(buf)
+        .map_err(|e| ProviderError::Transient {
+            retry_after: None,
+            message: format!("reply cut short: {e}"),
+        })?;
+    Ok(())
+}
 
 /// `s` as one URL path segment: unreserved characters as they are, every
 /// other byte percent-encoded (an Azure deployment's name goes in the path).

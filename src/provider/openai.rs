@@ -8,14 +8,13 @@
 //! missing, errors may be nested (`{"error":{...}}`) or flat, and an HTTP 200
 //! may carry an error body (OpenRouter).
 
-use super::http::{one_line, path_segment, retry_after, transport_message};
+use super::http::{one_line, path_segment, read_body, retry_after, transport_message};
 use super::{Embedder, Embeddings, ProviderError};
 use crate::config::ProviderConfig;
 use crate::models::ProviderKind;
 use crate::pacing::Limits;
 use base64::Engine;
 use serde_json::Value;
-use std::io::Read;
 use std::time::Duration;
 
 /// Replies larger than this are refused (2048 inputs of 3072 floats as JSON
@@ -292,7 +291,7 @@ impl Embedder for OpenAiClient {
             Ok(resp) => {
                 let limits = Limits::from_headers(|name| resp.header(name));
                 let mut reply = with_body_buffer(|buf| {
-                    read_body(resp, buf)?;
+                    read_body(resp, buf, MAX_REPLY_BYTES)?;
                     self.parse_reply(buf, inputs.len())
                 })?;
                 reply.limits = limits;
@@ -301,7 +300,7 @@ impl Embedder for OpenAiClient {
             Err(ureq::Error::Status(status, resp)) => {
                 let retry_after = retry_after(&resp);
                 let mut body = Vec::new();
-                let _ = read_body(resp, &mut body);
+                let _ = read_body(resp, &mut body, MAX_REPLY_BYTES);
                 Err(self.classify(status, &body, retry_after))
             }
             Err(ureq::Error::Transport(t)) => Err(ProviderError::Transient {
@@ -314,23 +313,6 @@ impl Embedder for OpenAiClient {
             }),
         }
     }
-}
-
-fn read_body(resp: ureq::Response, buf: &mut Vec<u8>) -> Result<(), ProviderError> {
-    if let Some(len) = resp
-        .header("content-length")
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        buf.reserve(len.min(MAX_REPLY_BYTES as usize));
-    }
-    resp.into_reader()
-        .take(MAX_REPLY_BYTES)
-        .read_to_end(buf)
-        .map_err(|e| ProviderError::Transient {
-            retry_after: None,
-            message: format!("reply cut short: {e}"),
-        })?;
-    Ok(())
 }
 
 /// Run `f` with this thread's reply buffer, emptied. Each worker's request

@@ -11,9 +11,9 @@
 //! reply was lost may have made the job, so it is never repeated; the
 //! intent in its metadata finds it instead ([`BatchApi::find_intent`]).
 
-use super::http::{one_line, path_segment, retry_after, transport_message};
+use super::http::{one_line, path_segment, read_body, retry_after, transport_message};
 use super::openai::OpenAiClient;
-use super::ProviderError;
+use super::{backoff, ProviderError, RetryPolicy};
 use crate::config::ProviderConfig;
 use serde_json::Value;
 use std::io::Read;
@@ -39,6 +39,11 @@ pub struct BatchApi {
     api_key: Option<String>,
     wire: OpenAiClient,
 }
+
+/// The most a status, list or error reply is read of: they are small objects.
+const SMALL_REPLY_BYTES: u64 = 1 << 20;
+/// The most an error reply is read of, for its message.
+const ERROR_BODY_BYTES: u64 = 64 * 1024;
 
 /// Tries of a call that may be repeated.
 const TRIES: u32 = 3;
@@ -111,7 +116,7 @@ impl BatchApi {
                     | ProviderError::RateLimited { retry_after, .. },
                 ) if repeatable && attempt < TRIES => {
                     let wait = retry_after
-                        .unwrap_or(Duration::from_secs(1 << (2 * (attempt - 1))))
+                        .unwrap_or_else(|| backoff(&RetryPolicy::default(), attempt))
                         .min(Duration::from_secs(30));
                     crate::debug!("{what}: retrying in {wait:?}");
                     std::thread::sleep(wait);
@@ -124,9 +129,13 @@ impl BatchApi {
 
     fn failed(&self, what: &str, e: ureq::Error) -> ProviderError {
         match e {
-            ureq::Error::Status(404, resp) => {
+            ureq::Error::Status(status, resp) => {
+                let wait = retry_after(&resp);
                 let mut body = Vec::new();
-                let _ = resp.into_reader().take(64 * 1024).read_to_end(&mut body);
+                let _ = read_body(resp, &mut body, ERROR_BODY_BYTES);
+                if status != 404 {
+                    return self.wire.classify(status, &body, wait).in_call(what);
+                }
                 ProviderError::Fatal {
                     message: format!(
                         "{what}: not found (404) at {}: {}; --batch-api needs OpenAI's Batch API at --api-base (AUTOEMBED_API_BASE)",
@@ -134,12 +143,6 @@ impl BatchApi {
                         one_line(&String::from_utf8_lossy(&body))
                     ),
                 }
-            }
-            ureq::Error::Status(status, resp) => {
-                let wait = retry_after(&resp);
-                let mut body = Vec::new();
-                let _ = resp.into_reader().take(64 * 1024).read_to_end(&mut body);
-                self.wire.classify(status, &body, wait).in_call(what)
             }
             ureq::Error::Transport(t) => ProviderError::Transient {
                 retry_after: None,
@@ -352,13 +355,7 @@ impl BatchApi {
 /// A reply's body as JSON (at most a megabyte: these are small objects).
 fn reply_json(what: &str, resp: ureq::Response) -> Result<Value, ProviderError> {
     let mut body = Vec::new();
-    resp.into_reader()
-        .take(1 << 20)
-        .read_to_end(&mut body)
-        .map_err(|e| ProviderError::Transient {
-            retry_after: None,
-            message: format!("{what}: reply cut short: {e}"),
-        })?;
+    read_body(resp, &mut body, SMALL_REPLY_BYTES).map_err(|e| e.in_call(what))?;
     serde_json::from_slice(&body).map_err(|e| ProviderError::Transient {
         retry_after: None,
         message: format!("{what}: unusable reply: {e}"),
