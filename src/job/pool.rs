@@ -8,7 +8,7 @@
 use super::batch::{self, Claim, Context, Worker};
 use super::plan::Planner;
 use super::progress::{BatchLine, Progress};
-use super::report::{RunReport, StopReason, Tally};
+use super::report::{self, RunReport, StopReason, Tally};
 use super::send::{Halt, Sender};
 use crate::config::Config;
 use crate::db::claims::{Holder, Lease, Taken};
@@ -468,12 +468,7 @@ impl Pool<'_> {
             batch: None,
             error: error.map(|e| output::redact(&e.to_string())),
             may_pass: error.is_some_and(Error::may_pass),
-            exit_code: match (error, self.stop.exit_code()) {
-                (Some(e), _) => e.exit_code(),
-                (None, Some(code)) => code,
-                (None, None) if tally.failed > 0 => 1,
-                _ => 0,
-            },
+            exit_code: report::exit_code(error, self.stop, tally.failed),
         }
     }
 }

@@ -80,6 +80,21 @@ pub struct BatchApiReport {
     pub jobs_in_flight: i64,
 }
 
+/// A run's exit code: its error's, else the signal's, else 1 when rows
+/// failed, else 0.
+pub fn exit_code(
+    error: Option<&crate::error::Error>,
+    stop: &crate::signals::Stop,
+    failed: u64,
+) -> i32 {
+    match (error, stop.exit_code()) {
+        (Some(e), _) => e.exit_code(),
+        (None, Some(code)) => code,
+        (None, None) if failed > 0 => 1,
+        _ => 0,
+    }
+}
+
 /// What dry-run found.
 #[derive(Debug, Clone, Serialize)]
 pub struct DryRunReport {

@@ -35,12 +35,12 @@ use crate::output;
 use crate::provider::batch_api::{BatchApi, JobStatus, LineResult, RemoteJob};
 use crate::provider::ProviderError;
 use crate::signals::Stop;
-
-pub mod list;
-mod submit;
 use crate::tokens::Counter;
 use std::io::BufRead;
 use std::time::{Duration, Instant};
+
+pub mod list;
+mod submit;
 
 /// How long a submitting run has, from its last step, to create the job
 /// before another run may look for it at the provider.
@@ -128,12 +128,7 @@ pub fn run(
         stop_reason,
         error: error.as_ref().map(|e| output::redact(&e.to_string())),
         may_pass: error.as_ref().is_some_and(Error::may_pass),
-        exit_code: match (&error, stop.exit_code()) {
-            (Some(e), _) => e.exit_code(),
-            (None, Some(code)) => code,
-            (None, None) if t.failed > 0 => 1,
-            _ => 0,
-        },
+        exit_code: super::report::exit_code(error.as_ref(), stop, t.failed),
         batch: Some(super::report::BatchApiReport {
             submitted: t.submitted,
             collected: t.collected,
@@ -150,6 +145,12 @@ pub fn shape(cfg: &Config, in_flight_tokens: i64) -> Shape<'_> {
         *tokens = tokens.saturating_sub(in_flight_tokens.max(0) as u64);
     }
     shape
+}
+
+/// A file on disk for a job's JSONL, deleted when dropped.
+fn spool() -> Result<tempfile::NamedTempFile> {
+    tempfile::NamedTempFile::new()
+        .map_err(|e| Error::Config(format!("cannot make a temporary file (TMPDIR): {e}")))
 }
 
 /// A provider failure as the run reports it.
@@ -218,7 +219,7 @@ impl<'a> Run<'a> {
                     "batch job {} failed: {why}; its rows are pending again",
                     remote.id
                 );
-                db.in_transaction(|tx| Ok(self.target.end_job(tx, &rec.intent)?))?;
+                self.target.end_job(db.client(), &rec.intent)?;
                 self.delete_files(&rec, &remote);
                 refused.get_or_insert(format!(
                     "the provider refused batch job {}: {why}; its rows are pending again, and no job was submitted",
@@ -238,7 +239,7 @@ impl<'a> Run<'a> {
                 let _ = self.target.stop_collecting(db.client(), &rec.intent);
                 return Err(e);
             }
-            db.in_transaction(|tx| Ok(self.target.end_job(tx, &rec.intent)?))?;
+            self.target.end_job(db.client(), &rec.intent)?;
             crate::info!(
                 "batch job {} {}: {} rows back",
                 remote.id,
@@ -274,7 +275,7 @@ impl<'a> Run<'a> {
                 }
             }
             None => {
-                db.in_transaction(|tx| Ok(self.target.end_job(tx, &rec.intent)?))?;
+                self.target.end_job(db.client(), &rec.intent)?;
                 if let Some(file) = &rec.input_file_id {
                     let _ = self.api.delete_file(file);
                 }
@@ -324,9 +325,7 @@ impl<'a> Run<'a> {
         let mut page = BatchWrite::new(Vec::new(), Vec::new(), None, self.target.half);
         let files = [&remote.output_file_id, &remote.error_file_id];
         for file in files.into_iter().flatten() {
-            let spool = tempfile::NamedTempFile::new().map_err(|e| {
-                Error::Config(format!("cannot make a temporary file (TMPDIR): {e}"))
-            })?;
+            let spool = spool()?;
             let got = self.api.download(file, spool.path());
             self.call(got)?;
             let reader = std::io::BufReader::new(spool.reopen().map_err(|e| {

@@ -4,7 +4,7 @@
 //! uploaded and the job created on it. A create is sent once: a failure
 //! that may have made the job leaves the intent for the next run to look for.
 
-use super::{provider_error, Run, SUBMIT_FOR};
+use super::{provider_error, spool, Run, SUBMIT_FOR};
 use crate::db::batch_jobs::{Intent, JobRows};
 use crate::db::writes::BatchWrite;
 use crate::db::Db;
@@ -77,13 +77,12 @@ impl Run<'_> {
         }
         tx.commit()?;
         planner.took(ids.len());
-        let spool = tempfile::NamedTempFile::new()
-            .map_err(|e| Error::Config(format!("cannot make a temporary file (TMPDIR): {e}")))?;
+        let spool = spool()?;
         let built = self.build_file(db, planner, &intent, &ids, seq, spool.as_file());
         let (built, stop) = match built {
             Ok(b) => b,
             Err(e) => {
-                let _ = db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?));
+                let _ = target.end_job(db.client(), &intent);
                 return Err(e);
             }
         };
@@ -93,7 +92,7 @@ impl Run<'_> {
             cursor.clone_from(&built.through);
         }
         if built.rows == 0 {
-            db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
+            target.end_job(db.client(), &intent)?;
             return Ok(Submitted::Job { stop });
         }
         if !target.seal_job(db.client(), &intent, built.tokens, SUBMIT_FOR)? {
@@ -104,7 +103,7 @@ impl Run<'_> {
             Ok(f) => f,
             Err(e) => {
                 // No job can exist without its file.
-                db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
+                target.end_job(db.client(), &intent)?;
                 return Err(e);
             }
         };
@@ -118,7 +117,7 @@ impl Run<'_> {
             Ok(job) => job,
             Err(e @ ProviderError::Rejected { .. }) => {
                 // Refused outright: there is no job.
-                db.in_transaction(|tx| Ok(target.end_job(tx, &intent)?))?;
+                target.end_job(db.client(), &intent)?;
                 let _ = self.api.delete_file(&file);
                 return Err(provider_error(e));
             }
