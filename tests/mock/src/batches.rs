@@ -446,14 +446,7 @@ fn run_requests(
             continue;
         }
         let body = &req["body"];
-        let inputs: Vec<String> = match &body["input"] {
-            Value::String(s) => vec![s.clone()],
-            Value::Array(a) => a
-                .iter()
-                .map(|x| x.as_str().unwrap_or_default().to_string())
-                .collect(),
-            _ => Vec::new(),
-        };
+        let inputs = crate::inputs_of(body);
         let rejected = inputs.is_empty()
             || inputs.iter().any(String::is_empty)
             || answer

@@ -483,6 +483,18 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     }
 }
 
+/// The texts of an embeddings request body: `input`, a string or an array.
+fn inputs_of(body: &Value) -> Vec<String> {
+    match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(xs) => xs
+            .iter()
+            .map(|x| x.as_str().unwrap_or_default().to_string())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Answer one request to the Files or Batch endpoints.
 fn respond_batches(
     out: &mut TcpStream,
@@ -535,14 +547,7 @@ fn respond(
     body: &[u8],
 ) -> bool {
     let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let inputs: Vec<String> = match &body["input"] {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(xs) => xs
-            .iter()
-            .map(|x| x.as_str().unwrap_or_default().to_string())
-            .collect(),
-        _ => Vec::new(),
-    };
+    let inputs = inputs_of(&body);
     let limited = {
         let limits = {
             let s = state.lock().unwrap_or_else(|e| e.into_inner());
