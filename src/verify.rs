@@ -316,8 +316,9 @@ fn local_model_check(cfg: &Config, cell: &Embedder) -> Check {
         Ok(e) => Check::pass(
             "model",
             format!(
-                "{} from {}: loaded and embedded in {} ms, {} dimensions",
+                "{} ({}) from {}: loaded and embedded in {} ms, {} dimensions",
                 cfg.provider.model,
+                cfg.provider.local_precision.name(),
                 path.display(),
                 started.elapsed().as_millis(),
                 e.vectors.first().map_or(0, Vec::len)

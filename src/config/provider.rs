@@ -4,7 +4,7 @@
 use super::env::{parse_num, parse_usd, Env};
 use crate::cli;
 use crate::error::{Error, Result};
-use crate::models::{self, ProviderKind};
+use crate::models::{self, Precision, ProviderKind};
 use std::time::Duration;
 
 /// How to reach the embeddings API.
@@ -21,6 +21,8 @@ pub struct ProviderConfig {
     pub model: String,
     /// Where the local model is (`--provider local` only).
     pub model_path: Option<std::path::PathBuf>,
+    /// How the local model computes (`--local-precision`).
+    pub local_precision: Precision,
     pub dimensions: Option<u32>,
     /// `--price-per-million`, overriding the built-in price.
     pub price_per_million: Option<f64>,
@@ -67,6 +69,7 @@ impl ProviderConfig {
             price_per_million: None,
             model: "text-embedding-3-small".into(),
             model_path: None,
+            local_precision: Precision::Fp32,
             dimensions: None,
             request_timeout: Duration::from_secs(1),
             api_version: None,
@@ -86,6 +89,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("vault_secret", &self.vault_secret)
             .field("model", &self.model)
             .field("model_path", &self.model_path)
+            .field("local_precision", &self.local_precision)
             .field("dimensions", &self.dimensions)
             .field("price_per_million", &self.price_per_million)
             .field("request_timeout", &self.request_timeout)
@@ -164,6 +168,14 @@ pub(super) fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConf
             )
         })?),
     };
+    let local_precision = match env.pick(c.local_precision.clone(), "AUTOEMBED_LOCAL_PRECISION") {
+        None => Precision::Fp32,
+        Some(p) => Precision::parse(&p).ok_or_else(|| {
+            Error::config(format!(
+                "invalid --local-precision (AUTOEMBED_LOCAL_PRECISION) {p:?}: expected fp32 or int8"
+            ))
+        })?,
+    };
     let dimensions = parse_num(
         env.pick(c.dimensions.clone(), "AUTOEMBED_DIMENSIONS"),
         "--dimensions",
@@ -223,6 +235,7 @@ pub(super) fn provider_config(env: &Env, c: &cli::Common) -> Result<ProviderConf
         vault_secret,
         model,
         model_path,
+        local_precision,
         dimensions,
         price_per_million,
         request_timeout: Duration::from_secs(request_timeout),

@@ -118,7 +118,7 @@ pub fn build(cfg: &ProviderConfig) -> crate::error::Result<Provider> {
         );
         return Ok(Provider {
             counter: Counter::Model(tokenizer.clone()),
-            embedder: Arc::new(local::Lazy::new(path, tokenizer)),
+            embedder: Arc::new(local::Lazy::new(path, cfg.local_precision, tokenizer)),
         });
     }
     Ok(Provider {

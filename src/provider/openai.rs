@@ -424,6 +424,7 @@ mod tests {
             price_per_million: None,
             model: "my deployment".into(),
             model_path: None,
+            local_precision: Default::default(),
             dimensions: Some(256),
             request_timeout: Duration::from_secs(1),
             api_version: Some("2024-10-21".into()),

@@ -100,6 +100,7 @@ fn bad_settings_are_one_line_naming_the_flag_and_variable_with_exit_2() {
         (&["--request-timeout", "0"], &[], "invalid --request-timeout (AUTOEMBED_REQUEST_TIMEOUT)"),
         (&["--dimensions", "x"], &[], "invalid --dimensions (AUTOEMBED_DIMENSIONS)"),
         (&["--provider", "cohere"], &[], "invalid --provider (AUTOEMBED_PROVIDER) \"cohere\""),
+        (&["--local-precision", "int4"], &[], "invalid --local-precision (AUTOEMBED_LOCAL_PRECISION) \"int4\": expected fp32 or int8"),
         (&["--provider", "openai-compatible"], &[("AUTOEMBED_API_BASE", "")], "needs --api-base (AUTOEMBED_API_BASE)"),
         (&["--api-base", "ftp://x"], &[], "invalid --api-base (AUTOEMBED_API_BASE)"),
         (&["--model", "text-embedding-ada-002", "--dimensions", "512"], &[], "--dimensions (AUTOEMBED_DIMENSIONS) is not accepted by text-embedding-ada-002"),

@@ -160,6 +160,29 @@ fn stores_the_vectors_sentence_transformers_gives() {
 }
 
 #[test]
+fn int8_vectors_stay_within_0_99_of_sentence_transformers() {
+    let r = reference();
+    let mut db = reference_table("localint8", 384, &r.texts);
+    let run = local(
+        &db,
+        &model_dir(),
+        &["backfill", "--json", "--local-precision", "int8"],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["embedded"], 12, "{}", run.stdout);
+    for (i, want) in r.vectors.iter().enumerate() {
+        let c = cosine(&stored(&mut db, i), want);
+        assert!(c >= 0.99, "{:?}: cosine {c}", r.texts[i]);
+    }
+    let v = local_cmd(&db, &model_dir(), &["verify", "--json", "--offline"])
+        .env("AUTOEMBED_LOCAL_PRECISION", "int8")
+        .output()
+        .expect("verify");
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(out.contains("all-MiniLM-L6-v2 (int8) from"), "{out}");
+}
+
+#[test]
 fn the_wheel_file_gives_the_same_vectors_as_the_directory() {
     let texts = vec!["Merino wool base layer for cold mornings on the trail.".to_string()];
     let mut from_dir = reference_table("localdir", 384, &texts);

@@ -1,6 +1,11 @@
 //! The BERT forward pass, on the CPU with candle: the model's shape, its
-//! weights taken by name, and the kernels candle would run on one core.
+//! weights taken by name (the dense layers' in fp32 or int8), and the
+//! kernels candle would run on one core.
 
+use super::attention::Attention;
+use super::cpu::avx2_fma;
+use super::dense::Dense;
+use crate::models::Precision;
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm};
 use rayon::prelude::*;
@@ -51,10 +56,11 @@ struct Weights {
     /// Some exports prefix every name with "bert.".
     prefix: &'static str,
     eps: f64,
+    precision: Precision,
 }
 
 impl Weights {
-    fn new(tensors: HashMap<String, Tensor>, eps: f64) -> Weights {
+    fn new(tensors: HashMap<String, Tensor>, eps: f64, precision: Precision) -> Weights {
         let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") {
             ""
         } else {
@@ -64,6 +70,7 @@ impl Weights {
             tensors,
             prefix,
             eps,
+            precision,
         }
     }
 
@@ -93,53 +100,8 @@ impl Weights {
         Dense::new(
             self.take(&format!("{name}.weight"), &[out, inp])?,
             self.take(&format!("{name}.bias"), &[out])?,
+            self.precision,
         )
-    }
-}
-
-/// A dense layer whose bias is added on every core (candle's own
-/// broadcast addition runs on one).
-struct Dense {
-    /// `(in, out)`: the weight transposed once, at load.
-    weight_t: Tensor,
-    bias: Vec<f32>,
-}
-
-impl Dense {
-    fn new(weight: Tensor, bias: Tensor) -> Result<Dense, String> {
-        let e = |e: candle_core::Error| e.to_string();
-        Ok(Dense {
-            weight_t: weight.t().map_err(e)?,
-            bias: bias.to_vec1().map_err(e)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight_t)?;
-        y.inplace_op1(&AddBias(&self.bias))?;
-        Ok(y)
-    }
-}
-
-/// Adds a bias to every row, in place, the rows spread over every core.
-struct AddBias<'b>(&'b [f32]);
-
-impl InplaceOp1 for AddBias<'_> {
-    fn name(&self) -> &'static str {
-        "add-bias"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let w = self.0.len();
-        match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) if w > 0 && (b - a) % w == 0 => {
-                v[a..b].par_chunks_mut(w).for_each(|row| {
-                    row.iter_mut().zip(self.0).for_each(|(x, b)| *x += b);
-                });
-                Ok(())
-            }
-            _ => candle_core::bail!("add-bias: expected contiguous f32 rows of {w}"),
-        }
     }
 }
 
@@ -199,9 +161,13 @@ pub(super) struct Bert {
 }
 
 impl Bert {
-    pub(super) fn new(shape: &Shape, weights: HashMap<String, Tensor>) -> Result<Bert, String> {
+    pub(super) fn new(
+        shape: &Shape,
+        weights: HashMap<String, Tensor>,
+        precision: Precision,
+    ) -> Result<Bert, String> {
         let h = shape.hidden;
-        let mut w = Weights::new(weights, shape.eps);
+        let mut w = Weights::new(weights, shape.eps, precision);
         let words = Embedding::new(w.take("embeddings.word_embeddings.weight", &[0, h])?, h);
         let positions =
             Embedding::new(w.take("embeddings.position_embeddings.weight", &[0, h])?, h);
@@ -227,7 +193,7 @@ impl Bert {
             ])?;
             let inner = shape.intermediate;
             layers.push(Layer {
-                qkv: Dense::new(weight, bias)?,
+                qkv: Dense::new(weight, bias, precision)?,
                 attn_out: w.dense(&format!("{p}.attention.output.dense"), h, h)?,
                 attn_norm: w.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
                 up: w.dense(&format!("{p}.intermediate.dense"), inner, h)?,
@@ -258,8 +224,6 @@ impl Bert {
         let mut x = (self.words.forward(&ids)? + self.positions.forward(&pos)?)?
             .broadcast_add(&self.token_type)?;
         x = self.norm.forward(&x)?;
-        let hd = h / self.heads;
-        let scale = 1.0 / (hd as f64).sqrt();
         // Where each sequence starts in the packed tokens.
         let spans: Vec<(usize, usize)> = lens
             .iter()
@@ -270,24 +234,11 @@ impl Bert {
             .collect();
         for l in &self.layers {
             let qkv = l.qkv.forward(&x)?;
-            // Each sequence's attention is a few small matrix products,
-            // which keep one core busy: the sequences go to every core.
-            let ctx = spans
-                .par_iter()
-                .map(|&(at, t)| {
-                    // (t, 3, heads, hd) -> (3, heads, t, hd)
-                    let s = qkv
-                        .narrow(0, at, t)?
-                        .reshape((t, 3, self.heads, hd))?
-                        .permute((1, 2, 0, 3))?;
-                    let q = (s.get(0)?.contiguous()? * scale)?;
-                    let k = s.get(1)?.contiguous()?;
-                    let v = s.get(2)?.contiguous()?;
-                    let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-                    att.matmul(&v)?.transpose(0, 1)?.reshape((t, h))
-                })
-                .collect::<candle_core::Result<Vec<Tensor>>>()?;
-            let ctx = Tensor::cat(&ctx, 0)?;
+            let ctx = qkv.apply_op1_no_bwd(&Attention {
+                spans: &spans,
+                heads: self.heads,
+                hidden: h,
+            })?;
             let attended = l.attn_out.forward(&ctx)?;
             attended.inplace_op2(&x, &AddInPlace)?;
             x = l.attn_norm.forward(&attended)?;
@@ -319,15 +270,35 @@ impl InplaceOp1 for Gelu {
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         match (storage, layout.contiguous_offsets()) {
             (CpuStorage::F32(v), Some((a, b))) => {
+                let fast = avx2_fma();
                 v[a..b].par_chunks_mut(PAR_CHUNK).for_each(|chunk| {
-                    for x in chunk {
-                        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+                    if fast {
+                        // SAFETY: avx2_fma() checked that the CPU has AVX2 and FMA.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            gelu_avx2(chunk)
+                        }
+                    } else {
+                        gelu(chunk)
                     }
                 });
                 Ok(())
             }
             _ => candle_core::bail!("gelu: expected contiguous f32"),
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(xs: &mut [f32]) {
+    gelu(xs)
+}
+
+#[inline(always)]
+fn gelu(xs: &mut [f32]) {
+    for x in xs {
+        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 

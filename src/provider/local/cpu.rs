@@ -1,0 +1,14 @@
+//! What this CPU can run, asked once per call site: the loops of the local
+//! model are compiled twice, for any x86-64 and for AVX2 with FMA, and the
+//! second is picked where the CPU has them (a plain build targets CPUs
+//! from 2003, whose vectors are four floats wide).
+
+/// The CPU has AVX2 and FMA (checked once; the answer is cached).
+pub(super) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
