@@ -636,23 +636,46 @@ fn local(opts: &Opts, db: &mut Client) {
         .map(|c| c["detail"].to_string())
         .unwrap_or_else(|| fail(&format!("verify found no model: {}", loaded.json)));
     println!(
-        "| concurrency | rows/s (median of {}) | tokens per text | peak RSS (MB) | CPU busy (% of {cores} cores) |",
+        "| precision | concurrency | rows/s (median of {}) | tokens per text | peak RSS (MB) | CPU busy (% of {cores} cores) | cosine to fp32 (min / mean) |",
         opts.runs
     );
-    println!("|---|---|---|---|---|");
-    for conc in ["1", "2"] {
+    println!("|---|---|---|---|---|---|---|");
+    // fp32 with one worker (no overlap) and at the default (2), then int8
+    // at the default; int8's vectors are compared with fp32's, kept aside.
+    for (precision, conc) in [("fp32", "1"), ("fp32", "2"), ("int8", "2")] {
         let (mut rates, mut peaks, mut busy, mut tokens) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let mut env = provider.to_vec();
+        env.push(("AUTOEMBED_LOCAL_PRECISION", precision.to_string()));
         for _ in 0..opts.runs {
             reset(db, &t);
-            let m = measure(opts, &provider, &t, &["backfill", "--concurrency", conc]);
+            let m = measure(opts, &env, &t, &["backfill", "--concurrency", conc]);
             assert_done(&m, n);
             rates.push(n as f64 / m.seconds);
             peaks.push(m.max_rss_kb as f64 / 1024.0);
             busy.push(m.cpu_percent / cores as f64);
             tokens = m.json["tokens"].as_u64().unwrap_or(0);
         }
+        let fidelity = if precision == "fp32" {
+            exec(
+                db,
+                &format!("DROP TABLE IF EXISTS {t}_fp32; CREATE TABLE {t}_fp32 AS SELECT id, embedding FROM {t}"),
+            );
+            "1 / 1".to_string()
+        } else {
+            let row = db
+                .query_one(
+                    &format!(
+                        "SELECT min(1 - (a.embedding <=> b.embedding)), avg(1 - (a.embedding <=> b.embedding))
+                         FROM {t} a JOIN {t}_fp32 b USING (id)"
+                    ),
+                    &[],
+                )
+                .unwrap_or_else(|e| fail(&format!("compare with fp32: {e}")));
+            let (min, mean): (f64, f64) = (row.get(0), row.get(1));
+            format!("{min:.4} / {mean:.4}")
+        };
         println!(
-            "| {conc} | {:.0} | {:.1} | {:.0} | {:.0} |",
+            "| {precision} | {conc} | {:.0} | {:.1} | {:.0} | {:.0} | {fidelity} |",
             median(rates),
             tokens as f64 / n as f64,
             median(peaks),
