@@ -28,6 +28,7 @@ mod bert;
 mod cpu;
 mod dense;
 mod files;
+mod gelu;
 mod int8;
 
 use super::{Embedder, Embeddings, ProviderError};
@@ -40,8 +41,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Tokens per forward pass, at most (one longer input still goes alone):
-/// bounds the activations (tokens x 1536 floats in the widest layer).
-const TOKENS_PER_PASS: usize = 4096;
+/// bounds the activations (tokens x 1536 floats in the widest layer). 2048
+/// rather than 4096 keeps a layer's activations nearer the cache: measured,
+/// int8 6-13% faster, fp32 the same, 40 MB less at peak.
+const TOKENS_PER_PASS: usize = 2048;
 
 /// The model's tokenizer, as sentence-transformers uses it. Shared by the
 /// model and by token counting (dry-run, budgets).

@@ -3,10 +3,10 @@
 //! kernels candle would run on one core.
 
 use super::attention::Attention;
-use super::cpu::avx2_fma;
+use super::cpu::PAR_CHUNK;
 use super::dense::Dense;
 use crate::models::Precision;
-use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Module, Tensor};
+use candle_core::{CpuStorage, Device, Layout, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -104,10 +104,6 @@ impl Weights {
         )
     }
 }
-
-/// Floats per task when an element-wise step is spread over the cores:
-/// enough that a task outweighs its scheduling.
-const PAR_CHUNK: usize = 1 << 14;
 
 /// Adds another tensor of the same shape, in place, on every core (the
 /// residual connections).
@@ -242,8 +238,7 @@ impl Bert {
             let attended = l.attn_out.forward(&ctx)?;
             attended.inplace_op2(&x, &AddInPlace)?;
             x = l.attn_norm.forward(&attended)?;
-            let up = l.up.forward(&x)?;
-            up.inplace_op1(&Gelu)?;
+            let up = l.up.forward_gelu(&x)?;
             let down = l.down.forward(&up)?;
             down.inplace_op2(&x, &AddInPlace)?;
             x = l.out_norm.forward(&down)?;
@@ -256,89 +251,5 @@ impl Bert {
             out.push(v);
         }
         Ok(out)
-    }
-}
-
-/// GELU (the erf form BERT uses), in place.
-struct Gelu;
-
-impl InplaceOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "gelu-erf"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => {
-                let fast = avx2_fma();
-                v[a..b].par_chunks_mut(PAR_CHUNK).for_each(|chunk| {
-                    if fast {
-                        // SAFETY: avx2_fma() checked that the CPU has AVX2 and FMA.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            gelu_avx2(chunk)
-                        }
-                    } else {
-                        gelu(chunk)
-                    }
-                });
-                Ok(())
-            }
-            _ => candle_core::bail!("gelu: expected contiguous f32"),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(xs: &mut [f32]) {
-    gelu(xs)
-}
-
-#[inline(always)]
-fn gelu(xs: &mut [f32]) {
-    for x in xs {
-        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
-    }
-}
-
-/// erf as a rational function on [-4, 4] (Eigen's float erf): no branches
-/// and no libm call, so the loop above vectorises; absolute error < 5e-7.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let x = x.clamp(-4.0, 4.0);
-    let x2 = x * x;
-    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
-    p = x2 * p - 2.101_024e-6;
-    p = x2 * p - 5.692_506_4e-5;
-    p = x2 * p - 7.349_906_3e-4;
-    p = x2 * p - 2.954_600_1e-3;
-    p = x2 * p - 1.609_603_3e-2;
-    p *= x;
-    let mut q = x2 * -1.456_607_2e-5 - 2.133_740_6e-4;
-    q = x2 * q - 1.682_827e-3;
-    q = x2 * q - 7.373_329_2e-3;
-    q = x2 * q - 1.426_473_9e-2;
-    p / q
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn erf_is_within_5e7_of_libm() {
-        extern "C" {
-            #[link_name = "erf"]
-            fn libm_erf(x: f64) -> f64;
-        }
-        let mut worst = 0f64;
-        for i in -60_000..60_000 {
-            let x = i as f64 * 1e-4;
-            // SAFETY: erf from the C library is a pure function.
-            let want = unsafe { libm_erf(x) };
-            worst = worst.max((erf(x as f32) as f64 - want).abs());
-        }
-        assert!(worst < 5e-7, "worst error {worst:e}");
     }
 }

@@ -1,7 +1,12 @@
 //! What this CPU can run, asked once per call site: the loops of the local
 //! model are compiled twice, for any x86-64 and for AVX2 with FMA, and the
 //! second is picked where the CPU has them (a plain build targets CPUs
-//! from 2003, whose vectors are four floats wide).
+//! from 2003, whose vectors are four floats wide); and how finely an
+//! element-wise step is cut for the cores.
+
+/// Floats per task when an element-wise step is spread over the cores:
+/// enough that a task outweighs its scheduling.
+pub(super) const PAR_CHUNK: usize = 1 << 14;
 
 /// The CPU has AVX2 and FMA (checked once; the answer is cached).
 pub(super) fn avx2_fma() -> bool {

@@ -1,11 +1,13 @@
-//! The model's dense layers, `y = x · Wᵀ + b`, in fp32 (gemm, the matrix
-//! kernels candle itself calls) or int8 ([`super::int8`]).
+//! The model's dense layers, `y = x · Wᵀ + b` (GELU of it for the
+//! up-projection), in fp32 (gemm, the matrix kernels candle itself calls)
+//! or int8 ([`super::int8`]).
 //!
 //! fp32 calls gemm directly rather than through candle's matmul: the
 //! output starts as the bias, written on every core, and gemm adds the
 //! product to it, where candle zeroed the output on one core and the bias
 //! took another pass.
 
+use super::gelu::gelu_on_every_core;
 use super::int8::Int8Dense;
 use crate::models::Precision;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
@@ -41,7 +43,19 @@ impl Dense {
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.apply_op1_no_bwd(self)
+        x.apply_op1_no_bwd(&Apply {
+            dense: self,
+            gelu: false,
+        })
+    }
+
+    /// GELU of the layer's output: in int8, block by block as it is
+    /// computed (while in cache); in fp32, after gemm, on every core.
+    pub(super) fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.apply_op1_no_bwd(&Apply {
+            dense: self,
+            gelu: true,
+        })
     }
 
     /// `(in, out)`.
@@ -54,7 +68,12 @@ impl Dense {
 }
 
 /// The layer as a candle op, so it reads the activations where they are.
-impl candle_core::CustomOp1 for Dense {
+struct Apply<'a> {
+    dense: &'a Dense,
+    gelu: bool,
+}
+
+impl candle_core::CustomOp1 for Apply<'_> {
     fn name(&self) -> &'static str {
         "dense"
     }
@@ -64,13 +83,19 @@ impl candle_core::CustomOp1 for Dense {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (inp, out) = self.size();
+        let (inp, out) = self.dense.size();
         match (storage, layout.contiguous_offsets()) {
             (CpuStorage::F32(v), Some((a, b))) if (b - a) % inp == 0 => {
                 let x = &v[a..b];
-                let y = match self {
-                    Dense::Fp32(d) => d.forward_slice(x),
-                    Dense::Int8(d) => d.forward_slice(x),
+                let y = match self.dense {
+                    Dense::Fp32(d) => {
+                        let mut y = d.forward_slice(x);
+                        if self.gelu {
+                            gelu_on_every_core(&mut y);
+                        }
+                        y
+                    }
+                    Dense::Int8(d) => d.forward_slice(x, self.gelu),
                 };
                 Ok((CpuStorage::F32(y), Shape::from(((b - a) / inp, out))))
             }

@@ -19,6 +19,7 @@
 //! that leaves the least squared error.
 
 use super::cpu::avx2_fma;
+use super::gelu;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -92,8 +93,9 @@ impl Int8Dense {
         }
     }
 
-    /// `x` (`n × inp`, row-major) times the weights plus the bias: `n × out`.
-    pub(super) fn forward_slice(&self, x: &[f32]) -> Vec<f32> {
+    /// `x` (`n × inp`, row-major) times the weights plus the bias: `n × out`;
+    /// with `gelu`, GELU of that.
+    pub(super) fn forward_slice(&self, x: &[f32], gelu: bool) -> Vec<f32> {
         let n = x.len() / self.inp;
         // Not zeroed first: on one core, that took as long as a tenth of
         // the products on all of them.
@@ -110,10 +112,10 @@ impl Int8Dense {
                     // SAFETY: avx2_fma() checked that the CPU has AVX2 and FMA.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        self.rows_avx2(x, y, dot)
+                        self.rows_avx2(x, y, dot, gelu)
                     }
                 } else {
-                    self.rows(x, y, dot)
+                    self.rows(x, y, dot, gelu)
                 }
             });
         // SAFETY: rows() wrote every element of every chunk: each of its
@@ -124,13 +126,13 @@ impl Int8Dense {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_avx2(&self, x: &[f32], y: &mut [MaybeUninit<f32>], dot: Kernel) {
-        self.rows(x, y, dot)
+    unsafe fn rows_avx2(&self, x: &[f32], y: &mut [MaybeUninit<f32>], dot: Kernel, gelu: bool) {
+        self.rows(x, y, dot, gelu)
     }
 
     /// One task: quantise these tokens, then every panel against them.
     #[inline(always)]
-    fn rows(&self, x: &[f32], y: &mut [MaybeUninit<f32>], dot: Kernel) {
+    fn rows(&self, x: &[f32], y: &mut [MaybeUninit<f32>], dot: Kernel, gelu: bool) {
         let n = x.len() / self.inp;
         let lda = self.groups * KG;
         let blocks = n.div_ceil(MR);
@@ -144,6 +146,7 @@ impl Int8Dense {
         }
         let panel_len = self.groups * NR * KG;
         let mut acc = [[0i32; NR]; MR];
+        let mut values = [0f32; NR];
         for (panel, b) in self.packed.chunks_exact(panel_len).enumerate() {
             let c0 = panel * NR;
             let cols = (self.out - c0).min(NR);
@@ -161,12 +164,25 @@ impl Int8Dense {
                         break;
                     }
                     let (zero, a_scale) = (a_zero[i], a_scale[i]);
-                    let out = &mut y[i * self.out + c0..][..cols];
                     let channels = colsum.iter().zip(w_scale).zip(bias);
-                    for ((y, acc), ((colsum, w_scale), bias)) in
-                        out.iter_mut().zip(acc).zip(channels)
+                    for ((v, acc), ((colsum, w_scale), bias)) in
+                        values.iter_mut().zip(acc).zip(channels)
                     {
-                        y.write((acc - zero * colsum) as f32 * (a_scale * w_scale) + bias);
+                        *v = (acc - zero * colsum) as f32 * (a_scale * w_scale) + bias;
+                    }
+                    if gelu {
+                        gelu::gelu(&mut values);
+                    }
+                    let out = &mut y[i * self.out + c0..][..cols];
+                    match <&mut [MaybeUninit<f32>; NR]>::try_from(&mut *out) {
+                        // A whole panel: a copy of known size, which stays inline
+                        // (a loop of `cols` becomes a call to memcpy).
+                        Ok(out) => *out = values.map(MaybeUninit::new),
+                        Err(_) => {
+                            for (y, v) in out.iter_mut().zip(&values) {
+                                y.write(*v);
+                            }
+                        }
                     }
                 }
             }
@@ -400,7 +416,14 @@ mod tests {
         let (n, inp, out) = (23, 38, 21);
         let (x, w, bias) = (values(n * inp, 1), values(out * inp, 2), values(out, 3));
         let dense = Int8Dense::new(&w, out, inp, &bias);
-        let y = dense.forward_slice(&x);
+        let y = dense.forward_slice(&x, false);
+        // GELU applied block by block is GELU applied after.
+        let mut after = y.clone();
+        gelu::gelu(&mut after);
+        let fused = dense.forward_slice(&x, true);
+        for (a, f) in after.iter().zip(&fused) {
+            assert!((a - f).abs() < 1e-6, "{a} vs {f}");
+        }
         assert_eq!(y.len(), n * out);
         for i in 0..n {
             let want: Vec<f32> = (0..out)
