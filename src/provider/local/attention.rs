@@ -9,7 +9,7 @@
 //! multiply-adds. The sequences go to every core; the loops are compiled
 //! for AVX2 and FMA too, picked at run time.
 
-use super::cpu::avx2_fma;
+use super::cpu::{avx2_fma, reduce};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -103,44 +103,37 @@ fn sequence_of<const HD: usize>(qkv: &[f32], heads: usize, h: usize, ctx: &mut [
             let inv = 1.0 / reduce(p, 0.0, |a, b| a + b);
             let out = &mut out[q0..q0 + hd];
             if HD == 0 {
-                acc.fill(0.0);
-                for (&p, row) in p.iter().zip(qkv.chunks_exact(3 * h)) {
-                    for (a, v) in acc.iter_mut().zip(&row[v0..v0 + hd]) {
-                        *a += p * v;
-                    }
-                }
-                for (o, a) in out.iter_mut().zip(&acc) {
-                    o.write(a * inv);
-                }
+                context(p, qkv, v0, h, &mut acc, inv, out);
             } else {
                 // A fixed-size accumulator: the compiler keeps it in registers.
-                let mut acc = [0f32; HD];
-                for (&p, row) in p.iter().zip(qkv.chunks_exact(3 * h)) {
-                    for (a, v) in acc.iter_mut().zip(&row[v0..v0 + HD]) {
-                        *a += p * v;
-                    }
-                }
-                for (o, a) in out.iter_mut().zip(&acc) {
-                    o.write(a * inv);
-                }
+                context(p, qkv, v0, h, &mut [0f32; HD], inv, out);
             }
         }
     }
 }
 
-/// `xs` folded by `f` in eight lanes, then the lanes folded: a plain fold
-/// of floats stays scalar (the compiler keeps the order of the operations).
+/// A query's context: `Σ_j p[j] · v_j` over the head's values (from column
+/// `v0` of each row of `3h`), times `inv`, into `out`.
 #[inline(always)]
-fn reduce(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut lanes = [init; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            lanes[l] = f(lanes[l], c[l]);
+fn context(
+    p: &[f32],
+    qkv: &[f32],
+    v0: usize,
+    h: usize,
+    acc: &mut [f32],
+    inv: f32,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let hd = acc.len();
+    acc.fill(0.0);
+    for (&p, row) in p.iter().zip(qkv.chunks_exact(3 * h)) {
+        for (a, v) in acc.iter_mut().zip(&row[v0..v0 + hd]) {
+            *a += p * v;
         }
     }
-    lanes.iter().chain(tail).fold(init, |a, &b| f(a, b))
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        o.write(a * inv);
+    }
 }
 
 /// e^x for x in -87..=0 (the scores less their maximum), Cephes' float

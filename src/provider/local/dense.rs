@@ -25,7 +25,7 @@ impl Dense {
         let (out, inp) = weight.dims2().map_err(e)?;
         let bias: Vec<f32> = bias.to_vec1().map_err(e)?;
         let weight: Vec<f32> = weight.flatten_all().map_err(e)?.to_vec1().map_err(e)?;
-        if bias.len() != out || weight.len() != out * inp {
+        if bias.len() != out {
             return Err(format!(
                 "a dense layer of {out} x {inp} has {} biases",
                 bias.len()

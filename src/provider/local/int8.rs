@@ -18,7 +18,7 @@
 //! scale is the one, among its largest weight and a few clipped ranges,
 //! that leaves the least squared error.
 
-use super::cpu::avx2_fma;
+use super::cpu::{avx2_fma, reduce};
 use super::gelu;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -53,6 +53,8 @@ pub(super) struct Int8Dense {
     scale: Vec<f32>,
     colsum: Vec<i32>,
     bias: Vec<f32>,
+    /// The fastest kernel this CPU runs, chosen at load.
+    dot: Kernel,
 }
 
 impl Int8Dense {
@@ -90,6 +92,7 @@ impl Int8Dense {
             scale,
             colsum,
             bias: padded_bias,
+            dot: kernels()[0].1,
         }
     }
 
@@ -103,7 +106,7 @@ impl Int8Dense {
         // Enough tasks for every core, each a whole number of kernel calls.
         let threads = rayon::current_num_threads().max(1);
         let rows = (n.div_ceil(threads * 4)).div_ceil(MR).clamp(1, 8) * MR;
-        let (dot, fast) = (kernel(), avx2_fma());
+        let (dot, fast) = (self.dot, avx2_fma());
         y.spare_capacity_mut()[..n * self.out]
             .par_chunks_mut(rows * self.out)
             .zip(x.par_chunks(rows * self.inp))
@@ -194,19 +197,10 @@ impl Int8Dense {
 /// zero point, so that `x ≈ (q - zero) · scale`.
 #[inline(always)]
 fn quantise(row: &[f32], q: &mut [u8]) -> (f32, i32) {
-    // Sixteen running minima and maxima, so the loop vectorises.
-    let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
-    let chunks = row.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..16 {
-            // Compare-and-select, not f32::min (whose NaN rule keeps it scalar).
-            lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
-            hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
-        }
-    }
-    let lo = tail.iter().chain(&lo).fold(0f32, |m, &v| m.min(v));
-    let hi = tail.iter().chain(&hi).fold(0f32, |m, &v| m.max(v));
+    // Compare-and-select, not f32::min (whose NaN rule keeps it scalar);
+    // 0 is in the range, so zero maps to an integer exactly.
+    let lo = reduce(row, 0.0, |m, v| if v < m { v } else { m });
+    let hi = reduce(row, 0.0, |m, v| if v > m { v } else { m });
     let scale = if hi > lo { (hi - lo) / A_MAX } else { 1.0 };
     let zero = (-lo / scale).round().clamp(0.0, A_MAX);
     let inv = 1.0 / scale;
@@ -246,11 +240,6 @@ fn round(x: f32) -> f32 {
 /// and one packed panel `b` of `groups` groups.
 type Kernel = fn(&[u8], usize, &[i8], usize, &mut [[i32; NR]; MR]);
 
-/// The fastest kernel this CPU runs.
-fn kernel() -> Kernel {
-    kernels()[0].1
-}
-
 /// The kernels this CPU runs, fastest first, by name; the portable one last.
 fn kernels() -> Vec<(&'static str, Kernel)> {
     let mut found: Vec<(&'static str, Kernel)> = Vec::new();
@@ -268,7 +257,15 @@ fn kernels() -> Vec<(&'static str, Kernel)> {
     found
 }
 
-/// The kernel in plain Rust: the reference the AVX2 one is tested against,
+/// Panics unless every load of a kernel call stays inside `a` (MR rows of
+/// stride `lda`) and `b` (`groups` groups of a panel): the bounds the unsafe
+/// kernels rely on.
+#[cfg(target_arch = "x86_64")]
+fn assert_fits(a: &[u8], lda: usize, b: &[i8], groups: usize) {
+    assert!(a.len() >= (MR - 1) * lda + groups * KG && b.len() >= groups * NR * KG);
+}
+
+/// The kernel in plain Rust: the reference the SIMD ones are tested against,
 /// and what other CPUs run.
 fn dot_portable(a: &[u8], lda: usize, b: &[i8], groups: usize, acc: &mut [[i32; NR]; MR]) {
     for (r, acc) in acc.iter_mut().enumerate() {
@@ -289,14 +286,14 @@ fn dot_portable(a: &[u8], lda: usize, b: &[i8], groups: usize, acc: &mut [[i32; 
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{KG, MR, NR};
+    use super::{assert_fits, KG, MR, NR};
     use std::arch::x86_64::*;
 
-    /// The AVX2 kernel, for CPUs that have it (checked by `kernel()`).
+    /// The AVX2 kernel, for CPUs that have it (checked by `kernels()`).
     pub(super) fn dot(a: &[u8], lda: usize, b: &[i8], groups: usize, acc: &mut [[i32; NR]; MR]) {
-        assert!(a.len() >= (MR - 1) * lda + groups * KG && b.len() >= groups * NR * KG);
-        // SAFETY: kernel() hands this out only when the CPU has AVX2, and the
-        // assertion above keeps every load inside `a` and `b`.
+        assert_fits(a, lda, b, groups);
+        // SAFETY: kernels() hands this out only when the CPU has AVX2, and
+        // assert_fits() keeps every load inside `a` and `b`.
         unsafe { dot_avx2(a.as_ptr(), lda, b.as_ptr(), groups, acc) }
     }
 
@@ -336,15 +333,15 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{KG, MR, NR};
+    use super::{assert_fits, KG, MR, NR};
     use std::arch::x86_64::*;
 
     /// The AVX-512 VNNI kernel: one `vpdpbusd` sums a row's four u8 × i8
     /// products for all [`NR`] channels of a group straight into i32.
     pub(super) fn dot(a: &[u8], lda: usize, b: &[i8], groups: usize, acc: &mut [[i32; NR]; MR]) {
-        assert!(a.len() >= (MR - 1) * lda + groups * KG && b.len() >= groups * NR * KG);
+        assert_fits(a, lda, b, groups);
         // SAFETY: kernels() hands this out only when the CPU has AVX-512F
-        // and VNNI, and the assertion above keeps every load inside `a` and `b`.
+        // and VNNI, and assert_fits() keeps every load inside `a` and `b`.
         unsafe { dot_vnni(a.as_ptr(), lda, b.as_ptr(), groups, acc) }
     }
 
