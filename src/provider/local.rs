@@ -28,8 +28,10 @@ mod bert;
 mod cpu;
 mod dense;
 mod files;
+mod fp32;
 mod gelu;
 mod int8;
+mod panel;
 
 use super::{Embedder, Embeddings, ProviderError};
 use crate::models::Precision;

@@ -1,31 +1,6 @@
 //! GELU, the erf form BERT uses (`0.5 · x · (1 + erf(x / √2))`), with an erf
-//! that vectorises: after the up-projection, on every core (fp32), or on
-//! each block of the int8 up-projection's output while it is in cache.
-
-use super::cpu::{avx2_fma, PAR_CHUNK};
-use rayon::prelude::*;
-
-/// GELU in place, the floats spread over every core.
-pub(super) fn gelu_on_every_core(xs: &mut [f32]) {
-    let fast = avx2_fma();
-    xs.par_chunks_mut(PAR_CHUNK).for_each(|chunk| {
-        if fast {
-            // SAFETY: avx2_fma() checked that the CPU has AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                gelu_avx2(chunk)
-            }
-        } else {
-            gelu(chunk)
-        }
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(xs: &mut [f32]) {
-    gelu(xs)
-}
+//! that vectorises, applied to each block of the up-projection's output
+//! while it is in cache.
 
 /// GELU in place, compiled into its caller (for its target features).
 #[inline(always)]

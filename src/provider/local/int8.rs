@@ -19,12 +19,9 @@
 //! that leaves the least squared error.
 
 use super::cpu::{avx2_fma, reduce};
-use super::gelu;
+use super::panel::{self, NR};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
-
-/// Output columns of a packed panel: two AVX2 registers of eight i32.
-const NR: usize = 16;
 /// Tokens of one kernel call: eight accumulators in flight for VNNI's
 /// multiply-add, whose latency is five cycles.
 const MR: usize = 8;
@@ -99,32 +96,21 @@ impl Int8Dense {
     /// `x` (`n × inp`, row-major) times the weights plus the bias: `n × out`;
     /// with `gelu`, GELU of that.
     pub(super) fn forward_slice(&self, x: &[f32], gelu: bool) -> Vec<f32> {
-        let n = x.len() / self.inp;
-        // Not zeroed first: on one core, that took as long as a tenth of
-        // the products on all of them.
-        let mut y: Vec<f32> = Vec::with_capacity(n * self.out);
-        // Enough tasks for every core, each a whole number of kernel calls.
-        let threads = rayon::current_num_threads().max(1);
-        let rows = (n.div_ceil(threads * 4)).div_ceil(MR).clamp(1, 8) * MR;
         let (dot, fast) = (self.dot, avx2_fma());
-        y.spare_capacity_mut()[..n * self.out]
-            .par_chunks_mut(rows * self.out)
-            .zip(x.par_chunks(rows * self.inp))
-            .for_each(|(y, x)| {
-                if fast {
-                    // SAFETY: avx2_fma() checked that the CPU has AVX2 and FMA.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        self.rows_avx2(x, y, dot, gelu)
-                    }
-                } else {
-                    self.rows(x, y, dot, gelu)
+        let task = |x: &[f32], y: &mut [MaybeUninit<f32>]| {
+            if fast {
+                // SAFETY: avx2_fma() checked that the CPU has AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    self.rows_avx2(x, y, dot, gelu)
                 }
-            });
-        // SAFETY: rows() wrote every element of every chunk: each of its
-        // tokens' rows, panel by panel, all `out` columns.
-        unsafe { y.set_len(n * self.out) };
-        y
+            } else {
+                self.rows(x, y, dot, gelu)
+            }
+        };
+        // SAFETY: rows() writes every element of its tokens' rows, panel by
+        // panel, all `out` columns.
+        unsafe { panel::on_every_core(x, self.inp, self.out, MR, task) }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -173,20 +159,7 @@ impl Int8Dense {
                     {
                         *v = (acc - zero * colsum) as f32 * (a_scale * w_scale) + bias;
                     }
-                    if gelu {
-                        gelu::gelu(&mut values);
-                    }
-                    let out = &mut y[i * self.out + c0..][..cols];
-                    match <&mut [MaybeUninit<f32>; NR]>::try_from(&mut *out) {
-                        // A whole panel: a copy of known size, which stays inline
-                        // (a loop of `cols` becomes a call to memcpy).
-                        Ok(out) => *out = values.map(MaybeUninit::new),
-                        Err(_) => {
-                            for (y, v) in out.iter_mut().zip(&values) {
-                                y.write(*v);
-                            }
-                        }
-                    }
+                    panel::store(&mut values, gelu, &mut y[i * self.out + c0..][..cols]);
                 }
             }
         }
@@ -416,7 +389,7 @@ mod tests {
         let y = dense.forward_slice(&x, false);
         // GELU applied block by block is GELU applied after.
         let mut after = y.clone();
-        gelu::gelu(&mut after);
+        super::super::gelu::gelu(&mut after);
         let fused = dense.forward_slice(&x, true);
         for (a, f) in after.iter().zip(&fused) {
             assert!((a - f).abs() < 1e-6, "{a} vs {f}");
