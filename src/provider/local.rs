@@ -9,10 +9,13 @@
 //! differently, for speed and memory, without changing the result: the
 //! sequences of a request are packed end to end with no padding (the dense
 //! layers see only real tokens; attention runs per sequence, in plain
-//! loops, the sequences spread over every core), GELU uses a vectorisable
-//! erf (error < 5e-7), the element-wise steps candle would run on one core
-//! (GELU, residual additions) run in place on every core, and no output is
-//! zeroed on one core before it is written on all of them.
+//! loops, the sequences spread over every core), the dense layers are
+//! kernels of our own over weights packed at load (`local/fp32.rs`), with
+//! the bias and GELU applied to each block of output while it is in cache,
+//! GELU uses a vectorisable erf (error < 5e-7), each residual addition and
+//! the layer norm after it are one pass in place on every core
+//! (`local/norm.rs`), and no output is zeroed on one core before it is
+//! written on all of them.
 //!
 //! `--local-precision int8` runs the dense layers (nine tenths of the
 //! multiply-adds) in int8 instead (`local/int8.rs`): faster, with vectors
@@ -31,6 +34,7 @@ mod files;
 mod fp32;
 mod gelu;
 mod int8;
+mod norm;
 mod panel;
 
 use super::{Embedder, Embeddings, ProviderError};

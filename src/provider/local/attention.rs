@@ -64,6 +64,10 @@ fn sequence(qkv: &[f32], heads: usize, h: usize, ctx: &mut [MaybeUninit<f32>]) {
     }
 }
 
+/// Queries whose scores are summed together: eight independent sums in
+/// flight, where one query's sums waited on each other (a chain of adds).
+const QG: usize = 8;
+
 /// [`sequence`] for heads `HD` wide (0: `h / heads`, read at run time).
 #[inline(always)]
 fn sequence_of<const HD: usize>(qkv: &[f32], heads: usize, h: usize, ctx: &mut [MaybeUninit<f32>]) {
@@ -71,11 +75,12 @@ fn sequence_of<const HD: usize>(qkv: &[f32], heads: usize, h: usize, ctx: &mut [
     let t = ctx.len() / h;
     let scale = 1.0 / (hd as f32).sqrt();
     // One head's keys in blocks of eight (`hd × 8` each, zero-padded), so a
-    // query's scores for eight keys are summed in one register; then its
-    // probabilities.
+    // query's scores for eight keys are summed in one register; then the
+    // probabilities of a group of queries.
     let blocks = t.div_ceil(8);
     let mut keys = vec![0f32; blocks * hd * 8];
-    let mut scores = vec![0f32; blocks * 8];
+    let mut scores = vec![0f32; QG * blocks * 8];
+    let mut inv = [0f32; QG];
     let mut acc = vec![0f32; hd];
     for head in 0..heads {
         let (q0, k0, v0) = (head * hd, h + head * hd, 2 * h + head * hd);
@@ -84,30 +89,91 @@ fn sequence_of<const HD: usize>(qkv: &[f32], heads: usize, h: usize, ctx: &mut [
                 keys[((j / 8) * hd + d) * 8 + j % 8] = *k;
             }
         }
-        for (i, out) in ctx.chunks_exact_mut(h).enumerate() {
-            let q = &qkv[i * 3 * h + q0..][..hd];
-            for (s, keys) in scores.chunks_exact_mut(8).zip(keys.chunks_exact(hd * 8)) {
-                let mut sum = [0f32; 8];
-                for (&q, k) in q.iter().zip(keys.chunks_exact(8)) {
-                    for l in 0..8 {
-                        sum[l] += q * k[l];
+        for first in (0..t).step_by(QG) {
+            let g = QG.min(t - first);
+            // Past the sequence's last query, the last again (dropped below).
+            let queries: [&[f32]; QG] = std::array::from_fn(|r| {
+                let i = (first + r).min(t - 1);
+                &qkv[i * 3 * h + q0..][..hd]
+            });
+            for (b, keys) in keys.chunks_exact(hd * 8).enumerate() {
+                let mut sum = [[0f32; 8]; QG];
+                for (d, k) in keys.chunks_exact(8).enumerate() {
+                    for (sum, q) in sum.iter_mut().zip(&queries) {
+                        let q = q[d];
+                        for l in 0..8 {
+                            sum[l] += q * k[l];
+                        }
                     }
                 }
-                s.copy_from_slice(&sum);
+                for (r, sum) in sum.iter().enumerate() {
+                    scores[(r * blocks + b) * 8..][..8].copy_from_slice(sum);
+                }
             }
-            let p = &mut scores[..t];
-            let max = reduce(p, f32::NEG_INFINITY, |m, s| if s > m { s } else { m });
-            for p in p.iter_mut() {
-                *p = exp(((*p - max) * scale).max(-87.0));
+            for (r, inv) in inv.iter_mut().enumerate().take(g) {
+                let p = &mut scores[r * blocks * 8..][..t];
+                let max = reduce(p, f32::NEG_INFINITY, |m, s| if s > m { s } else { m });
+                for p in p.iter_mut() {
+                    *p = exp(((*p - max) * scale).max(-87.0));
+                }
+                *inv = 1.0 / reduce(p, 0.0, |a, b| a + b);
             }
-            let inv = 1.0 / reduce(p, 0.0, |a, b| a + b);
-            let out = &mut out[q0..q0 + hd];
-            if HD == 0 {
-                context(p, qkv, v0, h, &mut acc, inv, out);
-            } else {
-                // A fixed-size accumulator: the compiler keeps it in registers.
-                context(p, qkv, v0, h, &mut [0f32; HD], inv, out);
+            let p = |r: usize| &scores[r * blocks * 8..][..t];
+            let mut r = 0;
+            while r < g {
+                let i = first + r;
+                if HD == 0 {
+                    let out = &mut ctx[i * h + q0..][..hd];
+                    context(p(r), qkv, v0, h, &mut acc, inv[r], out);
+                    r += 1;
+                } else if r + 1 < g {
+                    // Two queries at once: each value row read once for both.
+                    let (a, b) = ctx[i * h..(i + 2) * h].split_at_mut(h);
+                    let outs = [&mut a[q0..q0 + hd], &mut b[q0..q0 + hd]];
+                    context_pair(
+                        &[p(r), p(r + 1)],
+                        qkv,
+                        v0,
+                        h,
+                        &mut [[0f32; HD]; 2],
+                        &inv[r..r + 2],
+                        outs,
+                    );
+                    r += 2;
+                } else {
+                    // A fixed-size accumulator: the compiler keeps it in registers.
+                    let out = &mut ctx[i * h + q0..][..hd];
+                    context(p(r), qkv, v0, h, &mut [0f32; HD], inv[r], out);
+                    r += 1;
+                }
             }
+        }
+    }
+}
+
+/// [`context`] for two queries: `p` their probabilities, `inv` their
+/// normalisers, `out` their context.
+#[inline(always)]
+fn context_pair<const HD: usize>(
+    p: &[&[f32]; 2],
+    qkv: &[f32],
+    v0: usize,
+    h: usize,
+    acc: &mut [[f32; HD]; 2],
+    inv: &[f32],
+    out: [&mut [MaybeUninit<f32>]; 2],
+) {
+    let [a0, a1] = acc;
+    for ((&p0, &p1), row) in p[0].iter().zip(p[1]).zip(qkv.chunks_exact(3 * h)) {
+        let v = &row[v0..v0 + HD];
+        for d in 0..HD {
+            a0[d] += p0 * v[d];
+            a1[d] += p1 * v[d];
+        }
+    }
+    for ((out, acc), inv) in out.into_iter().zip([a0, a1]).zip(inv) {
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            o.write(a * inv);
         }
     }
 }

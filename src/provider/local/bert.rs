@@ -3,12 +3,11 @@
 //! kernels candle would run on one core.
 
 use super::attention::Attention;
-use super::cpu::PAR_CHUNK;
 use super::dense::Dense;
+use super::norm::Norm;
 use crate::models::Precision;
-use candle_core::{CpuStorage, Device, Layout, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm};
-use rayon::prelude::*;
+use candle_core::{Device, Module, Tensor};
+use candle_nn::Embedding;
 use std::collections::HashMap;
 
 /// The sizes in `config.json` that the forward pass needs.
@@ -88,12 +87,12 @@ impl Weights {
         Ok(t)
     }
 
-    fn norm(&mut self, name: &str, size: usize) -> Result<LayerNorm, String> {
-        Ok(LayerNorm::new(
+    fn norm(&mut self, name: &str, size: usize) -> Result<Norm, String> {
+        Norm::new(
             self.take(&format!("{name}.weight"), &[size])?,
             self.take(&format!("{name}.bias"), &[size])?,
             self.eps,
-        ))
+        )
     }
 
     fn dense(&mut self, name: &str, out: usize, inp: usize) -> Result<Dense, String> {
@@ -105,52 +104,21 @@ impl Weights {
     }
 }
 
-/// Adds another tensor of the same shape, in place, on every core (the
-/// residual connections).
-struct AddInPlace;
-
-impl candle_core::InplaceOp2 for AddInPlace {
-    fn name(&self) -> &'static str {
-        "add-in-place"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        match (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b)), CpuStorage::F32(r), Some((c, d)))
-                if b - a == d - c =>
-            {
-                v[a..b]
-                    .par_chunks_mut(PAR_CHUNK)
-                    .zip(r[c..d].par_chunks(PAR_CHUNK))
-                    .for_each(|(x, r)| x.iter_mut().zip(r).for_each(|(x, r)| *x += r));
-                Ok(())
-            }
-            _ => candle_core::bail!("add-in-place: expected two contiguous f32 of one size"),
-        }
-    }
-}
-
 struct Layer {
     /// Query, key and value in one matrix: one matmul instead of three.
     qkv: Dense,
     attn_out: Dense,
-    attn_norm: LayerNorm,
+    attn_norm: Norm,
     up: Dense,
     down: Dense,
-    out_norm: LayerNorm,
+    out_norm: Norm,
 }
 
 pub(super) struct Bert {
     words: Embedding,
     positions: Embedding,
     token_type: Tensor,
-    norm: LayerNorm,
+    norm: Norm,
     layers: Vec<Layer>,
     pub(super) hidden: usize,
     heads: usize,
@@ -219,7 +187,7 @@ impl Bert {
         let pos = Tensor::from_vec(pos, n, &dev)?;
         let mut x = (self.words.forward(&ids)? + self.positions.forward(&pos)?)?
             .broadcast_add(&self.token_type)?;
-        x = self.norm.forward(&x)?;
+        self.norm.forward(&x)?;
         // Where each sequence starts in the packed tokens.
         let spans: Vec<(usize, usize)> = lens
             .iter()
@@ -236,12 +204,12 @@ impl Bert {
                 hidden: h,
             })?;
             let attended = l.attn_out.forward(&ctx)?;
-            attended.inplace_op2(&x, &AddInPlace)?;
-            x = l.attn_norm.forward(&attended)?;
+            l.attn_norm.forward_residual(&attended, &x)?;
+            x = attended;
             let up = l.up.forward_gelu(&x)?;
             let down = l.down.forward(&up)?;
-            down.inplace_op2(&x, &AddInPlace)?;
-            x = l.out_norm.forward(&down)?;
+            l.out_norm.forward_residual(&down, &x)?;
+            x = down;
         }
         let mut out = Vec::with_capacity(spans.len());
         for &(at, t) in &spans {

@@ -33,3 +33,17 @@ pub(super) fn reduce(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 
     }
     lanes.iter().chain(tail).fold(init, |a, &b| f(a, b))
 }
+
+/// `Σ f(x)` over `xs`, summed in eight lanes (as [`reduce`] folds).
+#[inline(always)]
+pub(super) fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] += f(c[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().map(|&x| f(x)).sum::<f32>()
+}
