@@ -34,7 +34,8 @@ pub(super) fn reduce(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 
     lanes.iter().chain(tail).fold(init, |a, &b| f(a, b))
 }
 
-/// `Σ f(x)` over `xs`, summed in eight lanes (as [`reduce`] folds).
+/// `Σ f(x)` over `xs`, summed in eight lanes like [`reduce`] (which folds
+/// the values themselves, so cannot map them first).
 #[inline(always)]
 pub(super) fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
